@@ -1,0 +1,107 @@
+"""Putting LoRA into modules with PEFT, with errors that name what exists, and the parameter summary."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from lightning_lora.errors import UserError
+
+# Layer types PEFT's LoRA can wrap (transformers' GPT-2 style Conv1D is matched by class name).
+_LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+ALL_LINEAR = "all-linear"
+
+
+def _is_lora_layer_type(module: nn.Module) -> bool:
+    return isinstance(module, _LORA_LAYER_TYPES) or type(module).__name__ == "Conv1D"
+
+
+def matches_target(name: str, target: str) -> bool:
+    """PEFT's rule for a list of targets: the whole name, or its ending after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def layer_names_summary(model: nn.Module, limit: int = 30) -> str:
+    """The adaptable layer names of ``model``, grouped by their last part: 'query x6, dense x18, ...'."""
+    counts = Counter(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and _is_lora_layer_type(m))
+    parts = [f"{leaf} x{n}" if n > 1 else leaf for leaf, n in counts.most_common(limit)]
+    more = len(counts) - limit
+    return ", ".join(parts) + (f", ... ({more} more)" if more > 0 else "")
+
+
+def check_targets(model: nn.Module, targets: list[str] | str, where: str) -> None:
+    """Raise a one-line UserError for each target that matches nothing or matches an unsupported layer."""
+    if isinstance(targets, str):  # a regex or "all-linear": PEFT's own semantics, checked by PEFT
+        return
+    named = [(n, m) for n, m in model.named_modules() if n]
+    for target in targets:
+        hits = [(n, m) for n, m in named if matches_target(n, target)]
+        if not hits:
+            raise UserError(
+                f"adapter target {target!r} matches no module in {where}; layers there: "
+                f"{layer_names_summary(model)}"
+            )
+        if not any(_is_lora_layer_type(m) for _, m in hits):
+            n, m = hits[0]
+            raise UserError(
+                f"adapter target {target!r} in {where} matches '{n}' ({type(m).__name__}), which LoRA cannot "
+                f"wrap; target its Linear/Conv layers instead: {layer_names_summary(m)}"
+            )
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, where: str = "model") -> PeftModel:
+    """Freeze ``model`` and add a trainable LoRA adapter in place; returns PEFT's handle for saving.
+
+    The module object itself is modified (its target layers become LoRA layers), so code that holds
+    ``model`` keeps working; the returned ``PeftModel`` wraps that same object.
+    """
+    check_targets(model, config.target_modules, where)
+    model.requires_grad_(False)
+    return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of one adapted submodule: ``original`` counts base weights only."""
+
+    name: str
+    original: int
+    trainable: int
+
+    @property
+    def reduction(self) -> float:
+        return 100.0 * (1.0 - self.trainable / self.original) if self.original else 0.0
+
+
+def count_parameters(name: str, model: nn.Module) -> ParamCount:
+    original = trainable = 0
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+        if "lora_" not in pname and "modules_to_save" not in pname:
+            original += p.numel()
+    return ParamCount(name, original, trainable)
+
+
+def format_adapter_summary(
+    r: int, alpha: float, dropout: float, targets: dict[str, list[str]], counts: list[ParamCount]
+) -> str:
+    """The 'Applying LoRA adapters' block users know from TRELLIS-style trainers."""
+    bar = "=" * 60
+    lines = [bar, "Applying LoRA adapters", bar]
+    lines += [f"  LoRA rank: {r}", f"  LoRA alpha: {alpha:g}", f"  LoRA dropout: {dropout:g}"]
+    all_targets = sorted({t for ts in targets.values() for t in ts})
+    lines += [f"  Target modules: {all_targets}", f"  Models: {list(targets)}", ""]
+    for c in counts:
+        lines += [
+            f"  {c.name}:",
+            f"    Targets: {targets.get(c.name, [])}",
+            f"    Original params: {c.original:,}",
+            f"    Trainable params: {c.trainable:,}",
+            f"    Reduction: {c.reduction:.2f}%",
+        ]
+    lines.append(bar)
+    return "\n".join(lines)

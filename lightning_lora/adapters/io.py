@@ -1,0 +1,210 @@
+"""Adapter files: PEFT directories and self-describing single ``.safetensors`` files.
+
+Both hold keys in PEFT's saved format (``base_model.model.<module>.lora_A.weight``), so a PEFT directory
+written here loads with ``PeftModel.from_pretrained`` as is. Loading checks every key and shape against
+the model first and says which module does not fit, instead of PEFT's warning or torch's size-mismatch wall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save
+
+from lightning_lora.errors import UserError
+from lightning_lora.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+FORMAT_KEY = "lightning_lora.format"
+FORMAT_VERSION = "1"
+
+Tensors = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- state dicts
+def adapter_state(peft_model: PeftModel) -> Tensors:
+    """The adapter weights of ``peft_model`` in PEFT's saved key format, contiguous, on CPU."""
+    state = get_peft_model_state_dict(peft_model)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def normalize_keys(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> Tensors:
+    """Accept keys as a module's ``state_dict()`` has them too (with ``.default``) and drop the name."""
+    pattern = re.compile(rf"\.{re.escape(adapter_name)}(?=\.weight$|\.bias$|$)")
+    return {pattern.sub("", k): v for k, v in state.items()}
+
+
+def _module_of(key: str) -> str:
+    name = key.removeprefix("base_model.model.")
+    return re.split(r"\.(?:lora_[A-Za-z_]+|modules_to_save)\b", name)[0]
+
+
+def load_adapter_state(peft_model: PeftModel, state: Mapping[str, torch.Tensor], *, strict: bool = True,
+                       source: str = "adapter") -> None:
+    """Load ``state`` into ``peft_model`` after checking names and shapes against it.
+
+    Shapes must always fit. With ``strict`` every adapter tensor of the model must be in ``state`` and
+    ``state`` may hold nothing else; without it, only the common keys load (and nothing is silent: the
+    caller gets the counts back through the log of PEFT).
+    """
+    state = normalize_keys(state)
+    expected = get_peft_model_state_dict(peft_model)
+    for key in sorted(set(state) & set(expected)):
+        want, got = tuple(expected[key].shape), tuple(state[key].shape)
+        if want != got:
+            raise UserError(
+                f"{source}: tensor {key!r} has shape {got} but module '{_module_of(key)}' of the model "
+                f"needs {want} (was the adapter trained on another model or rank?)"
+            )
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} adapter tensors missing from the file, e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors in the file fit no adapted module, e.g. {unexpected[0]!r}")
+        raise UserError(f"{source}: " + "; ".join(parts) + " (pass strict=False to load the common part)")
+    if not set(state) & set(expected):
+        raise UserError(f"{source}: no tensor in the file belongs to an adapted module of this model")
+    set_peft_model_state_dict(peft_model, {k: v for k, v in state.items() if k in expected})
+
+
+def read_tensor_file(path: str | os.PathLike) -> tuple[Tensors, dict[str, str]]:
+    """Tensors and metadata from ``.safetensors``, or from ``.pt``/``.pth``/``.bin``/``.ckpt`` (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise UserError(f"{path}: expected a mapping of tensor names to tensors")
+        return dict(obj), {}
+    raise UserError(f"{path}: unknown adapter file type {path.suffix!r}; use .safetensors, .pt, .pth, .bin or .ckpt")
+
+
+# --------------------------------------------------------------------------- PEFT directories
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and type(value).__module__.startswith("peft"):  # PEFT enums
+        return value.value
+    return value
+
+
+def config_dict(config: LoraConfig, base_model: str | None = None) -> dict[str, Any]:
+    data = _jsonable(config.to_dict())
+    data["inference_mode"] = True
+    if base_model is not None:
+        data["base_model_name_or_path"] = base_model
+    return data
+
+
+def save_peft_dir(peft_model: PeftModel, directory: str | os.PathLike, *, base_model: str | None = None,
+                  adapter_name: str = "default") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as one atomic directory."""
+    config = peft_model.peft_config[adapter_name]
+    with atomic_directory(directory) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS_NAME, save(adapter_state(peft_model), metadata={"format": "pt"}))
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(config_dict(config, base_model), indent=2, sort_keys=True))
+    return Path(directory)
+
+
+def read_peft_dir(directory: str | os.PathLike) -> tuple[LoraConfig, Tensors]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"adapter directory not found: {directory}")
+    if not (directory / CONFIG_NAME).is_file():
+        raise UserError(
+            f"{directory} has no {CONFIG_NAME}; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    config = LoraConfig.from_pretrained(str(directory))
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return config, read_tensor_file(directory / name)[0]
+    raise UserError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+
+
+def load_peft_dir(model: torch.nn.Module, directory: str | os.PathLike, *, trainable: bool = False,
+                  strict: bool = True) -> PeftModel:
+    """Add the adapter saved in ``directory`` to ``model`` (in place) and return PEFT's handle."""
+    config, state = read_peft_dir(directory)
+    config.inference_mode = not trainable
+    config.base_model_name_or_path = getattr(model, "name_or_path", None)  # PEFT warns on a rename
+    from lightning_lora.adapters.inject import check_targets
+
+    check_targets(model, config.target_modules, where=str(directory))
+    peft_model = get_peft_model(model, config)
+    load_adapter_state(peft_model, state, strict=strict, source=str(directory))
+    return peft_model
+
+
+# --------------------------------------------------------------------------- single self-describing file
+def save_adapter_file(path: str | os.PathLike, adapters: Mapping[str, PeftModel], *, family: str = "",
+                      base_model: Mapping[str, Any] | None = None, adapter_name: str = "default") -> Path:
+    """One ``.safetensors`` holding every adapted submodule, described in its metadata.
+
+    Keys are ``<submodule>.<PEFT key>``; a single adapter saved under the name ``""`` keeps plain PEFT keys.
+    The metadata names the family, each submodule's LoRA config (rank and alpha, per-module patterns,
+    targets) and the base model's identity, so tools need no side files.
+    """
+    tensors: Tensors = {}
+    configs: dict[str, Any] = {}
+    for sub, peft_model in adapters.items():
+        prefix = f"{sub}." if sub else ""
+        tensors.update({prefix + k: v for k, v in adapter_state(peft_model).items()})
+        configs[sub] = config_dict(peft_model.peft_config[adapter_name])
+    metadata = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "family": family,
+        "adapters": json.dumps(configs, sort_keys=True),
+        "base_model": json.dumps(dict(base_model or {}), sort_keys=True),
+    }
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: a single-file adapter is written as .safetensors")
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, LoraConfig], dict[str, Tensors], dict[str, Any]]:
+    """(config per submodule, tensors per submodule, other metadata) from a file written by ``save_adapter_file``."""
+    tensors, metadata = read_tensor_file(path)
+    if metadata.get(FORMAT_KEY) is None:
+        raise UserError(
+            f"{path} carries no lightning_lora metadata; give r, alpha and targets explicitly to load it"
+        )
+    configs = {sub: LoraConfig(**_config_kwargs(c)) for sub, c in json.loads(metadata["adapters"]).items()}
+    by_sub: dict[str, Tensors] = {sub: {} for sub in configs}
+    for key, value in tensors.items():
+        sub = next((s for s in sorted(configs, key=len, reverse=True) if s and key.startswith(s + ".")), "")
+        if sub not in by_sub:
+            raise UserError(f"{path}: tensor {key!r} belongs to no submodule named in the metadata")
+        by_sub[sub][key[len(sub) + 1:] if sub else key] = value
+    extra = {"family": metadata.get("family", ""), "base_model": json.loads(metadata.get("base_model", "{}"))}
+    return configs, by_sub, extra
+
+
+def _config_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep only keys this PEFT version's LoraConfig knows (files may come from a newer PEFT)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    return {k: v for k, v in data.items() if k in known}

@@ -1,0 +1,158 @@
+"""`AdapterSpec`: what LoRA to put where, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from peft import LoraConfig
+
+from lightning_lora.errors import UserError
+
+# Our names for PEFT's `init_lora_weights` values. "random" gives a non-zero B (outputs change at once),
+# which tests use; every other init starts with B = 0 so the adapted model equals the base model.
+INITS: dict[str, bool | str] = {
+    "kaiming": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+    "random": False,
+}
+BIASES = ("none", "all", "lora_only")
+
+
+@dataclass
+class AdapterSpec:
+    """One LoRA configuration, shared by every adapted submodule of a head.
+
+    ``targets`` / ``submodules`` left as ``None`` take the head's defaults. ``targets`` may also map a
+    submodule name to its own list (``{unet: [to_q, to_v], text_encoder: [q_proj]}``).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | dict[str, list[str]] | None = None
+    submodules: list[str] | None = None
+    init: str = "kaiming"
+    rslora: bool = False
+    dora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.r = _positive_int("adapter.r", self.r)
+        self.alpha = _positive_float("adapter.alpha", self.alpha)
+        self.dropout = _float("adapter.dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"adapter.dropout={self.dropout} is outside [0, 1); use e.g. 0.0 or 0.05")
+        if self.init not in INITS:
+            raise UserError(f"adapter.init={self.init!r} is unknown; valid: {', '.join(INITS)}")
+        if self.bias not in BIASES:
+            raise UserError(f"adapter.bias={self.bias!r} is unknown; valid: {', '.join(BIASES)}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UserError(f"adapter.{flag}={getattr(self, flag)!r} must be true or false")
+        self.targets = _targets(self.targets)
+        self.submodules = _names("adapter.submodules", self.submodules)
+        self.modules_to_save = _names("adapter.modules_to_save", self.modules_to_save)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> AdapterSpec:
+        """Build from a (Hydra/OmegaConf) mapping, naming any unknown key and the valid ones."""
+        if cfg is None:
+            return cls()
+        data = _plain(cfg)
+        if not isinstance(data, dict):
+            raise UserError(f"adapter must be a mapping of fields, got {data!r}")
+        data.pop("_target_", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"adapter.{unknown[0]} is not an adapter field; valid: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def scaling(self) -> float:
+        """The factor LoRA's update is multiplied by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def targets_for(self, submodule: str, defaults: list[str]) -> list[str]:
+        if self.targets is None:
+            return list(defaults)
+        if isinstance(self.targets, dict):
+            return list(self.targets.get(submodule, defaults))
+        return list(self.targets)
+
+    def lora_config(self, targets: list[str], **extra: Any) -> LoraConfig:
+        """The PEFT config for one submodule (``extra`` goes to LoraConfig unchanged)."""
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            init_lora_weights=INITS[self.init],
+            use_rslora=self.rslora,
+            use_dora=self.dora,
+            bias=self.bias,
+            modules_to_save=self.modules_to_save,
+            **extra,
+        )
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python, without importing omegaconf when it is not used."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise UserError(f"{key}={value!r} must be a positive integer (e.g. 4, 8, 16)")
+    if value <= 0:
+        raise UserError(f"{key}={value} must be a positive integer (e.g. 4, 8, 16)")
+    return int(value)
+
+
+def _float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise UserError(f"{key}={value!r} must be a number")
+    return float(value)
+
+
+def _positive_float(key: str, value: Any) -> float:
+    value = _float(key, value)
+    if value <= 0:
+        raise UserError(f"{key}={value} must be > 0 (commonly 2 x adapter.r)")
+    return value
+
+
+def _names(key: str, value: Any) -> list[str] | None:
+    value = _plain(value)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise UserError(f"{key}={value!r} must be a list of module names, e.g. [query,value]")
+    if not value:
+        raise UserError(f"{key}=[] is empty; give at least one name or leave it unset for the defaults")
+    return list(value)
+
+
+def _targets(value: Any) -> list[str] | dict[str, list[str]] | None:
+    value = _plain(value)
+    if isinstance(value, dict):
+        return {sub: _names(f"adapter.targets.{sub}", names) for sub, names in value.items()}
+    return _names("adapter.targets", value)

@@ -1,0 +1,49 @@
+"""`AdapterCheckpoint`: adapter-only snapshots during training and at the end.
+
+Writes ``<dirpath>/step_NNNNNNN/`` every ``every_n_steps`` optimizer steps and ``<dirpath>/final/`` when
+fitting ends; each holds one PEFT directory per adapted submodule (plus the family's own formats).
+Only global rank 0 writes, and every directory appears atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_lora.errors import UserError
+
+
+class AdapterCheckpoint(Callback):
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 0, save_final: bool = True) -> None:
+        if every_n_steps < 0:
+            raise UserError(f"callbacks.adapter_checkpoint.every_n_steps={every_n_steps} must be >= 0 (0 = off)")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.save_final = save_final
+        self.last_written: Path | None = None
+        self._last_step = -1
+
+    @staticmethod
+    def step_dirname(step: int) -> str:
+        return f"step_{step:07d}"
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
+        if trainer.is_global_zero:
+            target = self.dirpath / name
+            pl_module.save_adapters(target)
+            self.last_written = target
+        trainer.strategy.barrier("adapter_checkpoint")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # With gradient accumulation several batches end at the same optimizer step: write once per step.
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self._write(trainer, pl_module, self.step_dirname(step))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_final:
+            self._write(trainer, pl_module, "final")

@@ -1,0 +1,205 @@
+"""(query, positive[, negatives]) pairs for contrastive fine-tuning: a JSONL reader and a Lightning DataModule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_lora.errors import UserError
+
+FIELDS_HINT = "each line needs 'query' and 'positive', optionally 'negatives'"
+
+
+def _abs(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _parse_pair(obj: Any, where: str) -> dict:
+    """Check one decoded JSONL line and return it in the canonical shape."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}; {FIELDS_HINT}")
+    found = ", ".join(str(k) for k in obj) or "none"
+    for field in ("query", "positive"):
+        if field not in obj:
+            raise UserError(f"{where}: missing field '{field}' (found fields: {found}); {FIELDS_HINT}")
+        if not isinstance(obj[field], str):
+            raise UserError(
+                f"{where}: field '{field}' must be a string, got {type(obj[field]).__name__}; {FIELDS_HINT}"
+            )
+    negatives = obj.get("negatives", [])
+    if negatives is None:
+        negatives = []
+    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+        raise UserError(f"{where}: field 'negatives' must be a list of strings; {FIELDS_HINT}")
+    return {"query": obj["query"], "positive": obj["positive"], "negatives": list(negatives)}
+
+
+def read_pairs_jsonl(path: str | Path) -> list[dict]:
+    """Read ``{"query", "positive", "negatives"?}`` objects, one per line; blank lines are skipped."""
+    path = _abs(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    pairs: list[dict] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            pairs.append(_parse_pair(obj, where))
+    if not pairs:
+        raise UserError(f"data file is empty: {path}; {FIELDS_HINT}")
+    return pairs
+
+
+def collate_pairs(samples: list[dict]) -> dict:
+    """Batch pairs as lists of strings (tokenisation belongs to the model); extra keys are ignored."""
+    batch: dict[str, list] = {
+        "query": [s["query"] for s in samples],
+        "positive": [s["positive"] for s in samples],
+    }
+    # Only emit negatives when present, so models can branch on the key instead of on empty lists.
+    if any(s.get("negatives") for s in samples):
+        batch["negatives"] = [list(s.get("negatives") or []) for s in samples]
+    return batch
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over an in-memory list."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def _check_positive_int(value: Any, key: str) -> None:
+    # bool is an int subclass; "batch_size: true" is a config mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{key}: must be a positive integer, got {value!r}")
+
+
+def _check_optional_limit(value: Any, key: str) -> None:
+    if value is not None:
+        _check_positive_int(value, key)
+
+
+class PairsDataModule(pl.LightningDataModule):
+    """Train/val pairs from JSONL files; subclasses build pairs elsewhere by overriding ``load_pairs``."""
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        batch_size: int = 32,
+        val_batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        # Fail at construction, before a model is loaded, so a typo costs seconds rather than minutes.
+        self.train_path = self._check_path(train_path, "data.train_path")
+        self.val_path = self._check_path(val_path, "data.val_path")
+        _check_positive_int(batch_size, "data.batch_size")
+        _check_positive_int(val_batch_size, "data.val_batch_size")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise UserError(f"data.num_workers: must be a non-negative integer, got {num_workers!r}")
+        _check_optional_limit(max_train_samples, "data.max_train_samples")
+        _check_optional_limit(max_val_samples, "data.max_val_samples")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.train_pairs: list[dict] | None = None
+        self.val_pairs: list[dict] | None = None
+
+    @staticmethod
+    def _check_path(path: str | None, key: str) -> Path | None:
+        if path is None:
+            return None
+        resolved = _abs(path)
+        if not resolved.is_file():
+            raise UserError(f"{key}: file not found: {resolved}")
+        return resolved
+
+    def load_pairs(self) -> tuple[list[dict], list[dict]]:
+        """Return ``(train_pairs, val_pairs)``; the default reads the configured JSONL files."""
+        if self.train_path is None:
+            raise UserError("data.train_path: not set; give a JSONL file of query/positive pairs")
+        train = read_pairs_jsonl(self.train_path)
+        val = read_pairs_jsonl(self.val_path) if self.val_path is not None else []
+        return train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        # Idempotent: callers may set up early (e.g. to size a scheduler) and the Trainer calls it again.
+        if self.train_pairs is not None:
+            return
+        train, val = self.load_pairs()
+        # First-N truncation keeps small runs deterministic and comparable.
+        if self.max_train_samples is not None:
+            train = train[: self.max_train_samples]
+        if self.max_val_samples is not None:
+            val = val[: self.max_val_samples]
+        if not train:
+            raise UserError("data: the training set is empty; check the data source and data.max_train_samples")
+        if self.drop_last and len(train) < self.batch_size:
+            raise UserError(
+                f"data.batch_size: {self.batch_size} is larger than the {len(train)} training pairs, "
+                "so drop_last would leave no batches; lower data.batch_size or set data.drop_last=false"
+            )
+        self.val_pairs = val
+        self.train_pairs = train
+
+    @property
+    def num_train(self) -> int:
+        self.setup()
+        assert self.train_pairs is not None
+        return len(self.train_pairs)
+
+    @property
+    def num_val(self) -> int:
+        self.setup()
+        assert self.val_pairs is not None
+        return len(self.val_pairs)
+
+    def _loader(self, pairs: list[dict], batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            ListDataset(pairs),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            # Re-forking workers every epoch costs more than the (tiny) string batches themselves.
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.train_pairs is not None
+        return self._loader(self.train_pairs, self.batch_size, self.shuffle, self.drop_last)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        assert self.val_pairs is not None
+        # Lightning skips validation for an empty list of dataloaders, so "no val set" is not an error.
+        if not self.val_pairs:
+            return []
+        return self._loader(self.val_pairs, self.val_batch_size, shuffle=False, drop_last=False)

@@ -1,0 +1,69 @@
+"""The `TaskHead` interface: what a model family tells the generic LoRA training module.
+
+A head owns its base model(s) and its objective. The LightningModule asks it which submodules may
+receive LoRA (and with which default targets), gets a loss per training batch, and gets per-batch
+tensors during validation that it collects (across processes too) and hands back for metrics.
+Adding a family means writing one head; the module and the adapters room do not change.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    """A training step's loss, what to log beside it, and the batch size (for epoch averages)."""
+
+    loss: torch.Tensor
+    batch_size: int
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class TaskHead(nn.Module, abc.ABC):
+    """Base class of every family head (``heads/embedding.py``, ``heads/diffusion.py``, ...)."""
+
+    #: family name written into adapter metadata ("embedding", "diffusion", "flow3d")
+    family: ClassVar[str] = "generic"
+    #: the validation metric a sweep or checkpoint callback should watch, and whether higher is better
+    monitor: ClassVar[str] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"
+
+    @abc.abstractmethod
+    def adaptable_submodules(self) -> dict[str, nn.Module]:
+        """Submodules LoRA may go into, by name (``encoder``, ``unet``, ``text_encoder``, ``denoiser``)."""
+
+    @abc.abstractmethod
+    def default_targets(self) -> dict[str, list[str]]:
+        """Default LoRA targets per submodule; the keys are the submodules adapted when none are chosen."""
+
+    @abc.abstractmethod
+    def training_step(self, batch: Any) -> StepOutput:
+        """Loss of one training batch."""
+
+    def validation_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Per-batch tensors to collect over the whole validation set (``loss`` is logged directly)."""
+        return {"loss": self.training_step(batch).loss}
+
+    def validation_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics over everything ``validation_step`` returned, concatenated along dim 0 (all processes)."""
+        return {}
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory; must keep LoRA gradients flowing (non-reentrant checkpointing)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def base_model_identity(self) -> dict[str, str]:
+        """What base model the adapters belong to (path or hub name, revision), stored in adapter files."""
+        return {}
+
+    def export_adapters(self, directory: Path, adapters: dict[str, PeftModel]) -> list[Path]:
+        """Write family-specific adapter formats next to the PEFT directories; returns the files written."""
+        return []

@@ -1,0 +1,216 @@
+"""`LoRAAdaptationModule`: one LightningModule that LoRA-tunes any `TaskHead`.
+
+It puts LoRA into the head's adaptable submodules with PEFT, freezes everything else, optimizes the
+trainable parameters only, delegates the objective and metrics to the head, and keeps Lightning
+checkpoints adapter-only (trainable weights + optimizer + loop state, no frozen base weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_lora.adapters import (
+    AdapterSpec,
+    ParamCount,
+    count_parameters,
+    format_adapter_summary,
+    inject_adapter,
+    save_peft_dir,
+)
+from lightning_lora.errors import UserError
+from lightning_lora.heads.base import TaskHead
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ScheduleSpec:
+    """Learning-rate schedule: linear warmup, then constant, linear decay or cosine decay to ``min_lr_ratio``."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise UserError(f"scheduler.name={self.name!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(
+                f"scheduler: warmup_steps={self.warmup_steps} must be >= 0, warmup_ratio={self.warmup_ratio} "
+                f"in [0, 1), min_lr_ratio={self.min_lr_ratio} in [0, 1]"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleSpec | Mapping[str, Any] | None) -> ScheduleSpec:
+        if isinstance(cfg, cls):
+            return cfg
+        data = dict(cfg or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise UserError(f"scheduler.{unknown[0]} is not a schedule field; valid: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
+        """Multiplier of the base LR at optimizer step ``step`` for a run of ``total_steps`` steps."""
+        warmup = self.warmup_steps or int(self.warmup_ratio * total_steps)
+        decay_steps = max(1, total_steps - warmup)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if self.name == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / decay_steps)
+            shape = 1.0 - progress if self.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+            return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+        return factor
+
+
+class LoRAAdaptationModule(pl.LightningModule):
+    """Train a LoRA adapter on any `TaskHead`: ``trainer.fit(LoRAAdaptationModule(head, spec), datamodule)``."""
+
+    def __init__(
+        self,
+        head: TaskHead,
+        adapter: AdapterSpec | Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: ScheduleSpec | Mapping[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spec = adapter if isinstance(adapter, AdapterSpec) else AdapterSpec.from_config(adapter)
+        self.schedule = ScheduleSpec.from_config(scheduler)
+        self.head = head
+        self.optimizer_factory = optimizer
+        # PEFT's handles over the head's own submodules (same objects), kept out of the module tree so
+        # their parameters are not registered twice.
+        self.adapters: dict[str, PeftModel] = {}
+        self.adapter_targets: dict[str, list[str]] = {}
+        self._inject_adapters()
+        # from_pretrained leaves models in eval mode; train as PEFT + HF Trainer do (dropout on). Lightning
+        # switches to eval for validation and back.
+        head.train()
+        if gradient_checkpointing:
+            head.enable_gradient_checkpointing()
+        # Checkpoints hold only trainable tensors, so loading them must not demand the frozen ones.
+        self.strict_loading = False
+        # Primitive values only: the head (the base model) must never be pickled into a checkpoint.
+        self.save_hyperparameters(
+            {"adapter": self.spec.to_dict(), "scheduler": dataclasses.asdict(self.schedule), "family": head.family}
+        )
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ adapters
+    def _inject_adapters(self) -> None:
+        head, spec = self.head, self.spec
+        available = head.adaptable_submodules()
+        defaults = head.default_targets()
+        chosen = spec.submodules or list(defaults)
+        for name in chosen:
+            if name not in available:
+                raise UserError(
+                    f"adapter.submodules: {name!r} is not adaptable in the {head.family} head; "
+                    f"choose from {sorted(available)}"
+                )
+        if isinstance(spec.targets, dict) and (extra := sorted(set(spec.targets) - set(chosen))):
+            raise UserError(f"adapter.targets names submodule {extra[0]!r}, which is not adapted; adapted: {chosen}")
+        head.requires_grad_(False)
+        for name in chosen:
+            targets = spec.targets_for(name, defaults.get(name, []))
+            if not targets:
+                raise UserError(f"no LoRA targets for {head.family} submodule {name!r}; set adapter.targets")
+            self.adapters[name] = inject_adapter(available[name], spec.lora_config(targets), f"{head.family}.{name}")
+            self.adapter_targets[name] = targets
+
+    def parameter_counts(self) -> list[ParamCount]:
+        return [count_parameters(name, peft.base_model.model) for name, peft in self.adapters.items()]
+
+    def adapter_summary(self) -> str:
+        """The 'Applying LoRA adapters' block (rank, alpha, targets, original/trainable params per submodule)."""
+        return format_adapter_summary(
+            self.spec.r, self.spec.alpha, self.spec.dropout, self.adapter_targets, self.parameter_counts()
+        )
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def save_adapters(self, directory: str | Path) -> list[Path]:
+        """Write one PEFT directory per adapted submodule under ``directory``, plus the family's formats."""
+        directory = Path(directory)
+        identity = self.head.base_model_identity()
+        written = [
+            save_peft_dir(peft, directory / name, base_model=identity.get(name, identity.get("name")))
+            for name, peft in self.adapters.items()
+        ]
+        return written + self.head.export_adapters(directory, self.adapters)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.head.training_step(batch)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)
+        for key, value in out.logs.items():
+            self.log(f"train/{key}", value, batch_size=out.batch_size)
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        out = self.head.validation_step(batch)
+        loss = out.pop("loss", None)
+        if loss is not None:  # weight by the batch's rows when the head returns per-row tensors
+            rows = next((v.size(0) for v in out.values() if v.ndim), 1)
+            self.log("val/loss", loss, sync_dist=True, prog_bar=True, batch_size=rows)
+        self._val_outputs.append({k: v.detach() for k, v in out.items()})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        collected = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        self._val_outputs = []
+        if self.trainer.world_size > 1:  # every process computes metrics over the whole validation set
+            collected = {k: self.all_gather(v).flatten(0, 1) for k, v in collected.items()}
+        metrics = self.head.validation_metrics(collected)
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=True)
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise UserError("no trainable parameters: the adapter configuration selected nothing to train")
+        factory = self.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=1e-4))
+        optimizer = factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.lr_lambda(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ adapter-only checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs after the strategy collected the state (any strategy), so filtering here is reliable.
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # strict_loading is off (frozen weights are absent on purpose), so check the adapter part here.
+        state, keep = checkpoint.get("state_dict", {}), self.trainable_names()
+        missing, unexpected = sorted(keep - set(state)), sorted(set(state) - keep)
+        if missing or unexpected:
+            raise UserError(
+                "checkpoint does not fit this adapter configuration: "
+                f"{len(missing)} trainable tensors missing (e.g. {missing[:1]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); resume with the same model and adapter"
+            )
