@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_lora.heads.base import StepOutput, TaskHead
 
@@ -74,3 +76,23 @@ class TinyHead(TaskHead):
 def tiny_batch(n: int = 8, seq: int = 5, dim: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(n, seq, 4, generator=g), "context": torch.randn(n, 3, dim, generator=g)}
+
+
+class TinyData(pl.LightningDataModule):
+    """Random regression batches for TinyHead (fixed seed, so runs are repeatable)."""
+
+    def __init__(self, n: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def setup(self, stage: str | None = None) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.items = [
+            {"x": torch.randn(5, 4, generator=g), "context": torch.randn(3, 16, generator=g)} for _ in range(self.n)
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.items[:16], batch_size=self.batch_size)

@@ -7,6 +7,7 @@ same on every run here. Pairs are split by module, so validation measures retrie
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_text
 
 # Bump when the extraction logic changes, so stale caches are rebuilt rather than reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Sentinel for "the default cache directory"; ``None`` disables the cache.
 DEFAULT_CACHE = "default"
 
@@ -147,12 +148,13 @@ def definition_code(node: ast.AST, nested: list[ast.AST], lines: list[str], max_
             continue  # a nested one-liner: keep it rather than break the code
         for i in range(expr.lineno, expr.end_lineno + 1):
             replace[i] = None
-        # Blank lines that separated the docstring from the code would leave a gap; drop them too.
-        i = expr.end_lineno + 1
-        while i <= end and not lines[i - 1].strip():
-            replace[i] = None
-            i += 1
-        if len(inner.body) == 1:
+        if len(inner.body) > 1:
+            # Blank lines between the docstring and the code would leave a gap; drop them too.
+            i = expr.end_lineno + 1
+            while i < inner.body[1].lineno and not lines[i - 1].strip():
+                replace[i] = None
+                i += 1
+        else:
             # The nested body was only a docstring: keep the code valid Python.
             first = lines[expr.lineno - 1]
             replace[expr.lineno] = first[: len(first) - len(first.lstrip())] + "..."
@@ -205,7 +207,9 @@ def is_val_module(module: str, val_fraction: float) -> bool:
     return int(hashlib.sha1(module.encode()).hexdigest(), 16) % 10_000 < val_fraction * 10_000
 
 
-def _build(stdlib_dir: Path, val_fraction: float, max_code_lines: int, min_summary_words: int):
+def _build(
+    stdlib_dir: Path, val_fraction: float, max_code_lines: int, min_summary_words: int
+) -> tuple[list[dict], list[dict]]:
     train: list[dict] = []
     val: list[dict] = []
     seen_queries: set[str] = set()
@@ -244,6 +248,15 @@ def _load_cache(path: Path) -> tuple[list[dict], list[dict]] | None:
         return None  # missing or corrupt: rebuild and overwrite
 
 
+def check_build_args(val_fraction: float, max_code_lines: int, min_summary_words: int) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise UserError(f"data.val_fraction: must be a number in [0, 1), got {val_fraction!r}")
+    if isinstance(max_code_lines, bool) or not isinstance(max_code_lines, int) or max_code_lines < 1:
+        raise UserError(f"data.max_code_lines: must be a positive integer, got {max_code_lines!r}")
+    if isinstance(min_summary_words, bool) or not isinstance(min_summary_words, int) or min_summary_words < 0:
+        raise UserError(f"data.min_summary_words: must be a non-negative integer, got {min_summary_words!r}")
+
+
 def build_code_search_pairs(
     stdlib_dir: str | Path | None = None,
     val_fraction: float = 0.16,
@@ -256,12 +269,7 @@ def build_code_search_pairs(
     ``cache_dir``: ``"default"`` uses ``$LIGHTNING_LORA_CACHE`` or ``~/.cache/lightning_lora``; ``None``
     always rebuilds and writes nothing.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"data.val_fraction: must be in [0, 1), got {val_fraction!r}")
-    if isinstance(max_code_lines, bool) or not isinstance(max_code_lines, int) or max_code_lines < 1:
-        raise UserError(f"data.max_code_lines: must be a positive integer, got {max_code_lines!r}")
-    if isinstance(min_summary_words, bool) or not isinstance(min_summary_words, int) or min_summary_words < 0:
-        raise UserError(f"data.min_summary_words: must be a non-negative integer, got {min_summary_words!r}")
+    check_build_args(val_fraction, max_code_lines, min_summary_words)
     root = Path(stdlib_dir if stdlib_dir is not None else sysconfig.get_paths()["stdlib"]).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"data.stdlib_dir: directory not found: {root}")
@@ -279,10 +287,9 @@ def build_code_search_pairs(
     if not train:
         raise UserError(f"data.stdlib_dir: no documented Python definitions found under {root}")
     if cache_file is not None:
-        try:
+        # A read-only home must not stop training; the next run just rebuilds.
+        with contextlib.suppress(OSError):
             atomic_write_text(cache_file, json.dumps({"train": train, "val": val}))
-        except OSError:
-            pass  # a read-only home must not stop training; the next run just rebuilds
     return train, val
 
 
@@ -313,6 +320,8 @@ class CodeSearchDataModule(PairsDataModule):
             max_train_samples=max_train_samples,
             max_val_samples=max_val_samples,
         )
+        # Checked here too so a bad value fails before the model loads, not at setup().
+        check_build_args(val_fraction, max_code_lines, min_summary_words)
         self.val_fraction = val_fraction
         self.max_code_lines = max_code_lines
         self.min_summary_words = min_summary_words

