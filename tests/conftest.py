@@ -82,9 +82,7 @@ def write_pairs(path: Path, rows: list[dict]) -> Path:
 
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     """Run ``python -m lightning_lora.train`` as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIGHTNING_LORA_CACHE": os.environ.get("LIGHTNING_LORA_CACHE", "")}
-    full_env = {k: v for k, v in full_env.items() if v != ""}
-    full_env.update(env or {})
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lightning_lora.train", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -7,12 +7,12 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from tiny import TinyData, TinyDenoiser, TinyHead, tiny_batch
 
 from lightning_lora.adapters import AdapterSpec, load_lora_weights
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO
 from lightning_lora.errors import UserError
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
-from tiny import TinyData, TinyDenoiser, TinyHead, tiny_batch
 
 
 def _trainer(tmp_path, steps: int, **kwargs) -> pl.Trainer:
