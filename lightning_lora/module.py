@@ -185,7 +185,8 @@ class LoRAAdaptationModule(pl.LightningModule):
         if self.trainer.world_size > 1:  # every process computes metrics over the whole validation set
             collected = {k: self.all_gather(v).flatten(0, 1) for k, v in collected.items()}
         metrics = self.head.validation_metrics(collected)
-        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=True)
+        # Already global (every process saw the gathered set); sync_dist only averages equal values.
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict[str, Any]:

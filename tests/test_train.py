@@ -167,6 +167,7 @@ def test_ddp_two_cpu_processes_write_one_adapter(tmp_path, tiny_bert, cache_dir)
         "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=2",
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
     finals = list(run_dir.glob("adapters/final/*/adapter_model.safetensors"))
     assert len(finals) == 1
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 2

@@ -89,6 +89,7 @@ def _quiet_transformers():
 class EmbeddingHead(TaskHead):
     """Sentence embeddings from a local Hugging Face encoder folder (``model.pretrained=PATH``).
 
+    ``config_overrides`` change the Hugging Face config at load time (e.g. ``hidden_dropout_prob: 0.0``).
     BERT-style encoders are loaded without their pooler: mean/CLS/last-token pooling never uses it, and a
     LoRA target like ``dense`` would otherwise also hit ``pooler.dense``, whose adapter then gets no
     gradient (and breaks DDP with unused parameters).
@@ -110,6 +111,7 @@ class EmbeddingHead(TaskHead):
         query_prefix: str = "",
         doc_prefix: str = "",
         name: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -121,10 +123,11 @@ class EmbeddingHead(TaskHead):
             raise UserError(f"model.pretrained: no Hugging Face model folder (config.json) at {path}")
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(path)
+        overrides = dict(config_overrides or {})
+        config = AutoConfig.from_pretrained(path, **overrides)
         extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
         with _quiet_transformers():
-            self.encoder = AutoModel.from_pretrained(path, **extra)
+            self.encoder = AutoModel.from_pretrained(path, config=config, **extra)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pretrained = str(path)
         self.name = name or path.name
