@@ -75,15 +75,18 @@ def retrieval_metrics(queries: torch.Tensor, docs: torch.Tensor, ks: tuple[int, 
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers prints a load report for weights the encoder does not use (e.g. the BERT pooler)."""
+    """transformers prints a progress bar and a report of weights the encoder does not use (the BERT pooler)."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class EmbeddingHead(TaskHead):
