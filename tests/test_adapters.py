@@ -205,7 +205,8 @@ def test_strict_refuses_missing_keys_and_non_strict_loads_the_rest(tmp_path) -> 
     save_file(state, weights)
     with pytest.raises(UserError, match="1 adapter tensors missing"):
         load_lora_weights(_model(), tmp_path / "ad")
-    partial = load_lora_weights(_model(), tmp_path / "ad", strict=False)
+    with pytest.warns(UserWarning, match="1 of the model's are missing from the file"):
+        partial = load_lora_weights(_model(), tmp_path / "ad", strict=False)
     kept = "base_model.model.blocks.0.cross_attn.to_q"
     torch.testing.assert_close(
         partial.get_submodule(kept).lora_B["default"].weight, peft.get_submodule(kept).lora_B["default"].weight
@@ -238,3 +239,12 @@ def test_seed_utility_api(tmp_path, capsys) -> None:
     assert torch.equal(_out(wrapper.get_model()), expected)
     merged = wrapper.merge()
     torch.testing.assert_close(_out(merged), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path) -> None:
+    path = save_lora_weights(_adapted(), tmp_path / "lora.safetensors")
+    frozen = load_lora_weights(_model(), path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = load_lora_weights(_model(), path, trainable=True)
+    grads = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)

@@ -68,9 +68,6 @@ def load_lora_weights(model: nn.Module, lora_path: str | os.PathLike, r: int | N
         config, state = get_lora_config(r, lora_alpha, target_modules=target_modules), tensors
     config.inference_mode = not trainable
     peft_model = inject_adapter(model, config, where=type(model).__name__)
-    if trainable:
-        for name, p in peft_model.named_parameters():
-            p.requires_grad_("lora_" in name)
     load_adapter_state(peft_model, state, strict=strict, source=str(path))
     return peft_model
 

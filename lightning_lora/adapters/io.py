@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,7 @@ def load_adapter_state(peft_model: PeftModel, state: Mapping[str, torch.Tensor],
     """Load ``state`` into ``peft_model`` after checking names and shapes against it.
 
     Shapes must always fit. With ``strict`` every adapter tensor of the model must be in ``state`` and
-    ``state`` may hold nothing else; without it, only the common keys load (and nothing is silent: the
-    caller gets the counts back through the log of PEFT).
+    ``state`` may hold nothing else; without it, only the common keys load and a warning gives the counts.
     """
     state = normalize_keys(state)
     expected = get_peft_model_state_dict(peft_model)
@@ -74,6 +74,12 @@ def load_adapter_state(peft_model: PeftModel, state: Mapping[str, torch.Tensor],
         if unexpected:
             parts.append(f"{len(unexpected)} tensors in the file fit no adapted module, e.g. {unexpected[0]!r}")
         raise UserError(f"{source}: " + "; ".join(parts) + " (pass strict=False to load the common part)")
+    if missing or unexpected:
+        warnings.warn(
+            f"{source}: loaded {len(set(state) & set(expected))} adapter tensors; {len(missing)} of the model's are "
+            f"missing from the file and keep their initial values, {len(unexpected)} in the file were ignored",
+            stacklevel=2,
+        )
     if not set(state) & set(expected):
         raise UserError(f"{source}: no tensor in the file belongs to an adapted module of this model")
     set_peft_model_state_dict(peft_model, {k: v for k, v in state.items() if k in expected})
