@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	@echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" > $(VENV)/constraints.txt
+	@echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)" > $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 

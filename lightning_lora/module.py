@@ -26,6 +26,10 @@ from lightning_lora.adapters import (
     count_parameters,
     format_adapter_summary,
     inject_adapter,
+    load_adapter_state,
+    read_adapter_file,
+    read_peft_dir,
+    save_adapter_file,
     save_peft_dir,
 )
 from lightning_lora.errors import UserError
@@ -157,6 +161,27 @@ class LoRAAdaptationModule(pl.LightningModule):
             for name, peft in self.adapters.items()
         ]
         return written + self.head.export_adapters(directory, self.adapters)
+
+    def save_adapter_file(self, path: str | Path) -> Path:
+        """Every adapted submodule in one self-describing ``.safetensors`` (family, configs, base model)."""
+        identity = self.head.base_model_identity()
+        return save_adapter_file(path, self.adapters, family=self.head.family, base_model=identity)
+
+    def load_adapters(self, source: str | Path, strict: bool = True) -> None:
+        """Load adapter weights into this module's adapters from a directory written by ``save_adapters``
+        (one PEFT directory per submodule) or a file written by ``save_adapter_file``. Names and shapes
+        are checked against the adapters built from this module's spec."""
+        source = Path(source)
+        if source.is_dir():
+            states = {name: read_peft_dir(source / name)[1] for name in self.adapters}
+        else:
+            _, states, meta = read_adapter_file(source)
+            if meta["family"] and meta["family"] != self.head.family:
+                raise UserError(f"{source} holds a {meta['family']} adapter; this is a {self.head.family} head")
+        for name, peft in self.adapters.items():
+            if name not in states:
+                raise UserError(f"{source} has no adapter for submodule {name!r}; it has {sorted(states)}")
+            load_adapter_state(peft, states[name], strict=strict, source=f"{source} [{name}]")
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -119,3 +119,23 @@ def test_schedule_warmup_then_shape(name: str) -> None:
     assert f(19) == pytest.approx(expected_end)
     with pytest.raises(UserError, match="scheduler.name='step' is unknown"):
         ScheduleSpec(name="step")
+
+
+def test_single_file_and_directory_reload_into_a_fresh_module(tmp_path) -> None:
+    module = _module()
+    _trainer(tmp_path, steps=5).fit(module, TinyData())
+    path = module.save_adapter_file(tmp_path / "all.safetensors")
+    batch = tiny_batch()
+    module.eval()
+    with torch.no_grad():
+        expected = module.head.denoiser(batch["x"], batch["context"])
+    for source in (path, tmp_path / "adapters" / "final"):
+        fresh = _module().eval()
+        fresh.load_adapters(source)
+        with torch.no_grad():
+            assert torch.equal(fresh.head.denoiser(batch["x"], batch["context"]), expected), source
+    r8 = LoRAAdaptationModule(TinyHead(), AdapterSpec(r=8, alpha=16))
+    r8_file = r8.save_adapter_file(tmp_path / "r8.safetensors")
+    expected_error = r"has shape \(8, 16\) but module 'blocks\.0\.cross_attn\.to_kv' of the model needs \(4, 16\)"
+    with pytest.raises(UserError, match=expected_error):
+        _module().load_adapters(r8_file)

@@ -13,6 +13,7 @@ import torch
 from conftest import FAST, REPO, compose_train, run_cli, write_pairs
 from hydra.utils import get_class
 from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.errors import UserError
@@ -145,6 +146,12 @@ def test_cli_run_directory_and_resume(tmp_path, tiny_bert, cache_dir) -> None:
         "config.yaml", "command.txt", "model_summary.txt", "metrics.json", "tensorboard/hparams.yaml",
         "checkpoints/last.ckpt", "checkpoints/step_0000002.ckpt", "checkpoints/step_0000004.ckpt", *adapters,
     }
+    tags: set[str] = set()
+    for event_file in events:
+        acc = EventAccumulator(str(run_dir / event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "lr-AdamW", "val/loss", "val/recall@1", "val/mrr@10", "val/ndcg@10"} <= tags
     assert (run_dir / "command.txt").read_text().startswith("python -m lightning_lora.train model.pretrained=")
     assert "Applying LoRA adapters" in (run_dir / "model_summary.txt").read_text()
 
