@@ -84,6 +84,19 @@ class ScheduleSpec:
         return factor
 
 
+def unique_rows(collected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``index`` column, keeping each row id once (a DistributedSampler repeats rows to even
+    out processes, and a repeated document would count twice in retrieval metrics)."""
+    if "index" not in collected:
+        return collected
+    index = collected.pop("index")
+    ids, inverse = torch.unique(index, sorted=True, return_inverse=True)
+    first = torch.full_like(ids, index.numel()).scatter_reduce(
+        0, inverse, torch.arange(index.numel(), device=index.device), reduce="amin"
+    )
+    return {k: v[first] for k, v in collected.items()}
+
+
 class LoRAAdaptationModule(pl.LightningModule):
     """Train a LoRA adapter on any `TaskHead`: ``trainer.fit(LoRAAdaptationModule(head, spec), datamodule)``."""
 
@@ -209,7 +222,7 @@ class LoRAAdaptationModule(pl.LightningModule):
         self._val_outputs = []
         if self.trainer.world_size > 1:  # every process computes metrics over the whole validation set
             collected = {k: self.all_gather(v).flatten(0, 1) for k, v in collected.items()}
-        metrics = self.head.validation_metrics(collected)
+        metrics = self.head.validation_metrics(unique_rows(collected))
         # Already global (every process saw the gathered set); sync_dist only averages equal values.
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=True, sync_dist=True)
 

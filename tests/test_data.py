@@ -396,5 +396,10 @@ def test_code_search_datamodule_small(stdlib_pairs: tuple[list[dict], list[dict]
     assert dm.val_pairs == stdlib_pairs[1][:20]
     batches = list(dm.train_dataloader())
     assert len(batches) == 8
-    assert set(batches[0]) == {"query", "positive"}
+    assert set(batches[0]) == {"query", "positive", "index"}
     assert [len(b["positive"]) for b in dm.val_dataloader()] == [16, 4]
+
+
+def test_collate_carries_row_ids_for_distributed_validation() -> None:
+    samples = [{"query": "a", "positive": "A", "index": 3}, {"query": "b", "positive": "B", "index": 7}]
+    assert collate_pairs(samples)["index"].tolist() == [3, 7]

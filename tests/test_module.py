@@ -139,3 +139,13 @@ def test_single_file_and_directory_reload_into_a_fresh_module(tmp_path) -> None:
     expected_error = r"has shape \(8, 16\) but module 'blocks\.0\.cross_attn\.to_kv' of the model needs \(4, 16\)"
     with pytest.raises(UserError, match=expected_error):
         _module().load_adapters(r8_file)
+
+
+def test_unique_rows_keeps_each_row_once_in_index_order() -> None:
+    from lightning_lora.module import unique_rows
+
+    index = torch.tensor([2, 0, 1, 2, 0])  # e.g. two processes, rows 2 and 0 repeated by the sampler
+    emb = torch.tensor([[20.0], [0.0], [10.0], [21.0], [1.0]])
+    out = unique_rows({"index": index, "emb": emb})
+    assert set(out) == {"emb"} and out["emb"].squeeze(1).tolist() == [0.0, 10.0, 20.0]
+    assert unique_rows({"emb": emb})["emb"] is emb

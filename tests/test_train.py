@@ -212,3 +212,16 @@ def test_configs_are_found_after_a_wheel_install(tmp_path) -> None:
 def test_configs_are_found_from_the_source_checkout() -> None:
     proc = run_cli(["--cfg", "job", "model=hf_encoder", "model.pretrained=/x"], cwd=REPO)
     assert proc.returncode == 0 and "pretrained: /x" in proc.stdout
+
+
+def test_gradient_checkpointing_keeps_lora_gradients(tiny_bert) -> None:
+    from lightning_lora.heads.embedding import EmbeddingHead
+    from lightning_lora.module import LoRAAdaptationModule
+
+    head = EmbeddingHead(str(tiny_bert), query_max_length=16, doc_max_length=16)
+    module = LoRAAdaptationModule(head, AdapterSpec(r=4, alpha=8, init="random"), gradient_checkpointing=True)
+    assert head.encoder.is_gradient_checkpointing
+    batch = {"query": ["open a file", "sort a list", "parse json"], "positive": ["open(p)", "sorted(x)", "loads(s)"]}
+    head.training_step(batch).loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    assert len(grads) == 24 and all(g is not None and g.abs().sum() > 0 for g in grads.values())

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.errors import UserError
@@ -68,6 +69,9 @@ def collate_pairs(samples: list[dict]) -> dict:
     # Only emit negatives when present, so models can branch on the key instead of on empty lists.
     if any(s.get("negatives") for s in samples):
         batch["negatives"] = [list(s.get("negatives") or []) for s in samples]
+    # Row ids let validation drop the rows a DistributedSampler repeats to even out the processes.
+    if all("index" in s for s in samples):
+        batch["index"] = torch.tensor([s["index"] for s in samples])
     return batch
 
 
@@ -81,7 +85,7 @@ class ListDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        return {**self.items[index], "index": index}
 
 
 def _check_positive_int(value: Any, key: str) -> None:

@@ -191,7 +191,10 @@ class EmbeddingHead(TaskHead):
         q = self.encode_queries(batch["query"])
         d = self.encode_documents(batch["positive"])
         loss = info_nce(q, d, self.temperature, duplicate_mask(batch["positive"], batch["positive"], q.device))
-        return {"loss": loss, "query_emb": q, "doc_emb": d}
+        out = {"loss": loss, "query_emb": q, "doc_emb": d}
+        if "index" in batch:
+            out["index"] = batch["index"].to(q.device)
+        return out
 
     def validation_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
         return retrieval_metrics(collected["query_emb"], collected["doc_emb"])
