@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning_lora.adapters import (
     inject_adapter,
     load_adapter_state,
     read_adapter_file,
+    read_adapters,
     read_peft_dir,
     save_adapter_file,
     save_peft_dir,
@@ -136,7 +138,8 @@ class LoRAAdaptationModule(pl.LightningModule):
         head, spec = self.head, self.spec
         available = head.adaptable_submodules()
         defaults = head.default_targets()
-        chosen = spec.submodules or list(defaults)
+        initial = self._initial_adapters(list(defaults)) if spec.init_from else {}
+        chosen = spec.submodules or list(initial or defaults)
         for name in chosen:
             if name not in available:
                 raise UserError(
@@ -147,11 +150,55 @@ class LoRAAdaptationModule(pl.LightningModule):
             raise UserError(f"adapter.targets names submodule {extra[0]!r}, which is not adapted; adapted: {chosen}")
         head.requires_grad_(False)
         for name in chosen:
+            where = f"{head.family}.{name}"
+            if spec.init_from:
+                if name not in initial:
+                    raise UserError(
+                        f"adapter.init_from={spec.init_from} has no adapter for {name!r}; it has {sorted(initial)}"
+                    )
+                config, state = initial[name]
+                config.inference_mode = False
+                self.adapters[name] = inject_adapter(available[name], config, where)
+                load_adapter_state(self.adapters[name], state, source=f"adapter.init_from={spec.init_from}")
+                self.adapter_targets[name] = sorted(config.target_modules)
+                continue
             targets = spec.targets_for(name, defaults.get(name, []))
             if not targets:
                 raise UserError(f"no LoRA targets for {head.family} submodule {name!r}; set adapter.targets")
-            self.adapters[name] = inject_adapter(available[name], spec.lora_config(targets), f"{head.family}.{name}")
+            self.adapters[name] = inject_adapter(available[name], spec.lora_config(targets), where)
             self.adapter_targets[name] = targets
+        if spec.trainable is not None:
+            self._train_only(spec.trainable)
+
+    def _initial_adapters(self, default_submodules: list[str]) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
+        """The adapters in ``adapter.init_from`` by submodule (a bare PEFT dir/file goes to the only one)."""
+        found = read_adapters(self.spec.init_from)
+        if set(found) == {""}:
+            chosen = self.spec.submodules or default_submodules
+            if len(chosen) != 1:
+                raise UserError(
+                    f"adapter.init_from={self.spec.init_from} holds one unnamed adapter but the "
+                    f"{self.head.family} head adapts {chosen}; set adapter.submodules=[<one of them>]"
+                )
+            return {chosen[0]: found[""]}
+        return found
+
+    def _train_only(self, patterns: list[str]) -> None:
+        """Freeze every LoRA layer whose name (``<submodule>.<module path>``) contains none of ``patterns``."""
+        layers: dict[str, list[nn.Parameter]] = {}
+        for sub, peft in self.adapters.items():
+            for pname, p in peft.base_model.model.named_parameters():
+                if "lora_" in pname:
+                    layers.setdefault(f"{sub}.{pname.split('.lora_')[0]}", []).append(p)
+        selected = {name for name in layers if any(pat in name for pat in patterns)}
+        if not selected:
+            grouped = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", name) for name in layers})
+            raise UserError(
+                f"adapter.trainable={patterns} matches no LoRA layer; layer names (digits as *): {', '.join(grouped)}"
+            )
+        for name, params in layers.items():
+            for p in params:
+                p.requires_grad_(name in selected)
 
     def parameter_counts(self) -> list[ParamCount]:
         return [count_parameters(name, peft.base_model.model) for name, peft in self.adapters.items()]

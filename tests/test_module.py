@@ -149,3 +149,43 @@ def test_unique_rows_keeps_each_row_once_in_index_order() -> None:
     out = unique_rows({"index": index, "emb": emb})
     assert set(out) == {"emb"} and out["emb"].squeeze(1).tolist() == [0.0, 10.0, 20.0]
     assert unique_rows({"emb": emb})["emb"] is emb
+
+
+def _lora_tensors(module: LoRAAdaptationModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("source", ["file", "directory"])
+def test_init_from_an_adapter_and_train_only_a_subset(tmp_path, source: str) -> None:
+    first = _module()
+    _trainer(tmp_path / "a", steps=5).fit(first, TinyData())
+    path = first.save_adapter_file(tmp_path / "a.safetensors") if source == "file" else tmp_path / "a/adapters/final"
+    start = _lora_tensors(first)
+
+    # r/alpha/targets come from the file, whatever the spec says; only cross-attention LoRA trains.
+    second = _module(r=16, alpha=3, init_from=str(path), trainable=["cross_attn"])
+    assert _lora_tensors(second).keys() == start.keys()
+    assert all(torch.equal(v, start[k]) for k, v in _lora_tensors(second).items())
+    trainable = second.trainable_names()
+    assert trainable and all("cross_attn" in n and "lora_" in n for n in trainable)
+    _trainer(tmp_path / "b", steps=5).fit(second, TinyData())
+    after = _lora_tensors(second)
+    for name, value in after.items():
+        if "cross_attn" in name:
+            assert not torch.equal(value, start[name]), name  # trained
+        else:
+            assert torch.equal(value, start[name]), name  # bit-identical
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == trainable
+
+
+def test_trainable_that_matches_nothing_lists_layer_names(tmp_path) -> None:
+    with pytest.raises(UserError) as info:
+        _module(trainable=["attn1"])
+    msg = str(info.value)
+    assert "adapter.trainable=['attn1'] matches no LoRA layer" in msg
+    assert "denoiser.blocks.*.cross_attn.to_kv" in msg and "\n" not in msg
+    with pytest.raises(UserError, match=r"adapter\.trainable=\[\] is empty"):
+        _module(trainable=[])
+    with pytest.raises(UserError, match="adapter.init_from: no adapter file or directory at .*missing"):
+        _module(init_from=str(tmp_path / "missing"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,10 @@ class AdapterSpec:
     dora: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
+    #: start from an existing adapter (its r/alpha/targets per module replace the fields above)
+    init_from: str | None = None
+    #: train only the LoRA layers whose names contain one of these substrings (None = all)
+    trainable: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.r = _positive_int("adapter.r", self.r)
@@ -59,6 +64,11 @@ class AdapterSpec:
         self.targets = _targets(self.targets)
         self.submodules = _names("adapter.submodules", self.submodules)
         self.modules_to_save = _names("adapter.modules_to_save", self.modules_to_save)
+        self.trainable = _names("adapter.trainable", self.trainable)
+        if self.init_from is not None:
+            self.init_from = os.path.expanduser(str(self.init_from))
+            if not os.path.exists(self.init_from):
+                raise UserError(f"adapter.init_from: no adapter file or directory at {self.init_from}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> AdapterSpec:
