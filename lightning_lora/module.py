@@ -212,7 +212,8 @@ class LoRAAdaptationModule(pl.LightningModule):
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def save_adapters(self, directory: str | Path) -> list[Path]:
+    def save_adapters(self, directory: str | Path, step: int | None = None, run_dir: str | Path | None = None
+                      ) -> list[Path]:
         """Write one PEFT directory per adapted submodule under ``directory``, plus the family's formats."""
         directory = Path(directory)
         identity = self.head.base_model_identity()
@@ -220,7 +221,8 @@ class LoRAAdaptationModule(pl.LightningModule):
             save_peft_dir(peft, directory / name, base_model=identity.get(name, identity.get("name")))
             for name, peft in self.adapters.items()
         ]
-        return written + self.head.export_adapters(directory, self.adapters)
+        step = self.global_step if step is None else step
+        return written + self.head.export_adapters(directory, self.adapters, step, Path(run_dir) if run_dir else None)
 
     def save_adapter_file(self, path: str | Path) -> Path:
         """Every adapted submodule in one self-describing ``.safetensors`` (family, configs, base model)."""

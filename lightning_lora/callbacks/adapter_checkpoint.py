@@ -1,7 +1,8 @@
 """`AdapterCheckpoint`: adapter-only snapshots during training and at the end.
 
 Writes ``<dirpath>/step_NNNNNNN/`` every ``every_n_steps`` optimizer steps and ``<dirpath>/final/`` when
-fitting ends; each holds one PEFT directory per adapted submodule (plus the family's own formats).
+fitting ends; each holds one PEFT directory per adapted submodule; the head adds its family's own formats
+(inside the snapshot, or under ``run_dir`` for families whose tools expect that, like TRELLIS's lora_ckpts/).
 Only global rank 0 writes, and every directory appears atomically.
 """
 
@@ -17,12 +18,14 @@ from lightning_lora.errors import UserError
 
 
 class AdapterCheckpoint(Callback):
-    def __init__(self, dirpath: str | Path, every_n_steps: int = 0, save_final: bool = True) -> None:
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 0, save_final: bool = True,
+                 run_dir: str | Path | None = None) -> None:
         if every_n_steps < 0:
             raise UserError(f"callbacks.adapter_checkpoint.every_n_steps={every_n_steps} must be >= 0 (0 = off)")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.save_final = save_final
+        self.run_dir = Path(run_dir) if run_dir else None  # where family formats that live outside go
         self.last_written: Path | None = None
         self._last_step = -1
 
@@ -33,7 +36,7 @@ class AdapterCheckpoint(Callback):
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         if trainer.is_global_zero:
             target = self.dirpath / name
-            pl_module.save_adapters(target)
+            pl_module.save_adapters(target, step=trainer.global_step, run_dir=self.run_dir)
             self.last_written = target
         trainer.strategy.barrier("adapter_checkpoint")
 

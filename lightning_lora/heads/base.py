@@ -64,6 +64,12 @@ class TaskHead(nn.Module, abc.ABC):
         """What base model the adapters belong to (path or hub name, revision), stored in adapter files."""
         return {}
 
-    def export_adapters(self, directory: Path, adapters: dict[str, PeftModel]) -> list[Path]:
-        """Write family-specific adapter formats next to the PEFT directories; returns the files written."""
+    def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
+                        run_dir: Path | None = None) -> list[Path]:
+        """Write the family's own adapter formats for a snapshot taken at optimizer step ``step``.
+
+        ``snapshot`` is the snapshot's directory (it already holds one PEFT directory per submodule);
+        ``run_dir`` is the run directory, for families whose tools expect files elsewhere (TRELLIS's
+        ``lora_ckpts/``). Returns the files written.
+        """
         return []
