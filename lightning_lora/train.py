@@ -103,6 +103,8 @@ def comparison_table(before: dict[str, float], after: dict[str, float]) -> str:
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter as ``cfg`` says; returns (metrics, the objects built)."""
     started = time.time()
+    if missing := sorted(OmegaConf.missing_keys(cfg)):  # `???` in a preset: a value only the user can give
+        raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
     output_dir = Path(cfg.paths.output_dir).resolve()

@@ -94,6 +94,7 @@ def test_run_in_process_trains_and_writes_a_loadable_adapter(fast_cfg, tiny_bert
         (["model.pretrained=/nonexistent/model"], "no Hugging Face model folder (config.json) at /nonexistent/model"),
         (["data=pairs", "data.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
         (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt: no checkpoint"),
+        (["data=pairs"], "data.train_path is required: pass data.train_path=<value>"),
     ],
 )
 def test_bad_input_is_one_clear_line(fast_cfg, overrides: list[str], needle: str) -> None:
