@@ -181,6 +181,17 @@ class TrellisDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, self.val_batch_size, shuffle=False) if len(self.val_set) else []
 
 
+class TrellisDemoDataModule(TrellisDataModule):
+    """The procedural demo set (generated on first use under ``root``), read like any TRELLIS root."""
+
+    def __init__(self, root: str, num_shapes: int = 48, kind: str = "slat", resolution: int = 32,
+                 cond_dim: int = 64, cond_tokens: int = 8, **kwargs: Any) -> None:
+        folder = Path(root).expanduser() / f"n{num_shapes}_r{resolution}_c{cond_dim}_t{cond_tokens}"
+        if not (folder / "metadata.csv").is_file():
+            make_trellis_demo(folder, n=num_shapes, resolution=resolution, cond_tokens=cond_tokens, cond_dim=cond_dim)
+        super().__init__(str(folder), kind=kind, resolution=resolution, **kwargs)
+
+
 # --------------------------------------------------------------------------- procedural demo set
 SHAPES = ("sphere", "box", "cylinder", "torus")
 
