@@ -1,4 +1,5 @@
-"""Everything LoRA and nothing model-specific: spec, injection, files, merging, and the utility API."""
+"""Everything LoRA and nothing model-specific: spec, injection, files and formats, merging, SVD extraction,
+combination, and the utility API."""
 
 from lightning_lora.adapters.api import (
     LoRAModelWrapper,
@@ -9,6 +10,9 @@ from lightning_lora.adapters.api import (
     print_trainable_parameters,
     save_lora_weights,
 )
+from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
+from lightning_lora.adapters.extract import Factors, extract_lora, factorize, validate_lora
+from lightning_lora.adapters.formats import LoraSet, read_lora, write_lora_file
 from lightning_lora.adapters.inject import (
     ParamCount,
     check_targets,
@@ -33,12 +37,18 @@ from lightning_lora.adapters.spec import AdapterSpec
 
 __all__ = [
     "AdapterSpec",
+    "Factors",
     "LoRAModelWrapper",
+    "LoraSet",
     "ParamCount",
     "adapter_state",
     "apply_lora_to_model",
     "check_targets",
+    "combine_concat",
+    "combine_svd",
     "count_parameters",
+    "extract_lora",
+    "factorize",
     "format_adapter_summary",
     "get_lora_config",
     "inject_adapter",
@@ -48,10 +58,12 @@ __all__ = [
     "load_peft_dir",
     "merge_adapter",
     "merge_and_unload",
+    "merge_into",
     "merge_lora_weights",
     "print_trainable_parameters",
     "read_adapter_file",
     "read_adapters",
+    "read_lora",
     "read_peft_dir",
     "read_tensor_file",
     "save_adapter_file",
@@ -59,4 +71,7 @@ __all__ = [
     "save_peft_dir",
     "set_adapter_scale",
     "unmerge_adapter",
+    "validate_lora",
+    "write_lora_file",
 ]
+

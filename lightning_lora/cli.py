@@ -1,0 +1,388 @@
+"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``.
+
+Generic over model families: it works on checkpoints (``.safetensors``, weights-only torch files, diffusers
+folders, TRELLIS json+safetensors pairs) and on LoRA files in the layouts of ``adapters.formats``.
+A bad input prints ``error: <one line>`` to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from lightning_lora.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage dump -> one clear line
+        raise UserError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _progress(desc: str):
+    from tqdm.auto import tqdm
+
+    def wrap(items: Iterable) -> Iterable:
+        return tqdm(items, desc=desc, unit="module", file=sys.stderr, disable=None, leave=False)
+
+    return wrap
+
+
+def _check_out(path: Path, overwrite: bool, flag: str = "--out") -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it or choose another path")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device={name!r} is unknown; valid: cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available here; use --device cpu")
+    return name
+
+
+def _weighted(spec: str, flag: str) -> tuple[Path, float]:
+    """``path`` or ``path:scale`` (a colon followed by something that is not a number stays in the path)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            value = float(tail)
+        except ValueError:
+            return Path(spec), 1.0
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {spec}: the scale {tail!r} must be a finite number")
+        return Path(path), value
+    return Path(spec), 1.0
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _open_pair(base: str, tuned: str):
+    from lightning_lora.adapters.checkpoints import check_same_keys, open_weights
+
+    b, t = open_weights(base), open_weights(tuned)
+    check_same_keys(b, t)
+    return b, t
+
+
+def _write_formats(out: Path, modules, fmt: str | None, all_modules, base_name: str | None) -> list[Path]:
+    from lightning_lora.adapters import formats
+
+    if fmt is None:
+        return []
+    target = formats.extra_output_path(out, fmt)
+    if fmt == "peft":
+        formats.write_peft_dir(target, modules, base_model=base_name, all_modules=all_modules)
+    elif fmt == "kohya":
+        formats.write_kohya(target, modules)
+    else:
+        formats.write_diffusers(target, modules)
+    return [target]
+
+
+# ---------------------------------------------------------------------------- extract
+def cmd_extract(args: argparse.Namespace) -> int:
+    from lightning_lora.adapters import formats
+    from lightning_lora.adapters.checkpoints import module_weights
+    from lightning_lora.adapters.extract import extract_lora, parse_rank
+
+    rank = parse_rank(args.rank, "--rank")
+    conv_rank = parse_rank(args.conv_rank, "--conv-rank") if args.conv_rank is not None else rank
+    device = _device(args.device)
+    if args.threads is not None:
+        import torch
+
+        if args.threads <= 0:
+            raise UserError(f"--threads={args.threads} must be a positive integer")
+        torch.set_num_threads(args.threads)
+    if args.min_diff < 0:
+        raise UserError(f"--min-diff={args.min_diff} must be >= 0")
+    if args.clamp_quantile is not None and not 0.0 < args.clamp_quantile <= 1.0:
+        raise UserError(f"--clamp-quantile={args.clamp_quantile} must be in (0, 1], e.g. 0.99")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the LoRA file is written as .safetensors")
+    _check_out(out, args.overwrite)
+    if args.format:
+        _check_out(formats.extra_output_path(out, args.format), args.overwrite, "--format output")
+    base, tuned = _open_pair(args.base, args.tuned)
+    result = extract_lora(base, tuned, rank=rank, conv_rank=conv_rank, min_diff=args.min_diff,
+                          modules=args.modules, method=args.method, device=device,
+                          clamp_quantile=args.clamp_quantile, progress=_progress("extract"))
+    if not result.factors:
+        raise UserError(f"no weight of {args.tuned} differs from the base by more than --min-diff={args.min_diff}")
+    all_modules = list(module_weights(base))
+    identity = {"base": base.path.name, "tuned": tuned.path.name, "base_kind": base.kind,
+                "extracted_rank": "full" if rank is None else str(rank),
+                "extracted_conv_rank": "full" if conv_rank is None else str(conv_rank), "method": args.method,
+                "singular_values": "split symmetrically (sqrt(S) in each factor)"}
+    formats.write_lora_file(out, result.factors, family=args.family, base_model=identity, all_modules=all_modules)
+    extra = _write_formats(out, result.factors, args.format, all_modules, base.path.name)
+    errors = [r.rel_error for r in result.results]
+    worst = max(result.results, key=lambda r: r.rel_error)
+    params = sum(f.numel() for f in result.factors.values())
+    print(f"extracted {len(result.factors)} modules ({len(result.skipped_small)} unchanged within "
+          f"--min-diff={args.min_diff:g}) with method={args.method}"
+          + (f" ({result.fallbacks} redone with the full SVD)" if result.fallbacks else ""))
+    print(f"relative error: mean {sum(errors) / len(errors):.4g}, worst {worst.rel_error:.4g} ({worst.name})")
+    print(f"parameters: {params:,}; wrote {out}" + "".join(f", {p}" for p in extra))
+    return 0
+
+
+# ---------------------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lightning_lora.adapters.checkpoints import module_weights
+    from lightning_lora.adapters.extract import validate_lora
+    from lightning_lora.adapters.formats import read_lora, resolve_modules
+    from lightning_lora.fileio import atomic_write_text
+
+    if not args.threshold > 0:
+        raise UserError(f"--threshold={args.threshold} must be > 0, e.g. 0.05")
+    lora_path = Path(args.lora)
+    layers_out = Path(args.layers_out) if args.layers_out else lora_path.with_name(lora_path.stem + "_layers.txt")
+    report = Path(args.report) if args.report else None
+    for p, flag in ((report, "--report"), (layers_out, "--layers-out")):
+        if p is not None:
+            _check_out(p, args.overwrite, flag)
+    base, tuned = _open_pair(args.base, args.tuned)
+    lora = read_lora(lora_path)
+    weights = module_weights(base)
+    names = resolve_modules(lora.modules, weights, where=f"base {base.path.name}", prefixes=lora.submodules)
+    results, uncovered = validate_lora(base, tuned, lora.modules, {n: weights[m] for n, m in names.items()},
+                                       progress=_progress("validate"))
+    ok = [r for r in results if r.rel_error < args.threshold]
+    mean = sum(r.rel_error for r in results) / len(results)
+    energy = sum(r.energy for r in results) / len(results)
+    print(f"modules: {len(results)}; success rate {len(ok)}/{len(results)} = {100 * len(ok) / len(results):.1f}% "
+          f"under relative error {args.threshold:g}")
+    print(f"relative error: mean {mean:.4g}; energy retained: mean {energy:.4g}")
+    print("worst modules:")
+    for r in sorted(results, key=lambda r: -r.rel_error)[:5]:
+        print(f"  {r.name}: rel_error {r.rel_error:.4g}, energy {r.energy:.4g}, rank {r.rank}, shape {list(r.shape)}")
+    if uncovered:
+        print(f"not in the LoRA: {len(uncovered)} layers with a non-zero delta, e.g. {', '.join(uncovered[:3])}")
+    if report is not None:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["module", "shape", "rank", "rel_error", "energy_retained", "ok"])
+        for r in results:
+            writer.writerow([r.name, "x".join(map(str, r.shape)), r.rank, f"{r.rel_error:.6g}", f"{r.energy:.6g}",
+                             int(r.rel_error < args.threshold)])
+        for name in uncovered:
+            writer.writerow([name, "", 0, "1", "0", 0])
+        atomic_write_text(report, buf.getvalue())
+        print(f"wrote {report}")
+    atomic_write_text(layers_out, "".join(f"{n}\n" for n in lora.modules))
+    print(f"wrote {layers_out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspect
+FORMAT_NAMES = {"lightning_lora": "lightning_lora single file", "peft": "PEFT directory", "kohya": "kohya",
+                "diffusers": "diffusers", "bare": "bare PEFT keys"}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lightning_lora.adapters.formats import read_lora
+
+    path = Path(args.lora)
+    lora = read_lora(path)
+    groups = Counter((f.rank, _fmt_num(f.alpha)) for f in lora.modules.values())
+    leaves = Counter(m.rsplit(".", 1)[-1] for m in lora.modules)
+    params = sum(f.numel() for f in lora.modules.values())
+    print(f"file: {path} ({_human(_size(path))})")
+    print(f"format: {FORMAT_NAMES[lora.format]}")
+    print(f"family: {lora.family or 'unknown'}")
+    print(f"modules: {len(lora.modules)}")
+    print("rank/alpha:")
+    for (r, a), n in sorted(groups.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  r={r} alpha={a}: {n} module{'s' if n != 1 else ''}")
+    shown = ", ".join(f"{leaf} x{n}" if n > 1 else leaf for leaf, n in leaves.most_common(12))
+    more = len(leaves) - 12
+    print(f"targets: {shown}" + (f", ... ({more} more)" if more > 0 else ""))
+    print(f"parameters: {params:,}")
+    base = {k: v for k, v in (lora.base_model or {}).items() if v}
+    print("base model: " + (", ".join(f"{k}={v}" for k, v in sorted(base.items())) if base else "not recorded"))
+    for note in lora.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}"
+
+
+# ---------------------------------------------------------------------------- merge
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lightning_lora.adapters.checkpoints import module_weights, open_weights, write_weights_like
+    from lightning_lora.adapters.combine import merge_into
+    from lightning_lora.adapters.formats import read_lora, resolve_modules
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    base = open_weights(args.base)
+    if base.kind == "torch" and out.suffix == ".safetensors":
+        raise UserError(f"--out {out}: the base is a torch file, so the merged weights are written as one too "
+                        "(.pt/.ckpt)")
+    weights = module_weights(base)
+    parts: dict[str, list] = {}
+    for spec in args.lora:
+        path, scale = _weighted(spec, "--lora")
+        lora = read_lora(path)
+        if lora.ignored:
+            raise UserError(f"{path} holds {len(lora.ignored)} tensors that are not LoRA factors (e.g. "
+                            f"{lora.ignored[0]}); merging only the factors would not reproduce the adapted model")
+        names = resolve_modules(lora.modules, weights, where=f"base {base.path.name}", prefixes=lora.submodules)
+        for name, module in names.items():
+            f, key = lora.modules[name], weights[module]
+            if f.weight_shape != base.shape(key):
+                raise UserError(f"{path}: module {name!r} makes a delta of shape {list(f.weight_shape)} but the base "
+                                f"weight {key!r} has shape {list(base.shape(key))} (an adapter for another model?)")
+            parts.setdefault(key, []).append((f, scale))
+    updates = {key: merge_into(base.get(key), ps) for key, ps in parts.items()}
+    write_weights_like(base, out, updates)
+    print(f"merged {len(args.lora)} LoRA(s) into {len(updates)} weights of {base.path.name}; wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- combine
+def cmd_combine(args: argparse.Namespace) -> int:
+    from lightning_lora.adapters.combine import combine_concat, combine_svd
+    from lightning_lora.adapters.extract import parse_rank
+    from lightning_lora.adapters.formats import read_lora, rename_like, write_lora_file
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the combined LoRA is written as .safetensors")
+    _check_out(out, args.overwrite)
+    if args.method == "concat" and args.rank is not None:
+        raise UserError("--rank applies to --method svd only; concat is exact and its rank is the sum of the ranks")
+    inputs, sets = [], []
+    for spec in args.adapters:
+        path, weight = _weighted(spec, "adapter")
+        lora = read_lora(path)
+        sets.append(lora)
+        inputs.append((lora.modules, weight))
+    dotted = sorted({m for s in sets if s.format != "kohya" for m in s.modules})
+    inputs = [(rename_like(s, dotted).modules, w) for s, (_, w) in zip(sets, inputs, strict=True)]
+    if args.method == "concat":
+        modules = combine_concat(inputs)
+    else:
+        modules = combine_svd(inputs, parse_rank(args.rank if args.rank is not None else "full", "--rank"),
+                              device=_device(args.device))
+    if not modules:
+        raise UserError("the combination is empty (every weight is 0)")
+    identity = dict(sets[0].base_model or {})
+    identity["combined_from"] = ", ".join(args.adapters)
+    identity["combine_method"] = args.method
+    families = {s.family for s in sets if s.family}
+    write_lora_file(out, modules, family=families.pop() if len(families) == 1 else "", base_model=identity)
+    ranks = Counter(f.rank for f in modules.values())
+    print(f"combined {len(inputs)} LoRAs ({args.method}) into {len(modules)} modules, ranks "
+          + ", ".join(f"r={r} x{n}" for r, n in ranks.most_common()) + f"; wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from lightning_lora.adapters.extract import METHODS
+    from lightning_lora.adapters.formats import OUTPUT_FORMATS
+
+    p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    e = sub.add_parser("extract", help="extract a LoRA from a base and a fine-tuned checkpoint by truncated SVD")
+    e.add_argument("--base", required=True, help="base weights (.safetensors, .pt/.ckpt/.bin, folder, TRELLIS pair)")
+    e.add_argument("--tuned", required=True, help="fine-tuned weights with the same keys and shapes")
+    e.add_argument("--out", required=True, help="output LoRA (.safetensors, self-describing)")
+    e.add_argument("--rank", default="32", help="rank for linear and 1x1-conv weights, or 'full' (default 32)")
+    e.add_argument("--conv-rank", default=None, help="rank for convs with a kernel > 1 (default: --rank)")
+    e.add_argument("--min-diff", type=float, default=1e-3, help="skip weights whose delta max-abs is <= this")
+    e.add_argument("--clamp-quantile", type=float, default=None,
+                   help="clamp factors at this quantile of their absolute values (off by default; hurts accuracy)")
+    e.add_argument("--modules", nargs="+", default=None,
+                   help="only modules matching a glob ('*attn*') or containing a plain substring ('attn1')")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (for the SVDs)")
+    e.add_argument("--method", choices=METHODS, default="full",
+                   help="full SVD, or randomized (svd_lowrank, checked against the optimum per module)")
+    e.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
+                   help="also write a PEFT directory (<out>_peft/), or a kohya/diffusers file (<out>.<format>."
+                        "safetensors)")
+    e.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the SVDs (1 is often fastest on a busy machine)")
+    e.add_argument("--family", default="", help="family recorded in the file's metadata (e.g. sd, trellis)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    e.set_defaults(func=cmd_extract)
+
+    v = sub.add_parser("validate", help="per-module reconstruction error of a LoRA against base and tuned weights")
+    v.add_argument("--base", required=True)
+    v.add_argument("--tuned", required=True)
+    v.add_argument("--lora", required=True, help="LoRA file or PEFT directory")
+    v.add_argument("--report", default=None, help="write a per-module CSV here")
+    v.add_argument("--threshold", type=float, default=0.05, help="relative error counted as a success (0.05)")
+    v.add_argument("--layers-out", default=None, help="LoRA layer names, one a line (default <lora>_layers.txt)")
+    v.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("inspect", help="describe a LoRA file or PEFT directory")
+    i.add_argument("lora")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser("merge", help="fold LoRAs into base weights (W += scale·alpha/r·B·A), in the base's format")
+    m.add_argument("--base", required=True)
+    m.add_argument("--lora", required=True, action="append", help="LoRA[:scale]; repeat for several")
+    m.add_argument("--out", required=True)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    c = sub.add_parser("combine", help="one LoRA equal to a weighted sum of LoRAs")
+    c.add_argument("adapters", nargs="+", help="LoRA[:weight] ...")
+    c.add_argument("--out", required=True)
+    c.add_argument("--method", choices=("concat", "svd"), default="concat",
+                   help="concat: exact, ranks add; svd: the exact sum re-factorised at --rank")
+    c.add_argument("--rank", default=None, help="rank for --method svd (default: exact, the sum of the ranks)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_combine)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # unreadable input, unwritable output, full disk: the system's words, one line
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {' '.join((e.strerror or str(e)).split())}{where}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

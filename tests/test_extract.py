@@ -1,0 +1,316 @@
+"""SVD extraction, combination, merging and LoRA file formats (the algorithms behind the CLI)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from lightning_lora.adapters import load_lora_weights
+from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
+from lightning_lora.adapters.extract import Factors, extract_lora, factorize, parse_rank, select_modules
+from lightning_lora.adapters.formats import (
+    kohya_name,
+    lora_config_for,
+    read_lora,
+    resolve_modules,
+    write_diffusers,
+    write_kohya,
+    write_lora_file,
+    write_peft_dir,
+)
+from lightning_lora.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: on a busy 2-core machine torch's multi-threaded SVD can be 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _low_rank(shape: tuple[int, ...], r: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out, rest = shape[0], math.prod(shape[1:])
+    return (torch.randn(out, r, generator=g) @ torch.randn(r, rest, generator=g)).reshape(shape)
+
+
+def _decaying(out: int, inn: int, seed: int = 0, noise: float = 0.05) -> torch.Tensor:
+    """A delta with a decaying spectrum plus a flat noise tail (the hard case for randomized SVD)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out, inn)
+    u, _ = torch.linalg.qr(torch.randn(out, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(inn, k, generator=g))
+    s = torch.logspace(0, -2, k)
+    return (u * s) @ v.T + noise * torch.randn(out, inn, generator=g) / math.sqrt(inn)
+
+
+def _optimum(delta: torch.Tensor, r: int) -> float:
+    s = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1).double())
+    return float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
+
+
+# ---------------------------------------------------------------------------- factorize
+@pytest.mark.parametrize("shape", [(24, 40), (24, 16, 1, 1), (24, 8, 3, 3)], ids=["linear", "conv1x1", "conv3x3"])
+@pytest.mark.parametrize("method", ["full", "randomized"])
+def test_exact_low_rank_delta_is_reconstructed(shape, method):
+    delta = _low_rank(shape, 5)
+    f, info = factorize(delta, 5, method=method)
+    assert f.down.shape == (5, *shape[1:])
+    assert f.up.shape == (shape[0], 5, *([1] * (len(shape) - 2)))
+    assert f.alpha == 5 and f.scale == 1.0
+    err = float((f.delta() - delta).abs().max())
+    assert err <= 1e-5 * float(delta.abs().max())
+    assert info.rel_error < 1e-5 and info.energy == pytest.approx(1.0, abs=1e-5)
+    # singular values are split symmetrically: both factors carry the same energy
+    assert float(f.up.square().sum()) == pytest.approx(float(f.down.square().sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "randomized"])
+@pytest.mark.parametrize(("shape", "r"), [((320, 320), 32), ((256, 128 * 9), 16), ((640, 320), 8)])
+def test_truncated_error_is_the_eckart_young_optimum(method, shape, r):
+    torch.manual_seed(0)  # svd_lowrank draws its sketch from the global generator
+    delta = _decaying(shape[0], math.prod(shape[1:]), seed=r)
+    f, info = factorize(delta.reshape(shape[0], -1), r, method=method)
+    achieved = float((f.delta() - delta).norm() / delta.norm())
+    best = _optimum(delta, r)
+    assert best > 0.01  # a real truncation
+    assert best * (1 - 1e-4) <= achieved <= 1.01 * best
+    assert info.rel_error == pytest.approx(achieved, rel=1e-3)
+    if method == "randomized":  # the sketch itself is good enough here: no fallback to the full SVD
+        assert info.method == "randomized"
+        assert 0.99 * best <= info.optimum <= 1.001 * best  # the cheap estimate of the optimum is close
+
+
+def test_randomized_falls_back_to_full_svd_when_the_sketch_is_poor():
+    delta = _decaying(300, 300, seed=3, noise=0.5)
+    f, info = factorize(delta, 40, method="randomized", oversample=0, niter=0)
+    assert info.method == "full (fallback)"
+    assert float((f.delta() - delta).norm() / delta.norm()) == pytest.approx(_optimum(delta, 40), rel=1e-4)
+
+
+def test_rank_is_capped_and_alpha_is_the_used_rank():
+    f, info = factorize(_low_rank((6, 20), 6), 32)
+    assert f.rank == 6 and info.rank == 6 and f.alpha == 6.0
+    f, _ = factorize(_low_rank((16, 2, 3, 3), 4), 64)  # conv: cap at min(out, in·kh·kw) = 16 ... 18 -> 16
+    assert f.rank == 16 and f.alpha == 16.0
+    f, _ = factorize(_low_rank((10, 12), 3), None)  # full rank keeps every singular value
+    assert f.rank == 10
+
+
+def test_clamp_quantile_bounds_factors_and_is_off_by_default():
+    delta = _decaying(64, 64, seed=1)
+    plain, _ = factorize(delta, 8)
+    clamped, info = factorize(delta, 8, clamp_quantile=0.9)
+    values = torch.cat([plain.up.flatten(), plain.down.flatten()]).abs().sort().values
+    hi = float(values[math.ceil(0.9 * values.numel()) - 1])  # the 90% quantile (upper value, no interpolation)
+    clamped_values = torch.cat([clamped.up.flatten(), clamped.down.flatten()]).abs()
+    assert float(clamped_values.max()) == pytest.approx(hi, rel=1e-6)
+    assert int((clamped_values >= hi * (1 - 1e-6)).sum()) >= 0.1 * values.numel() - 1  # the top 10% were clamped
+    assert info.rel_error > _optimum(delta, 8) * 1.001  # clamping costs accuracy
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "2.5", ""])
+def test_parse_rank_rejects(value):
+    with pytest.raises(UserError, match="--rank"):
+        parse_rank(value)
+
+
+def test_parse_rank_accepts():
+    assert parse_rank("full") is None and parse_rank("16") == 16 and parse_rank(8) == 8
+
+
+def test_select_modules_globs_and_substrings():
+    names = ["down.attn1.to_q", "down.attn2.to_k", "up.conv"]
+    assert select_modules(names, ["attn1"]) == ["down.attn1.to_q"]
+    assert select_modules(names, ["*.to_?", "up*"]) == names
+
+
+# ---------------------------------------------------------------------------- whole models and loading
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 8, 1)
+
+
+class Net(nn.Module):
+    """`proj` and `block.proj` share a suffix: exact target names matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 16)
+        self.block = Block()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):  # x [B, 3, 5, 5]
+        h = self.block.proj(self.proj(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        h = self.block.pw(self.block.conv(h))
+        return self.norm(h.permute(0, 2, 3, 1))
+
+
+def _pair(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    base = {k: v.clone() for k, v in Net().state_dict().items()}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["proj.weight"] += _low_rank((16, 3), 2, seed + 1)
+    tuned["block.conv.weight"] += _low_rank((8, 16, 3, 3), 3, seed + 2)
+    tuned["block.pw.weight"] += 0.1 * _low_rank((8, 8, 1, 1), 2, seed + 3)
+    tuned["norm.weight"] += 0.5  # 1-D: not a LoRA target
+    return base, tuned
+
+
+def _model(state):
+    net = Net().eval()
+    net.load_state_dict(state)
+    return net
+
+
+def test_extracted_file_loads_with_load_lora_weights_and_reproduces_outputs(tmp_path):
+    base, tuned = _pair()
+    tuned["norm.weight"] = base["norm.weight"]
+    result = extract_lora(base, tuned, rank=6, conv_rank=4, min_diff=1e-3)
+    assert set(result.factors) == {"proj", "block.conv", "block.pw"}  # block.proj is unchanged
+    assert {m: f.rank for m, f in result.factors.items()} == {"proj": 3, "block.conv": 4, "block.pw": 6}
+    path = write_lora_file(tmp_path / "x.safetensors", result.factors, all_modules=["proj", "block.proj",
+                                                                                    "block.conv", "block.pw"])
+    peft_model = load_lora_weights(_model(base), path)
+    assert isinstance(peft_model, PeftModel)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        want, got = _model(tuned)(x), peft_model(x)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    # only the three changed layers got LoRA (not block.proj, whose name ends like 'proj')
+    lora_layers = sorted(n for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    assert len(lora_layers) == 3 and not any("block.proj" in n for n in lora_layers)
+    loaded = read_lora(path)
+    assert {m: (f.rank, f.alpha) for m, f in loaded.modules.items()} == {
+        "proj": (3, 3.0), "block.conv": (4, 4.0), "block.pw": (6, 6.0)}
+
+
+def test_peft_dir_output_loads(tmp_path):
+    base, tuned = _pair()
+    tuned["norm.weight"] = base["norm.weight"]
+    factors = extract_lora(base, tuned, rank=6, conv_rank=4).factors
+    d = write_peft_dir(tmp_path / "peft", factors, all_modules=["proj", "block.proj", "block.conv", "block.pw"])
+    peft_model = PeftModel.from_pretrained(_model(base), str(d))
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(x), _model(tuned)(x), atol=1e-5)
+    assert read_lora(d).format == "peft"
+
+
+def test_lora_config_uses_plain_names_when_unambiguous():
+    f = Factors(torch.zeros(2, 4), torch.zeros(3, 2))
+    g = Factors(torch.zeros(5, 4), torch.zeros(3, 5))
+    config = lora_config_for({"a.q": f, "a.k": f, "b.v": g}, all_modules=["a.q", "a.k", "b.v", "c.w"])
+    assert sorted(config.target_modules) == ["a.k", "a.q", "b.v"]
+    assert config.r == 2 and config.lora_alpha == 2
+    assert list(config.rank_pattern.values()) == [5] and list(config.alpha_pattern.values()) == [5]
+
+
+# ---------------------------------------------------------------------------- combine and merge
+def _random_factors(shapes: dict[str, tuple[int, ...]], r: int, scale: float, seed: int) -> dict[str, Factors]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        extra = (1,) * (len(shape) - 2)
+        out[name] = Factors(torch.randn(r, *shape[1:], generator=g), torch.randn(shape[0], r, *extra, generator=g),
+                            scale)
+    return out
+
+
+SHAPES = {"a": (12, 10), "b": (8, 4, 3, 3)}
+
+
+def test_concat_equals_applying_both_adapters():
+    la = _random_factors(SHAPES, 3, scale=2.0, seed=0)  # alpha/r = 2
+    lb = _random_factors({"a": SHAPES["a"]}, 5, scale=0.25, seed=1)
+    combined = combine_concat([(la, 0.7), (lb, -1.5)])
+    assert combined["a"].rank == 8 and combined["a"].scale == 1.0 and combined["b"].rank == 3
+    for name, shape in SHAPES.items():
+        w = torch.randn(shape)
+        parts = [(la[name], 0.7)] + ([(lb[name], -1.5)] if name in lb else [])
+        want = merge_into(w, parts)
+        got = merge_into(w, [(combined[name], 1.0)])
+        assert torch.allclose(got, want, atol=1e-4)
+        direct = w + 0.7 * 2.0 * (la[name].up.reshape(shape[0], 3) @ la[name].down.reshape(3, -1)).reshape(shape)
+        if name in lb:
+            direct += -1.5 * 0.25 * (lb[name].up @ lb[name].down)
+        assert torch.allclose(want, direct, atol=1e-4)
+
+
+def test_combine_svd_exact_at_summed_rank_and_optimal_below():
+    la = _random_factors(SHAPES, 3, 1.0, 0)
+    lb = _random_factors(SHAPES, 2, 0.5, 1)
+    exact = {n: 0.3 * la[n].delta() + 0.9 * lb[n].delta() for n in SHAPES}
+    full = combine_svd([(la, 0.3), (lb, 0.9)], None)
+    for n in SHAPES:
+        assert full[n].rank == 5
+        assert torch.allclose(full[n].delta(), exact[n], atol=1e-4)
+    low = combine_svd([(la, 0.3), (lb, 0.9)], 2)
+    for n in SHAPES:
+        err = float((low[n].delta() - exact[n]).norm() / exact[n].norm())
+        assert err == pytest.approx(_optimum(exact[n], 2), rel=1e-3)
+
+
+def test_combine_refuses_different_shapes():
+    with pytest.raises(UserError, match="module 'a' has shape"):
+        combine_concat([(_random_factors({"a": (4, 4)}, 2, 1.0, 0), 1.0), (_random_factors({"a": (4, 5)}, 2, 1, 1), 1)])
+
+
+def test_merge_of_full_rank_extraction_gives_tuned():
+    base, tuned = _pair()
+    factors = extract_lora(base, tuned, rank=None, min_diff=0).factors
+    for name, f in factors.items():
+        key = f"{name}.weight"
+        assert torch.allclose(merge_into(base[key], [(f, 1.0)]), tuned[key], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- other formats
+def test_kohya_and_diffusers_round_trip(tmp_path):
+    factors = _random_factors({"down_blocks.0.attn1.to_q": (8, 6), "conv_in": (8, 4, 3, 3)}, 2, 0.5, 0)
+    k = read_lora(write_kohya(tmp_path / "k.safetensors", factors))
+    assert k.format == "kohya" and set(k.modules) == {"lora_unet_down_blocks_0_attn1_to_q", "lora_unet_conv_in"}
+    assert kohya_name("text_encoder.layers.0.q") == "lora_te_layers_0_q"
+    names = resolve_modules(k.modules, ["conv_in", "down_blocks.0.attn1.to_q", "down_blocks.0.attn1.to_k"])
+    assert names == {"lora_unet_down_blocks_0_attn1_to_q": "down_blocks.0.attn1.to_q", "lora_unet_conv_in": "conv_in"}
+    for kname, name in names.items():
+        assert torch.allclose(k.modules[kname].delta(), factors[name].delta())
+    d = read_lora(write_diffusers(tmp_path / "d.safetensors", factors))
+    assert d.format == "diffusers" and set(d.modules) == {"unet.down_blocks.0.attn1.to_q", "unet.conv_in"}
+    assert torch.allclose(d.modules["unet.conv_in"].delta(), factors["conv_in"].delta())  # scale folded into B
+    with pytest.raises(UserError, match="'lora_unet_conv_in' is not a layer"):
+        resolve_modules(k.modules, ["down_blocks.0.attn1.to_q"])
+
+
+def test_plain_target_names_with_rank_patterns_load_in_peft(tmp_path):
+    """No suffix ambiguity (TRELLIS-style names): a plain target list; capped ranks go to rank_pattern."""
+    from tiny import TinyDenoiser, tiny_batch
+
+    torch.manual_seed(0)
+    plain = TinyDenoiser().eval()
+    base = {k: v.clone() for k, v in plain.state_dict().items()}
+    tuned = {k: v + (0.05 * torch.randn_like(v) if v.ndim == 2 else 0) for k, v in base.items()}
+    result = extract_lora(base, tuned, rank=None, min_diff=0)
+    assert {f.rank for f in result.factors.values()} == {4, 16}  # inp/out capped at 4
+    path = write_lora_file(tmp_path / "t.safetensors", result.factors, all_modules=list(result.factors))
+    assert {m: f.rank for m, f in read_lora(path).modules.items()}["inp"] == 4
+    from lightning_lora.adapters.io import read_adapter_file
+
+    cfg = read_adapter_file(path)[0][""]
+    assert isinstance(cfg.target_modules, (set, list)) and "blocks.0.self_attn.to_qkv" in cfg.target_modules
+    assert cfg.r == 16 and cfg.rank_pattern == {"inp": 4, "out": 4} and cfg.alpha_pattern == {"inp": 4, "out": 4}
+    tuned_model = TinyDenoiser().eval()
+    tuned_model.load_state_dict(tuned)
+    b = tiny_batch()
+    with torch.no_grad():
+        got = load_lora_weights(plain, path)(b["x"], b["context"])
+        want = tuned_model(b["x"], b["context"])
+    assert torch.allclose(got, want, atol=1e-5)
