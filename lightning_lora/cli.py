@@ -1,4 +1,4 @@
-"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``.
+"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``, ``sample``.
 
 Generic over model families: it works on checkpoints (``.safetensors``, weights-only torch files, diffusers
 folders, TRELLIS json+safetensors pairs) and on LoRA files in the layouts of ``adapters.formats``.
@@ -306,6 +306,64 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def _npz_array(path: str, key: str, flag: str):
+    import numpy as np
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{flag}: file not found: {file}")
+    with np.load(file, allow_pickle=False) as data:
+        if key not in data.files:
+            raise UserError(f"{flag}: {file} has no array {key!r}; it has {', '.join(data.files) or 'none'}")
+        return data[key]
+
+
+def cmd_sample_flow3d(args: argparse.Namespace) -> int:
+    """Sample TRELLIS latents with an optional LoRA: cond tokens in, latents (.npz) out."""
+    import io as _io
+
+    import numpy as np
+    import torch
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from lightning_lora.adapters import load_lora_weights, set_adapter_scale
+    from lightning_lora.config import register_resolvers
+    from lightning_lora.fileio import atomic_write_bytes
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    cond = torch.from_numpy(_npz_array(args.cond, "tokens", "--cond")).float()
+    cond = cond[None] if cond.ndim == 2 else cond
+    register_resolvers()
+    overrides = [f"model={args.model}", *([f"model.ckpt={args.ckpt}"] if args.ckpt else [])]
+    with initialize_config_module("lightning_lora.conf", version_base="1.3"):
+        cfg = compose("train", overrides)
+    torch.manual_seed(args.base_seed)  # a tiny preset without a checkpoint: the same random base as training
+    head = instantiate(cfg.model)
+    if args.lora:
+        load_lora_weights(head.denoiser, args.lora)
+        set_adapter_scale(head.denoiser, args.scale)
+    head.eval()
+    coords = None
+    if head.sparse:
+        if not args.coords:
+            raise UserError(f"{args.model} samples on given voxels: pass --coords FILE.npz with coords [N, 3]")
+        xyz = torch.from_numpy(_npz_array(args.coords, "coords", "--coords")).long()
+        if cond.shape[0] != 1:
+            raise UserError(f"--coords holds one shape; --cond must be one [T, D] token set, got {tuple(cond.shape)}")
+        coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
+    latent = head.sample(cond, coords=coords, steps=args.steps, cfg_strength=args.cfg,
+                         cfg_interval=tuple(args.cfg_interval), rescale_t=args.rescale_t, seed=args.seed)
+    arrays = {"coords": coords[:, 1:].numpy(), "feats": latent.feats.float().numpy()} if coords is not None else {
+        "latent": latent.float().numpy()}
+    buffer = _io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(out, buffer.getvalue())
+    print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_lora.adapters.extract import METHODS
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
@@ -366,6 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_combine)
+
+    sp = sub.add_parser("sample", help="sample with a base model and an optional LoRA (per family)")
+    fam = sp.add_subparsers(dest="family", required=True, parser_class=_Parser)
+    f3 = fam.add_parser("flow3d", help="TRELLIS latents from condition tokens (Euler flow sampler with CFG)")
+    f3.add_argument("--model", default="trellis_slat_tiny", help="model preset (trellis_ss, trellis_slat, *_tiny)")
+    f3.add_argument("--ckpt", help="base weights (required by the released presets)")
+    f3.add_argument("--lora", help="adapter file or PEFT directory for the denoiser")
+    f3.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0 = as trained)")
+    f3.add_argument("--cond", required=True, help=".npz with tokens [T, D] (or [B, T, D])")
+    f3.add_argument("--coords", help=".npz with coords [N, 3]: the voxels a structured latent is sampled on")
+    f3.add_argument("--steps", type=int, default=25)
+    f3.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance strength")
+    f3.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"))
+    f3.add_argument("--rescale-t", type=float, default=1.0)
+    f3.add_argument("--seed", type=int, default=0)
+    f3.add_argument("--base-seed", type=int, default=42, help="seed of a random tiny base (the training seed)")
+    f3.add_argument("--out", required=True, help="output .npz (latent, or coords + feats)")
+    f3.add_argument("--overwrite", action="store_true")
+    f3.set_defaults(func=cmd_sample_flow3d)
     return p
 
 
