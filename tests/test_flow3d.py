@@ -135,14 +135,13 @@ def test_cli_sample_with_the_trained_lora(tmp_path, capsys) -> None:
 
     torch.manual_seed(42)  # the CLI's --base-seed default: the same random tiny base
     base = instantiate(compose_train(["model=trellis_slat_tiny"]).model).denoiser
-    lora = save_lora_weights(
-        inject_adapter(base, AdapterSpec(r=4, alpha=8, init="random").lora_config(["to_q", "to_kv", "to_out", "to_qkv"])),
-        tmp_path / "lora.safetensors",
-    )
+    config = AdapterSpec(r=4, alpha=8, init="random").lora_config(["to_q", "to_kv", "to_out", "to_qkv"])
+    lora = save_lora_weights(inject_adapter(base, config), tmp_path / "lora.safetensors")
     common = ["sample", "flow3d", "--model", "trellis_slat_tiny", "--cond", str(demo / "cond_tokens" / sha),
               "--coords", str(demo / "latents" / SLAT_MODEL / sha), "--steps", "3"]
     outs = {}
-    for name, extra in {"base": [], "lora": ["--lora", str(lora)], "off": ["--lora", str(lora), "--scale", "0"]}.items():
+    runs = {"base": [], "lora": ["--lora", str(lora)], "off": ["--lora", str(lora), "--scale", "0"]}
+    for name, extra in runs.items():
         assert main([*common, *extra, "--out", str(tmp_path / f"{name}.npz")]) == 0
         outs[name] = np.load(tmp_path / f"{name}.npz")["feats"]
     assert not np.allclose(outs["base"], outs["lora"])
