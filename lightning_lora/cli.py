@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lightning_lora.errors import UserError
+from lightning_lora.fileio import path_bytes
 
 EXIT_USAGE = 2
 
@@ -63,12 +64,6 @@ def _weighted(spec: str, flag: str) -> tuple[Path, float]:
             raise UserError(f"{flag} {spec}: the scale {tail!r} must be a finite number")
         return Path(path), value
     return Path(spec), 1.0
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _human(n: float) -> str:
@@ -212,7 +207,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     groups = Counter((f.rank, _fmt_num(f.alpha)) for f in lora.modules.values())
     leaves = Counter(m.rsplit(".", 1)[-1] for m in lora.modules)
     params = sum(f.numel() for f in lora.modules.values())
-    print(f"file: {path} ({_human(_size(path))})")
+    print(f"file: {path} ({_human(path_bytes(path))})")
     print(f"format: {FORMAT_NAMES[lora.format]}")
     print(f"family: {lora.family or 'unknown'}")
     print(f"modules: {len(lora.modules)}")
@@ -320,16 +315,13 @@ def _npz_array(path: str, key: str, flag: str):
 
 def cmd_sample_flow3d(args: argparse.Namespace) -> int:
     """Sample TRELLIS latents with an optional LoRA: cond tokens in, latents (.npz) out."""
-    import io as _io
-
-    import numpy as np
     import torch
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     from lightning_lora.adapters import load_lora_weights, set_adapter_scale
     from lightning_lora.config import register_resolvers
-    from lightning_lora.fileio import atomic_write_bytes
+    from lightning_lora.data.trellis import write_npz
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
@@ -357,9 +349,7 @@ def cmd_sample_flow3d(args: argparse.Namespace) -> int:
                          cfg_interval=tuple(args.cfg_interval), rescale_t=args.rescale_t, seed=args.seed)
     arrays = {"coords": coords[:, 1:].numpy(), "feats": latent.feats.float().numpy()} if coords is not None else {
         "latent": latent.float().numpy()}
-    buffer = _io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(out, buffer.getvalue())
+    write_npz(out, **arrays)
     print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
     return 0
 

@@ -28,9 +28,7 @@ from lightning_lora.adapters import (
     format_adapter_summary,
     inject_adapter,
     load_adapter_state,
-    read_adapter_file,
     read_adapters,
-    read_peft_dir,
     save_adapter_file,
     save_peft_dir,
 )
@@ -172,16 +170,20 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def _initial_adapters(self, default_submodules: list[str]) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
         """The adapters in ``adapter.init_from`` by submodule (a bare PEFT dir/file goes to the only one)."""
-        found = read_adapters(self.spec.init_from)
-        if set(found) == {""}:
-            chosen = self.spec.submodules or default_submodules
-            if len(chosen) != 1:
-                raise UserError(
-                    f"adapter.init_from={self.spec.init_from} holds one unnamed adapter but the "
-                    f"{self.head.family} head adapts {chosen}; set adapter.submodules=[<one of them>]"
-                )
-            return {chosen[0]: found[""]}
-        return found
+        found, _ = read_adapters(self.spec.init_from)
+        where = f"adapter.init_from={self.spec.init_from}"
+        return self._name_unnamed(found, self.spec.submodules or default_submodules, where)
+
+    def _name_unnamed(self, found: dict[str, Any], chosen: list[str], where: str) -> dict[str, Any]:
+        """An unnamed adapter (a bare PEFT dir or single-model file) belongs to the only adapted submodule."""
+        if set(found) != {""}:
+            return found
+        if len(chosen) != 1:
+            raise UserError(
+                f"{where} holds one unnamed adapter but the {self.head.family} head adapts {chosen}; "
+                "set adapter.submodules=[<one of them>]"
+            )
+        return {chosen[0]: found[""]}
 
     def _train_only(self, patterns: list[str]) -> None:
         """Freeze every LoRA layer whose name (``<submodule>.<module path>``) contains none of ``patterns``."""
@@ -233,17 +235,14 @@ class LoRAAdaptationModule(pl.LightningModule):
         """Load adapter weights into this module's adapters from a directory written by ``save_adapters``
         (one PEFT directory per submodule) or a file written by ``save_adapter_file``. Names and shapes
         are checked against the adapters built from this module's spec."""
-        source = Path(source)
-        if source.is_dir():
-            states = {name: read_peft_dir(source / name)[1] for name in self.adapters}
-        else:
-            _, states, meta = read_adapter_file(source)
-            if meta["family"] and meta["family"] != self.head.family:
-                raise UserError(f"{source} holds a {meta['family']} adapter; this is a {self.head.family} head")
+        found, family = read_adapters(source)
+        if family and family != self.head.family:
+            raise UserError(f"{source} holds a {family} adapter; this is a {self.head.family} head")
+        found = self._name_unnamed(found, list(self.adapters), str(source))
         for name, peft in self.adapters.items():
-            if name not in states:
-                raise UserError(f"{source} has no adapter for submodule {name!r}; it has {sorted(states)}")
-            load_adapter_state(peft, states[name], strict=strict, source=f"{source} [{name}]")
+            if name not in found:
+                raise UserError(f"{source} has no adapter for submodule {name!r}; it has {sorted(found)}")
+            load_adapter_state(peft, found[name][1], strict=strict, source=f"{source} [{name}]")
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

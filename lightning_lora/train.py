@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO
 from lightning_lora.errors import UserError
-from lightning_lora.fileio import atomic_write_text
+from lightning_lora.fileio import atomic_write_text, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
 
 
@@ -78,10 +78,6 @@ def _adapter_dir(trainer: pl.Trainer) -> Path | None:
         if isinstance(cb, AdapterCheckpoint):
             return cb.dirpath / "final" if cb.save_final else cb.last_written
     return None
-
-
-def _dir_bytes(path: Path | None) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path and path.exists() else 0
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -142,7 +138,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "global_step": trainer.global_step,
         "trainable_params": sum(c.trainable for c in module.parameter_counts()),
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
-        "adapter_bytes": _dir_bytes(adapter_dir),
+        "adapter_bytes": path_bytes(adapter_dir) if adapter_dir and adapter_dir.exists() else 0,
         "fit_seconds": round(fit_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
     }

@@ -216,22 +216,22 @@ def _config_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in known}
 
 
-def read_adapters(path: str | os.PathLike) -> dict[str, tuple[LoraConfig, Tensors]]:
-    """Config and weights per submodule from any adapter source this project writes or reads.
+def read_adapters(path: str | os.PathLike) -> tuple[dict[str, tuple[LoraConfig, Tensors]], str]:
+    """(config and weights per submodule, family or "") from any adapter source this project writes or reads.
 
     ``path`` is a self-describing ``.safetensors``, one PEFT directory (submodule name ``""``: the head's
     only adapted submodule), or a directory of PEFT directories named by submodule (``adapters/final``).
     """
     path = Path(path)
     if path.is_file():
-        configs, states, _ = read_adapter_file(path)
-        return {sub: (configs[sub], states[sub]) for sub in configs}
+        configs, states, meta = read_adapter_file(path)
+        return {sub: (configs[sub], states[sub]) for sub in configs}, meta["family"]
     if (path / CONFIG_NAME).is_file():
-        return {"": read_peft_dir(path)}
+        return {"": read_peft_dir(path)}, ""
     subdirs = sorted(d for d in path.iterdir() if (d / CONFIG_NAME).is_file()) if path.is_dir() else []
     if not subdirs:
         raise UserError(
             f"no adapter at {path}: expected a .safetensors adapter file, a PEFT directory ({CONFIG_NAME} + "
             f"{WEIGHTS_NAME}) or a directory of them per submodule"
         )
-    return {d.name: read_peft_dir(d) for d in subdirs}
+    return {d.name: read_peft_dir(d) for d in subdirs}, ""

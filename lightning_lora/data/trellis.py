@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -249,9 +250,9 @@ def make_trellis_demo(root: str | Path, n: int = 24, resolution: int = 32, ss_re
                              ss_resolution, resolution // ss_resolution).mean(axis=(1, 3, 5)).astype(np.float32)
         ss = projection[:, :, None, None] * (2 * pooled[None] - 1)
         tokens = shape_tokens[kind] + size * size_token + 0.05 * rng.standard_normal((cond_tokens, cond_dim))
-        _write_npz(root / "latents" / SLAT_MODEL / f"{sha}.npz", coords=coords, feats=feats)
-        _write_npz(root / "ss_latents" / SS_MODEL / f"{sha}.npz", mean=ss.astype(np.float32))
-        _write_npz(root / COND_DIR / f"{sha}.npz", tokens=tokens.astype(np.float32))
+        write_npz(root / "latents" / SLAT_MODEL / f"{sha}.npz", coords=coords, feats=feats)
+        write_npz(root / "ss_latents" / SS_MODEL / f"{sha}.npz", mean=ss.astype(np.float32))
+        write_npz(root / COND_DIR / f"{sha}.npz", tokens=tokens.astype(np.float32))
         rows.append({"sha256": sha, "shape": SHAPES[kind], "num_voxels": len(coords), "cond_rendered": True,
                      f"ss_latent_{SS_MODEL}": True, f"latent_{SLAT_MODEL}": True})
     lines = [",".join(rows[0])] + [",".join(str(v) for v in row.values()) for row in rows]
@@ -259,9 +260,8 @@ def make_trellis_demo(root: str | Path, n: int = 24, resolution: int = 32, ss_re
     return root
 
 
-def _write_npz(path: Path, **arrays: Any) -> None:
-    import io
-
+def write_npz(path: str | Path, **arrays: Any) -> None:
+    """``np.savez`` through a temporary file and a rename."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())

@@ -9,7 +9,6 @@ tokens before that drop (training only).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -251,5 +250,5 @@ class FlowMatching3DHead(TaskHead):
         if run_dir is None or "denoiser" not in adapters:
             return []
         path = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}.safetensors"
-        identity = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in self.base_model_identity().items()}
+        identity = self.base_model_identity()
         return [save_adapter_file(path, {"": adapters["denoiser"]}, family=self.family, base_model=identity)]
