@@ -313,35 +313,76 @@ def _npz_array(path: str, key: str, flag: str):
         return data[key]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def cmd_sample_flow3d(args: argparse.Namespace) -> int:
-    """Sample TRELLIS latents with an optional LoRA: cond tokens in, latents (.npz) out."""
+    """Sample TRELLIS latents with an optional LoRA: cond tokens (or an image) in, latents (.npz) and, for the
+    demo's tiny presets or with --png, a picture of the sampled voxels out."""
     import torch
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
+    from omegaconf import open_dict
 
     from lightning_lora.adapters import load_lora_weights, set_adapter_scale
     from lightning_lora.config import register_resolvers
-    from lightning_lora.data.trellis import write_npz
+    from lightning_lora.data.trellis import (
+        decode_demo_ss,
+        png_bytes,
+        read_cond_image,
+        slat_occupancy,
+        voxel_picture,
+        write_npz,
+    )
+    from lightning_lora.fileio import atomic_write_bytes
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    cond = torch.from_numpy(_npz_array(args.cond, "tokens", "--cond")).float()
-    cond = cond[None] if cond.ndim == 2 else cond
+    cond_path = Path(args.cond)
+    image_cond = cond_path.suffix.lower() in IMAGE_SUFFIXES
+    if image_cond and not args.image_encoder:
+        raise UserError(f"--cond {cond_path} is an image: pass --image-encoder DIR (a local DINOv2-with-registers "
+                        "folder) to encode it, or give precomputed tokens (.npz with tokens [T, D])")
+    if image_cond and not cond_path.is_file():
+        raise UserError(f"--cond: file not found: {cond_path}")
     register_resolvers()
     overrides = [f"model={args.model}", *([f"model.ckpt={args.ckpt}"] if args.ckpt else [])]
     with initialize_config_module("lightning_lora.conf", version_base="1.3"):
         cfg = compose("train", overrides)
+    if args.image_encoder:
+        with open_dict(cfg):
+            cfg.model.image_encoder = {"pretrained": str(args.image_encoder),
+                                       "image_size": args.image_size or cfg.model.image_encoder.image_size}
+    dense = str(cfg.model.denoiser.get("_target_", "")).endswith("SparseStructureFlowModel")
+    demo = args.model.endswith("_tiny")  # the presets the procedural demo set is made for
+    png = Path(args.png) if args.png else out.with_suffix(".png") if demo and not args.no_png else None
+    if png is not None:
+        if dense and not demo:
+            raise UserError(f"--png: {args.model} samples a sparse-structure latent, which becomes voxels only "
+                            "through TRELLIS's SS decoder (not part of this tool); the picture is drawn for the "
+                            "demo's tiny presets, whose stand-in encoding it inverts")
+        _check_out(png, args.overwrite, "--png")
     torch.manual_seed(args.base_seed)  # a tiny preset without a checkpoint: the same random base as training
     head = instantiate(cfg.model)
     if args.lora:
         load_lora_weights(head.denoiser, args.lora)
         set_adapter_scale(head.denoiser, args.scale)
     head.eval()
+    if image_cond:
+        cond = head.encode_images(read_cond_image(cond_path, head.image_encoder.image_size)[None])
+    else:
+        cond = torch.from_numpy(_npz_array(args.cond, "tokens", "--cond")).float()
+        cond = cond[None] if cond.ndim == 2 else cond
     coords = None
     if head.sparse:
         if not args.coords:
             raise UserError(f"{args.model} samples on given voxels: pass --coords FILE.npz with coords [N, 3]")
         xyz = torch.from_numpy(_npz_array(args.coords, "coords", "--coords")).long()
+        res = head.denoiser.resolution
+        if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0 or xyz.min() < 0 or xyz.max() >= res:
+            span = f", range [{int(xyz.min())}, {int(xyz.max())}]" if xyz.numel() else ""
+            raise UserError(f"--coords {args.coords}: coords must be a non-empty [N, 3] inside [0, {res}); got shape "
+                            f"{tuple(xyz.shape)}{span}")
         if cond.shape[0] != 1:
             raise UserError(f"--coords holds one shape; --cond must be one [T, D] token set, got {tuple(cond.shape)}")
         coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
@@ -351,6 +392,46 @@ def cmd_sample_flow3d(args: argparse.Namespace) -> int:
         "latent": latent.float().numpy()}
     write_npz(out, **arrays)
     print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
+    if png is not None:
+        if coords is not None:  # a structured latent lives on the given voxels
+            grids = [slat_occupancy(arrays["coords"], head.denoiser.resolution)]
+        else:  # the demo's stand-in SS encoding, inverted: occupancy per sampled latent
+            grids = [decode_demo_ss(item) for item in arrays["latent"]]
+        picture = voxel_picture(grids)
+        atomic_write_bytes(png, png_bytes(picture))
+        print(f"wrote {png} ({picture.width}x{picture.height}: front, side and top views of "
+              f"{', '.join(str(int(g.sum())) for g in grids)} voxels)")
+    return 0
+
+
+def cmd_sample_sd(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightning_lora.heads.diffusion import apply_loras, check_pipeline_folder
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the picture is written as .png")
+    folder = check_pipeline_folder(args.pretrained)
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.to(_device(args.device))
+    loras = [(p, w * args.scale) for p, w in (_weighted(s, "--lora") for s in args.lora or [])]
+    for line in apply_loras(pipe, loras, allow_partial=args.allow_partial):
+        print(line)
+    size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps,
+                 guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed),
+                 output_type="pt").images[0]
+    from lightning_lora.callbacks.sample_previews import png_bytes
+    from lightning_lora.fileio import atomic_write_bytes
+
+    atomic_write_bytes(out, png_bytes(image.float().cpu()))
+    print(f"wrote {out} ({size}x{size}, {args.steps} steps, guidance {args.guidance:g}, seed {args.seed})")
     return 0
 
 
@@ -422,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     f3.add_argument("--ckpt", help="base weights (required by the released presets)")
     f3.add_argument("--lora", help="adapter file or PEFT directory for the denoiser")
     f3.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0 = as trained)")
-    f3.add_argument("--cond", required=True, help=".npz with tokens [T, D] (or [B, T, D])")
+    f3.add_argument("--cond", required=True,
+                    help=".npz with tokens [T, D] (or [B, T, D]), or an image (.png/.jpg) with --image-encoder")
+    f3.add_argument("--image-encoder", help="local DINOv2-with-registers folder that encodes an image --cond")
+    f3.add_argument("--image-size", type=int, default=None,
+                    help="pixels the image is resized to for the encoder (default: the preset's, 518)")
     f3.add_argument("--coords", help=".npz with coords [N, 3]: the voxels a structured latent is sampled on")
     f3.add_argument("--steps", type=int, default=25)
     f3.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance strength")
@@ -431,8 +516,28 @@ def build_parser() -> argparse.ArgumentParser:
     f3.add_argument("--seed", type=int, default=0)
     f3.add_argument("--base-seed", type=int, default=42, help="seed of a random tiny base (the training seed)")
     f3.add_argument("--out", required=True, help="output .npz (latent, or coords + feats)")
+    pictures = f3.add_mutually_exclusive_group()
+    pictures.add_argument("--png", help="also draw the sampled voxels (front, side, top) here; by default "
+                                        "<out>.png for the demo's tiny presets")
+    pictures.add_argument("--no-png", action="store_true", help="no picture, even for a tiny preset")
     f3.add_argument("--overwrite", action="store_true")
     f3.set_defaults(func=cmd_sample_flow3d)
+    sd = fam.add_parser("sd", help="a Stable Diffusion picture with LoRAs folded in at a scale")
+    sd.add_argument("--pretrained", required=True, help="local diffusers Stable Diffusion folder")
+    sd.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
+                    help="adapter (diffusers/kohya/PEFT/lightning_lora file, or a run's adapters/final); repeat "
+                         "for several, each with its weight")
+    sd.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
+    sd.add_argument("--allow-partial", action="store_true", help="apply a LoRA even if some modules match nothing")
+    sd.add_argument("--prompt", required=True)
+    sd.add_argument("--steps", type=int, default=25)
+    sd.add_argument("--guidance", type=float, default=7.5)
+    sd.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample size x VAE factor")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--device", default="cpu")
+    sd.add_argument("--out", required=True, help="output .png")
+    sd.add_argument("--overwrite", action="store_true")
+    sd.set_defaults(func=cmd_sample_sd)
     return p
 
 

@@ -18,6 +18,15 @@ def package_model_path(module: str) -> str:
     return str(mod.get_model_path())
 
 
+def tiny_sd_path(path: str) -> str:
+    """The tiny Stable Diffusion folder of ``model=sd_tiny``, built at ``path`` on first use."""
+    from lightning_lora.models.sd_tiny import ensure_tiny_sd
+
+    return ensure_tiny_sd(path)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pkg_model_path"):
         OmegaConf.register_new_resolver("pkg_model_path", package_model_path)
+    if not OmegaConf.has_resolver("tiny_sd"):
+        OmegaConf.register_new_resolver("tiny_sd", tiny_sd_path)

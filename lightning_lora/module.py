@@ -31,6 +31,7 @@ from lightning_lora.adapters import (
     read_adapters,
     save_adapter_file,
     save_peft_dir,
+    spatial_conv_targets,
 )
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import TaskHead
@@ -137,16 +138,20 @@ class LoRAAdaptationModule(pl.LightningModule):
         available = head.adaptable_submodules()
         defaults = head.default_targets()
         initial = self._initial_adapters(list(defaults)) if spec.init_from else {}
-        chosen = spec.submodules or list(initial or defaults)
+        chosen = spec.submodules or list(initial or head.default_submodules())
         for name in chosen:
             if name not in available:
                 raise UserError(
                     f"adapter.submodules: {name!r} is not adaptable in the {head.family} head; "
                     f"choose from {sorted(available)}"
                 )
-        if isinstance(spec.targets, dict) and (extra := sorted(set(spec.targets) - set(chosen))):
-            raise UserError(f"adapter.targets names submodule {extra[0]!r}, which is not adapted; adapted: {chosen}")
+        for field_name in ("targets", "per_submodule"):
+            value = getattr(spec, field_name)
+            if isinstance(value, dict) and (extra := sorted(set(value) - set(chosen))):
+                raise UserError(f"adapter.{field_name} names submodule {extra[0]!r}, which is not adapted; "
+                                f"adapted: {chosen}")
         head.requires_grad_(False)
+        self._conv_submodules: list[str] = []
         for name in chosen:
             where = f"{head.family}.{name}"
             if spec.init_from:
@@ -163,10 +168,36 @@ class LoRAAdaptationModule(pl.LightningModule):
             targets = spec.targets_for(name, defaults.get(name, []))
             if not targets:
                 raise UserError(f"no LoRA targets for {head.family} submodule {name!r}; set adapter.targets")
-            self.adapters[name] = inject_adapter(available[name], spec.lora_config(targets), where)
+            self.adapters[name] = inject_adapter(available[name], self._lora_config(name, targets), where)
             self.adapter_targets[name] = targets
+        if spec.conv_rank is not None and not self._conv_submodules:
+            raise UserError(f"adapter.conv_rank={spec.conv_rank}: no adapted submodule of the {head.family} head has "
+                            f"spatial convolutions among its targets (adapted: {list(self.adapters)})")
         if spec.trainable is not None:
             self._train_only(spec.trainable)
+        # LoRA weights stay fp32 whatever the base's dtype (fp16 gradients cannot be unscaled; bf16 drifts).
+        for p in self.head.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+    def _lora_config(self, name: str, targets: list[str]):
+        """The submodule's LoraConfig: its own per_submodule values, plus conv LoRA at conv_rank/conv_alpha."""
+        spec = self.spec.for_submodule(name)
+        if spec.conv_rank is None:
+            return spec.lora_config(targets)
+        conv_defaults = self.head.conv_targets().get(name, [])
+        model = self.head.adaptable_submodules()[name]
+        targets = targets + [t for t in conv_defaults if t not in targets]
+        conv = spatial_conv_targets(model, targets)
+        if not conv:
+            if conv_defaults:
+                raise UserError(f"adapter.conv_rank={spec.conv_rank} but no target of {self.head.family}.{name} "
+                                f"is a spatial convolution (targets: {targets})")
+            return spec.lora_config(targets)  # e.g. a text encoder: it has no convolutions
+        self._conv_submodules.append(name)
+        alpha = spec.conv_alpha or spec.conv_rank
+        return spec.lora_config(targets, rank_pattern=dict.fromkeys(conv, spec.conv_rank),
+                                alpha_pattern=dict.fromkeys(conv, alpha))
 
     def _initial_adapters(self, default_submodules: list[str]) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
         """The adapters in ``adapter.init_from`` by submodule (a bare PEFT dir/file goes to the only one)."""
@@ -280,10 +311,24 @@ class LoRAAdaptationModule(pl.LightningModule):
         if not params:
             raise UserError("no trainable parameters: the adapter configuration selected nothing to train")
         factory = self.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=1e-4))
-        optimizer = factory(params)
+        optimizer = factory(self._param_groups(params))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.lr_lambda(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self, params: list[nn.Parameter]) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """One group, or one per submodule with its own ``adapter.per_submodule.<name>.lr``."""
+        own = {name: lr for name in self.adapters if (lr := self.spec.lr_for(name)) is not None}
+        if not own:
+            return params
+        groups: list[dict[str, Any]] = []
+        claimed: set[int] = set()
+        for name, lr in own.items():
+            mine = [p for p in self.adapters[name].parameters() if p.requires_grad]
+            claimed.update(id(p) for p in mine)
+            groups.append({"params": mine, "lr": lr})
+        rest = [p for p in params if id(p) not in claimed]
+        return ([{"params": rest}] if rest else []) + groups
 
     # ------------------------------------------------------------------ adapter-only checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -84,6 +84,12 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _validate(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> dict[str, float]:
+    """Validation metrics, or {} when the data has no validation set (Lightning then returns [])."""
+    results = trainer.validate(module, datamodule, verbose=False)
+    return _scalars(results[0]) if results else {}
+
+
 def comparison_table(before: dict[str, float], after: dict[str, float]) -> str:
     keys = [k for k in after if k in before] or list(after)
     lines = [f"{'metric':<16}{'before':>10}{'after':>10}{'change':>10}"]
@@ -124,11 +130,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
     )
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)
-    before = _scalars(trainer.validate(module, datamodule, verbose=False)[0]) if cfg.validate_before else {}
+    before = _validate(trainer, module, datamodule) if cfg.validate_before else {}
     fit_started = time.time()
     trainer.fit(module, datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.time() - fit_started
-    after = _scalars(trainer.validate(module, datamodule, verbose=False)[0]) if cfg.validate_after else {}
+    after = _validate(trainer, module, datamodule) if cfg.validate_after else {}
 
     adapter_dir = _adapter_dir(trainer)
     metrics = {

@@ -148,3 +148,169 @@ def test_cli_sample_with_the_trained_lora(tmp_path, capsys) -> None:
     np.testing.assert_allclose(outs["off"], outs["base"], rtol=1e-5, atol=1e-5)
     assert main([*common, "--out", str(tmp_path / "base.npz")]) == 2  # refuses to overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- on-the-fly image conditioning
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    """A 2-layer DINOv2-with-registers (hidden 64 = the tiny presets' cond_channels) saved as a local folder.
+    Its final norm gets a non-trivial affine so the test can tell TRELLIS's features from last_hidden_state."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                       patch_size=8, num_register_tokens=4)
+    model = Dinov2WithRegistersModel(config)
+    with torch.no_grad():
+        model.layernorm.weight.fill_(2.0)
+        model.layernorm.bias.fill_(0.5)
+    folder = tmp_path_factory.mktemp("tiny_dino")
+    model.save_pretrained(folder)
+    return folder
+
+
+def _dino_head(tiny_dino, model: str = "trellis_ss_tiny") -> FlowMatching3DHead:
+    return _tiny(model, **{"image_encoder.pretrained": str(tiny_dino), "image_encoder.image_size": 32})
+
+
+def test_image_encoder_tokens_are_trellis_dinov2_features(tiny_dino) -> None:
+    """tokens = layer_norm(x_prenorm) of the resized, ImageNet-normalised image: CLS + 4 registers + 4x4 patches."""
+    import torch.nn.functional as F
+    from transformers import AutoModel
+
+    head = _dino_head(tiny_dino)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 40), indexing="ij")
+    image = torch.stack([x, y, x * y])[None]  # a fixed 40x40 picture: resized to 32 by the encoder
+    tokens = head.encode_images(image)
+    assert tokens.shape == (1, 1 + 4 + 16, 64)
+
+    reference = AutoModel.from_pretrained(tiny_dino).eval()
+    seen = {}
+    reference.layernorm.register_forward_pre_hook(lambda _, args: seen.update(prenorm=args[0]))
+    small = F.interpolate(image, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        out = reference(pixel_values=(small - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    torch.testing.assert_close(tokens, F.layer_norm(seen["prenorm"], (64,)), rtol=0, atol=1e-6)
+    # the hook saw the input of the model's own final norm (affine 2x + 0.5, eps 1e-6): the output it made is
+    # last_hidden_state; the tokens are that same state normalised without affine, as TRELLIS's x_prenorm
+    torch.testing.assert_close(F.layer_norm(seen["prenorm"], (64,), eps=1e-6) * 2 + 0.5, out.last_hidden_state)
+    assert not torch.allclose(tokens, out.last_hidden_state, atol=0.1)
+    assert abs(float(tokens.mean())) < 1e-5 and abs(float(tokens.std(-1, unbiased=False).mean()) - 1) < 1e-3
+    torch.testing.assert_close(head.encode_images(small), tokens, rtol=0, atol=1e-6)  # 32 px: no resize
+
+
+def test_image_encoder_is_frozen_and_outside_adapters(tiny_dino) -> None:
+    from lightning_lora.adapters import AdapterSpec
+    from lightning_lora.module import LoRAAdaptationModule
+
+    head = _dino_head(tiny_dino)
+    module = LoRAAdaptationModule(head, AdapterSpec(r=4, alpha=8))
+    assert set(head.adaptable_submodules()) == {"denoiser"} and set(module.adapters) == {"denoiser"}
+    assert not head.image_encoder.training and not any(m.training for m in head.image_encoder.modules())
+    assert not any(p.requires_grad for p in head.image_encoder.parameters())
+    assert not any("lora" in name for name, _ in head.image_encoder.named_modules())
+    assert all(name.startswith("head.denoiser.") and "lora_" in name for name in module.trainable_names())
+    assert head.base_model_identity()["image_encoder"] == str(tiny_dino)
+
+
+def test_image_encoder_bad_input_is_one_line(tiny_dino, tmp_path) -> None:
+    _expect_user_error(lambda: _tiny(**{"image_encoder.pretrained": str(tmp_path / "nowhere")}),
+                       f"model.image_encoder.pretrained: no such directory {tmp_path / 'nowhere'}")
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert")
+    _expect_user_error(lambda: _tiny(**{"image_encoder.pretrained": str(tmp_path / "bert")}),
+                       "holds a 'bert' model, not DINOv2")
+    wide = {"denoiser.cond_channels": 32, "denoiser.model_channels": 32, "denoiser.num_heads": 2}
+    _expect_user_error(lambda: _tiny(**{"image_encoder.pretrained": str(tiny_dino), **wide}),
+                       "model.image_encoder gives 64-dim tokens but the denoiser takes cond_channels=32")
+    head = _tiny()  # no encoder: a batch of images says how to get one
+    batch = {"cond_image": torch.rand(2, 3, 32, 32), "coords": torch.zeros(2, 4, dtype=torch.long),
+             "feats": torch.zeros(2, 8)}
+    _expect_user_error(lambda: head.training_step(batch), "set model.image_encoder.pretrained=")
+
+
+@pytest.mark.parametrize(("model", "kind"), [("trellis_slat_tiny", "slat"), ("trellis_ss_tiny", "ss")])
+def test_image_conditioned_run_trains_and_checkpoints_hold_no_encoder(tmp_path, tiny_dino, model, kind) -> None:
+    import math
+
+    cfg = compose_train([
+        f"model={model}", "data=trellis_demo", f"data.kind={kind}", "data.num_shapes=12", "data.val_fraction=0.4",
+        "data.cond=images", f"model.image_encoder.pretrained={tiny_dino}", "model.image_encoder.image_size=32",
+        f"paths.cache_dir={tmp_path}", "trainer.max_steps=4", "callbacks.adapter_checkpoint.every_n_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "~callbacks.progress_bar", "adapter.init=random",
+        "optimizer.lr=3e-3", "trainer.precision=32-true",
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    assert cfg.data.image_size == 32  # the data resizes the renders to the encoder's size
+    metrics, objects = run(cfg)
+    out = tmp_path / "run"
+    names = sorted(p.name for p in (out / "lora_ckpts").iterdir())
+    assert names == ["denoiser_lora_step0000002.safetensors", "denoiser_lora_step0000004.safetensors"]
+    assert math.isfinite(metrics["before"]["val/loss"]) and math.isfinite(metrics["after"]["val/loss"])
+    assert metrics["after"]["val/loss"] != metrics["before"]["val/loss"]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys) and not any("image_encoder" in k for k in keys)
+    batch = next(iter(objects["datamodule"].val_dataloader()))
+    assert batch["cond_image"].shape[1:] == (3, 32, 32) and "cond" not in batch
+
+
+# --------------------------------------------------------------------------- sample flow3d: pictures, image condition
+def test_cli_sample_draws_the_sampled_voxels(tmp_path, capsys, tiny_dino) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from lightning_lora.cli import main
+    from lightning_lora.data.trellis import (
+        SLAT_MODEL,
+        decode_demo_ss,
+        make_trellis_demo,
+        slat_occupancy,
+        voxel_picture,
+    )
+
+    demo = make_trellis_demo(tmp_path / "demo", n=2, resolution=32)
+    sha = sorted((demo / "cond_tokens").iterdir())[0].stem
+    tokens, xyz = demo / "cond_tokens" / f"{sha}.npz", demo / "latents" / SLAT_MODEL / f"{sha}.npz"
+
+    # structured latent: the voxels are the given coords; the tiny (demo) preset writes <out>.png by itself
+    slat = ["sample", "flow3d", "--model", "trellis_slat_tiny", "--cond", str(tokens), "--coords", str(xyz),
+            "--steps", "2"]
+    assert main([*slat, "--out", str(tmp_path / "slat.npz")]) == 0
+    with Image.open(tmp_path / "slat.png") as image:
+        picture = np.asarray(image)
+        assert image.mode == "L" and image.size == (3 * 128 + 2 * 4, 128)  # 32^3 grid, 4 pixels per voxel
+    expected = np.asarray(voxel_picture(slat_occupancy(np.load(xyz)["coords"], 32)))
+    assert np.array_equal(picture, expected) and picture.max() > 128 and 0.3 < (picture == 0).mean() < 0.95
+
+    # sparse-structure latent: decoded by inverting the demo's stand-in encoding; --png chooses the place
+    ss = ["sample", "flow3d", "--model", "trellis_ss_tiny", "--cond", str(tokens), "--steps", "2"]
+    assert main([*ss, "--out", str(tmp_path / "ss.npz"), "--png", str(tmp_path / "pics" / "ss_voxels.png")]) == 0
+    latent = np.load(tmp_path / "ss.npz")["latent"]
+    with Image.open(tmp_path / "pics" / "ss_voxels.png") as image:
+        picture = np.asarray(image)
+    assert picture.shape == (128, 3 * 128 + 2 * 4)  # 16^3 grid, 8 pixels per voxel
+    assert np.array_equal(picture, np.asarray(voxel_picture([decode_demo_ss(x) for x in latent])))
+    assert len(np.unique(picture)) > 2  # voxels drawn, with depth shading
+    assert main([*ss, "--out", str(tmp_path / "quiet.npz"), "--no-png"]) == 0
+    assert (tmp_path / "quiet.npz").exists() and not (tmp_path / "quiet.png").exists()
+    capsys.readouterr()
+
+    # a released SS model's latent needs TRELLIS's SS decoder: refused in one line, before any loading
+    assert main(["sample", "flow3d", "--model", "trellis_ss", "--ckpt", str(tmp_path / "none.safetensors"),
+                 "--cond", str(tokens), "--out", str(tmp_path / "big.npz"), "--png", str(tmp_path / "big.png")]) == 2
+    assert "TRELLIS's SS decoder" in capsys.readouterr().err
+
+    # an image as the condition, encoded by a local DINOv2-with-registers folder
+    render = demo / "renders_cond" / sha / "000.png"
+    image_args = ["--model", "trellis_slat_tiny", "--cond", str(render), "--coords", str(xyz), "--steps", "2"]
+    assert main(["sample", "flow3d", *image_args, "--out", str(tmp_path / "img.npz")]) == 2
+    assert "pass --image-encoder DIR" in capsys.readouterr().err
+    assert main(["sample", "flow3d", *image_args, "--image-encoder", str(tiny_dino), "--image-size", "32",
+                 "--out", str(tmp_path / "img.npz")]) == 0
+    feats = np.load(tmp_path / "img.npz")["feats"]
+    assert feats.shape == (len(np.load(xyz)["coords"]), 8) and np.isfinite(feats).all()

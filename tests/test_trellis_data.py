@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_lora.data.trellis import SLAT_MODEL, TrellisDataModule, make_trellis_demo
 from lightning_lora.errors import UserError
@@ -68,3 +69,137 @@ def test_bad_inputs_name_the_file(demo, tmp_path) -> None:
         outside.train_set[0]
     with pytest.raises(UserError, match="data.kind='mesh' is unknown"):
         TrellisDataModule(str(demo), kind="mesh")
+
+
+# --------------------------------------------------------------------------- condition images and voxel pictures
+def test_demo_writes_condition_renders_and_ss_decoding_inverts_the_stand_in_encoding(demo) -> None:
+    import json
+
+    from lightning_lora.data.trellis import SS_MODEL, decode_demo_ss, demo_ss_projection
+
+    sha = sorted((demo / "renders_cond").iterdir())[0].name
+    frames = json.loads((demo / "renders_cond" / sha / "transforms.json").read_text())["frames"]
+    assert [f["file_path"] for f in frames] == ["000.png", "001.png", "002.png"]
+    from PIL import Image
+
+    with Image.open(demo / "renders_cond" / sha / "000.png") as image:
+        assert image.mode == "RGBA" and image.size == (64, 64)
+        alpha = np.asarray(image.getchannel("A"))
+        assert 0 < (alpha > 0).mean() < 1  # a silhouette on a transparent background
+    latent = np.load(demo / "ss_latents" / SS_MODEL / f"{sha}.npz")["mean"]
+    projection = demo_ss_projection(latent.shape[0])
+    centred = np.tensordot(projection[:, 0], latent, axes=(0, 0)) / float(projection[:, 0] @ projection[:, 0])
+    np.testing.assert_allclose(latent, projection[:, :, None, None] * centred[None], atol=1e-6)  # rank one
+    assert centred.min() >= -1 - 1e-6 and centred.max() <= 1 + 1e-6  # 2·(fraction occupied) - 1
+    occ = decode_demo_ss(latent)
+    assert occ.shape == (16, 16, 16) and np.array_equal(occ, centred > 0) and 0 < occ.sum() < occ.size
+
+
+def test_image_batches_crop_resize_composite_and_fixed_validation_view(demo) -> None:
+    dm = TrellisDataModule(str(demo), kind="ss", resolution=32, batch_size=4, val_fraction=0.5, cond="images",
+                           image_size=24)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert "cond" not in batch and batch["cond_image"].shape == (4, 3, 24, 24) and batch["x0"].shape[0] == 4
+    images = batch["cond_image"]
+    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
+    assert (images[:, :, 0, 0] == 0).all()  # outside the silhouette: composited on black
+    first = dm.val_set[0]["cond_image"]
+    assert torch.equal(first, dm.val_set[0]["cond_image"])  # validation always reads the first view
+    views = {tuple(dm.train_set[0]["cond_image"].flatten()[::37].tolist()) for _ in range(20)}
+    assert len(views) > 1  # training draws a random view per sample, as TRELLIS
+
+
+def test_prepare_cond_image_follows_trellis() -> None:
+    from PIL import Image
+
+    from lightning_lora.data.trellis import prepare_cond_image
+
+    rgba = np.zeros((40, 60, 4), dtype=np.uint8)
+    rgba[10:30, 20:40] = [255, 128, 0, 255]  # an opaque 20x20 orange square on a transparent background
+    rgba[10:30, 20:40, 3][:, :10] = 51  # its left half at alpha 0.2
+    out = prepare_cond_image(Image.fromarray(rgba, "RGBA"), 48)
+    assert out.shape == (3, 48, 48)
+    # TRELLIS's crop: alpha box x 20..39, y 10..29 (max - min = 19), centre (29.5, 19.5), half size 1.2 * 9.5,
+    # truncated to the box (18, 8, 40, 30): 22 pixels, the square from 2 to the end, scaled by 48 / 22
+    inside = out[0] > 0.1
+    rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+    assert rows.tolist() == cols.tolist() == list(range(4, 48))
+    torch.testing.assert_close(out[:, 24, 34], torch.tensor([1.0, 128 / 255, 0.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(out[:, 24, 14], torch.tensor([0.2, 0.2 * 128 / 255, 0.0]), atol=0.02, rtol=0)
+    assert out[:, :3, :].max() < 0.05  # premultiplied by alpha: black outside (up to Lanczos ringing)
+    plain = prepare_cond_image(Image.fromarray(rgba[..., :3], "RGB"), 16)  # no alpha: only resized
+    assert plain.shape == (3, 16, 16)
+
+
+def test_missing_renders_name_the_path(tmp_path) -> None:
+    import shutil
+
+    broken = make_trellis_demo(tmp_path / "broken", n=4, resolution=32)
+    shas = sorted(p.name for p in (broken / "renders_cond").iterdir())
+    shutil.rmtree(broken / "renders_cond" / shas[0])
+    dm = TrellisDataModule(str(broken), resolution=32, cond="images", val_fraction=0.0)
+    with pytest.raises(UserError, match=f"missing condition renders folder: .*renders_cond/{shas[0]} "):
+        dm.setup()
+    shutil.rmtree(broken / "renders_cond")
+    with pytest.raises(UserError, match="missing condition renders folder: .*renders_cond/[0-9a-f]{64} "):
+        TrellisDataModule(str(broken), resolution=32, cond="images", val_fraction=0.0).setup()
+    fine = make_trellis_demo(tmp_path / "fine", n=4, resolution=32)
+    victim = fine / "renders_cond" / shas[0] / "001.png"
+    victim.unlink()
+    dm = TrellisDataModule(str(fine), resolution=32, cond="images", val_fraction=0.0)
+    dm.setup()
+    index = [sha for _, sha in dm.train_set.items].index(shas[0])
+    with pytest.raises(UserError, match=f"missing condition image: {victim}"):
+        for _ in range(30):  # random views: one of them is the missing file
+            dm.train_set[index]
+    with pytest.raises(UserError, match="data.cond='dino' is unknown; valid: tokens, images"):
+        TrellisDataModule(str(fine), cond="dino")
+
+
+def test_voxel_picture_pixels_for_a_known_voxel() -> None:
+    from lightning_lora.data.trellis import GAP_VALUE, PANEL_GAP, voxel_picture
+
+    occ = np.zeros((4, 4, 4), dtype=bool)
+    occ[1, 2, 3] = True  # x=1, y=2, z=3 (z is up)
+    picture = np.asarray(voxel_picture(occ, panel=8))  # 2x2 pixels per voxel
+    assert picture.shape == (8, 3 * 8 + 2 * PANEL_GAP)
+    panels = [picture[:, i * (8 + PANEL_GAP):i * (8 + PANEL_GAP) + 8] for i in range(3)]
+    assert (picture[:, 8:8 + PANEL_GAP] == GAP_VALUE).all()
+    # front: looking along +y (depth y=2 of 0..3), x across, z up -> row 0 (z=3), column 1 (x=1)
+    # side: looking along +x (depth x=1), y across, z up -> row 0, column 2 (y=2)
+    # top: looking down -z (depth 3-z=0), x across, y up -> row 1 (y=2), column 1 (x=1)
+    expected = [((0, 1), 1 - 0.6 * 2 / 3), ((0, 2), 1 - 0.6 * 1 / 3), ((1, 1), 1.0)]
+    for panel, ((row, col), shade) in zip(panels, expected, strict=True):
+        want = np.zeros((4, 4), dtype=np.uint8)
+        want[row, col] = round(255 * shade)
+        assert np.array_equal(panel, want.repeat(2, 0).repeat(2, 1))
+    two = np.asarray(voxel_picture([occ, ~occ], panel=8))  # one row per grid
+    assert two.shape == (2 * 8 + PANEL_GAP, 3 * 8 + 2 * PANEL_GAP) and two[8 + PANEL_GAP:].max() == 255
+
+
+def test_demo_module_upgrades_an_old_cache_and_skips_unrendered_rows(tmp_path) -> None:
+    import shutil
+
+    from lightning_lora.data.trellis import TrellisDemoDataModule
+
+    folder = make_trellis_demo(tmp_path / "cache" / "n4_r32_c64_t8", n=4, resolution=32)
+    shutil.rmtree(folder / "renders_cond")  # a demo set written before condition renders existed
+    (folder / "demo.json").unlink()
+    dm = TrellisDemoDataModule(str(tmp_path / "cache"), num_shapes=4, cond="images", image_size=16, val_fraction=0.0)
+    dm.setup()
+    assert dm.train_set[0]["cond_image"].shape == (3, 16, 16)
+    # rows whose metadata says cond_rendered=False are left out with data.cond=images, as TRELLIS does
+    meta = folder / "metadata.csv"
+    lines = meta.read_text().splitlines()
+    column = lines[0].split(",").index("cond_rendered")
+    cells = lines[1].split(",")
+    cells[column] = "False"
+    meta.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    shutil.rmtree(folder / "renders_cond" / cells[0])
+    images = TrellisDataModule(str(folder), resolution=32, cond="images", val_fraction=0.0)
+    images.setup()
+    assert len(images.train_set) == 3
+    tokens = TrellisDataModule(str(folder), resolution=32, val_fraction=0.0)
+    tokens.setup()
+    assert len(tokens.train_set) == 4

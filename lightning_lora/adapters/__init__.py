@@ -20,6 +20,7 @@ from lightning_lora.adapters.inject import (
     format_adapter_summary,
     inject_adapter,
     layer_names_summary,
+    spatial_conv_targets,
 )
 from lightning_lora.adapters.io import (
     adapter_state,
@@ -70,6 +71,7 @@ __all__ = [
     "save_lora_weights",
     "save_peft_dir",
     "set_adapter_scale",
+    "spatial_conv_targets",
     "unmerge_adapter",
     "validate_lora",
     "write_lora_file",

@@ -319,15 +319,21 @@ def write_peft_dir(directory: str | os.PathLike, modules: Mapping[str, Factors],
     return Path(directory)
 
 
-def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: torch.dtype | None = None) -> Path:
+def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: torch.dtype | None = None,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """``lora_unet_…``/``lora_te_…`` keys with each module's true alpha; ``ss_network_dim/alpha`` describe the
+    linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``)."""
+    from lightning_lora.adapters.extract import is_spatial
+
     tensors = {}
     for m, f in modules.items():
         name = kohya_name(m)
         tensors[f"{name}.lora_down.weight"] = _cast(f.down, dtype)
         tensors[f"{name}.lora_up.weight"] = _cast(f.up, dtype)
         tensors[f"{name}.alpha"] = torch.tensor(f.alpha, dtype=torch.float32)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(_common(f.rank for f in modules.values())),
-            "ss_network_alpha": str(_common(_nice(f.alpha) for f in modules.values()))}
+    linear = [f for f in modules.values() if not is_spatial(f.weight_shape)] or list(modules.values())
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(_common(f.rank for f in linear)),
+            "ss_network_alpha": str(_common(_nice(f.alpha) for f in linear)), **dict(metadata or {})}
     return atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 

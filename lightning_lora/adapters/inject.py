@@ -52,6 +52,16 @@ def check_targets(model: nn.Module, targets: list[str] | str, where: str) -> Non
             )
 
 
+def spatial_conv_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The targets whose every match is a convolution with a kernel larger than 1 (they take ``conv_rank``)."""
+    out = []
+    for target in targets:
+        hits = [m for n, m in model.named_modules() if n and matches_target(n, target)]
+        if hits and all(isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.kernel_size) > 1 for m in hits):
+            out.append(target)
+    return out
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, where: str = "model") -> PeftModel:
     """Freeze ``model`` and add a trainable LoRA adapter in place; returns PEFT's handle for saving.
 

@@ -47,6 +47,12 @@ class AdapterSpec:
     init_from: str | None = None
     #: train only the LoRA layers whose names contain one of these substrings (None = all)
     trainable: list[str] | None = None
+    #: LoRA on spatial convolutions (kernel > 1, e.g. ResNet convs) at their own rank/alpha (kohya's conv_dim);
+    #: None = no conv LoRA beyond what ``targets`` names. conv_alpha None = conv_rank.
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    #: per-submodule values that differ from the ones above: {text_encoder: {r: 4, alpha: 4, lr: 5e-5}}
+    per_submodule: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.r = _positive_int("adapter.r", self.r)
@@ -65,6 +71,11 @@ class AdapterSpec:
         self.submodules = _names("adapter.submodules", self.submodules)
         self.modules_to_save = _names("adapter.modules_to_save", self.modules_to_save)
         self.trainable = _names("adapter.trainable", self.trainable)
+        if self.conv_rank is not None:
+            self.conv_rank = _positive_int("adapter.conv_rank", self.conv_rank)
+        if self.conv_alpha is not None:
+            self.conv_alpha = _positive_float("adapter.conv_alpha", self.conv_alpha)
+        self.per_submodule = _per_submodule(self.per_submodule)
         if self.init_from is not None:
             self.init_from = os.path.expanduser(str(self.init_from))
             if not os.path.exists(self.init_from):
@@ -92,6 +103,23 @@ class AdapterSpec:
     def scaling(self) -> float:
         """The factor LoRA's update is multiplied by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def for_submodule(self, name: str) -> AdapterSpec:
+        """This spec with ``per_submodule[name]`` applied (``lr`` is not a LoRA field; see ``lr_for``)."""
+        values = {k: v for k, v in (self.per_submodule or {}).get(name, {}).items() if k != "lr"}
+        if not values:
+            return self
+        fields = {**self.to_dict(), **values, "per_submodule": None, "init_from": None}
+        try:
+            spec = AdapterSpec(**fields)
+        except UserError as e:
+            raise UserError(str(e).replace("adapter.", f"adapter.per_submodule.{name}.", 1)) from None
+        spec.init_from = self.init_from
+        return spec
+
+    def lr_for(self, name: str) -> float | None:
+        """The submodule's own learning rate, when ``per_submodule`` sets one."""
+        return (self.per_submodule or {}).get(name, {}).get("lr")
 
     def targets_for(self, submodule: str, defaults: list[str]) -> list[str]:
         if self.targets is None:
@@ -159,6 +187,26 @@ def _names(key: str, value: Any) -> list[str] | None:
     if not value:
         raise UserError(f"{key}=[] is empty; give at least one name or leave it unset for the defaults")
     return list(value)
+
+
+PER_SUBMODULE_FIELDS = ("r", "alpha", "dropout", "conv_rank", "conv_alpha", "lr")
+
+
+def _per_submodule(value: Any) -> dict[str, dict[str, Any]] | None:
+    value = _plain(value)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise UserError(f"adapter.per_submodule={value!r} must map submodule names to fields, e.g. "
+                        "{text_encoder: {r: 4, lr: 5e-5}}")
+    for sub, fields in value.items():
+        for key, v in fields.items():
+            if key not in PER_SUBMODULE_FIELDS:
+                raise UserError(f"adapter.per_submodule.{sub}.{key} is not a per-submodule field; valid: "
+                                f"{', '.join(PER_SUBMODULE_FIELDS)}")
+            if key == "lr":
+                _positive_float(f"adapter.per_submodule.{sub}.lr", v)
+    return value
 
 
 def _targets(value: Any) -> list[str] | dict[str, list[str]] | None:

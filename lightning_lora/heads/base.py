@@ -44,6 +44,14 @@ class TaskHead(nn.Module, abc.ABC):
     def default_targets(self) -> dict[str, list[str]]:
         """Default LoRA targets per submodule; the keys are the submodules adapted when none are chosen."""
 
+    def default_submodules(self) -> list[str]:
+        """Submodules adapted when ``adapter.submodules`` is not set (default: every key of default_targets)."""
+        return list(self.default_targets())
+
+    def conv_targets(self) -> dict[str, list[str]]:
+        """Convolution layers that ``adapter.conv_rank`` adds LoRA to, per submodule (none by default)."""
+        return {}
+
     @abc.abstractmethod
     def training_step(self, batch: Any) -> StepOutput:
         """Loss of one training batch."""
@@ -55,6 +63,10 @@ class TaskHead(nn.Module, abc.ABC):
     def validation_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics over everything ``validation_step`` returned, concatenated along dim 0 (all processes)."""
         return {}
+
+    def preview_images(self) -> torch.Tensor | None:
+        """Pictures of what the model makes now, [rows, cols, 3, H, W] in [0, 1] (None: nothing to show)."""
+        return None
 
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory; must keep LoRA gradients flowing (non-reentrant checkpointing)."""

@@ -5,11 +5,17 @@ Objective (as TRELLIS trains it): t ~ sigmoid(N(mean, std)) (logit-normal), x_t 
 or every voxel feature of the batch (sparse). Classifier-free guidance is trained by replacing a sample's
 condition with zeros with probability ``p_uncond``; noisy conditioning adds Gaussian noise to the condition
 tokens before that drop (training only).
+
+The condition tokens come with the batch (``cond``, precomputed) or are computed on the fly from condition
+images (``cond_image``) by a frozen DINOv2-with-registers model loaded from a local folder
+(``image_encoder``), as TRELLIS's image-conditioned trainers do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +31,9 @@ from lightning_lora.heads.base import StepOutput, TaskHead
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 T_SCHEDULES = ("logit_normal", "uniform")
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")
+DINO_MODEL_TYPES = ("dinov2_with_registers", "dinov2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -95,6 +104,111 @@ def _values(out: Any, sparse: bool) -> torch.Tensor:
     return out.feats if sparse else out
 
 
+# --------------------------------------------------------------------------- image conditioning
+@contextlib.contextmanager
+def _hf_quiet() -> Iterator[None]:
+    """No loading progress bar or weight report from transformers while the encoder loads."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+class DinoImageEncoder(nn.Module):
+    """Frozen DINOv2(-with-registers) condition encoder, as TRELLIS's ``ImageConditionedMixin.encode_image``.
+
+    Images [B, 3, H, W] in [0, 1] (RGB composited on black) are resized to ``image_size`` when they are not
+    that size already, normalised with the ImageNet mean/std, and run through the model; the tokens are the
+    last block's output before the model's final norm (DINOv2's ``x_prenorm``: CLS, register and patch
+    tokens) under a layer norm without affine parameters. A 518-pixel image gives [B, 1374, 1024] with
+    DINOv2-L/14 with registers. The model stays in eval mode with gradients off; it is never adapted.
+    """
+
+    def __init__(self, pretrained: str | Path | None = None, image_size: int = 518, model: nn.Module | None = None
+                 ) -> None:
+        super().__init__()
+        if not int(image_size) > 0:
+            raise UserError(f"model.image_encoder.image_size={image_size} must be a positive number of pixels")
+        self.image_size = int(image_size)
+        self.pretrained = str(Path(pretrained).expanduser()) if pretrained else None
+        self.model = model if model is not None else self._load(self.pretrained)
+        config = getattr(self.model, "config", None)
+        if getattr(config, "model_type", None) not in DINO_MODEL_TYPES:
+            raise UserError(f"model.image_encoder: {type(self.model).__name__} is not a DINOv2 model")
+        self.hidden_size = int(config.hidden_size)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def _load(path: str | None) -> nn.Module:
+        if not path:
+            raise UserError("model.image_encoder.pretrained is required: a local DINOv2-with-registers folder "
+                            "(e.g. a download of facebook/dinov2-with-registers-large)")
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            what = "no such directory" if not folder.is_dir() else "no Hugging Face model folder (config.json) at"
+            raise UserError(f"model.image_encoder.pretrained: {what} {folder}")
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"model.image_encoder.pretrained: unreadable config {folder / 'config.json'} "
+                            f"({' '.join(str(exc).split())})") from None
+        if config.model_type not in DINO_MODEL_TYPES:
+            raise UserError(f"model.image_encoder.pretrained: {folder} holds a {config.model_type!r} model, not "
+                            f"DINOv2 ({' or '.join(DINO_MODEL_TYPES)})")
+        try:
+            with _hf_quiet():
+                return AutoModel.from_pretrained(folder, config=config, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"model.image_encoder.pretrained: cannot load the weights in {folder} "
+                            f"({' '.join(str(exc).split())})") from None
+
+    def train(self, mode: bool = True) -> DinoImageEncoder:
+        return super().train(False)  # frozen: no dropout or drop-path, whatever the module around it does
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UserError(f"condition images must be [B, 3, H, W]; got {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        hidden = self.model.encoder(self.model.embeddings(x.to(dtype)))[0]  # the last block, before the final norm
+        tokens = F.layer_norm(hidden.float(), hidden.shape[-1:])
+        return tokens.to(images.dtype) if images.is_floating_point() else tokens
+
+
+def build_image_encoder(spec: Any) -> DinoImageEncoder | None:
+    """``model.image_encoder``: None, a folder path, ``{pretrained: PATH, image_size: 518}`` or a module."""
+    if spec is None or isinstance(spec, DinoImageEncoder):
+        return spec
+    if isinstance(spec, str | Path):
+        return DinoImageEncoder(spec)
+    if isinstance(spec, nn.Module):
+        return DinoImageEncoder(model=spec)
+    if isinstance(spec, Mapping):
+        known = {"pretrained", "image_size"}
+        if unknown := sorted(set(spec) - known):
+            raise UserError(f"model.image_encoder.{unknown[0]} is unknown; valid: {', '.join(sorted(known))}")
+        if "pretrained" in spec and not spec["pretrained"]:
+            return None  # {pretrained: null}: off, like image_encoder: null
+        return DinoImageEncoder(spec.get("pretrained"), spec.get("image_size") or 518)
+    raise UserError(f"model.image_encoder must be a folder path or {{pretrained: PATH, image_size: N}}; got {spec!r}")
+
+
 # --------------------------------------------------------------------------- the head
 class FlowMatching3DHead(TaskHead):
     """Rectified-flow LoRA training of a TRELLIS denoiser (dense sparse-structure or sparse structured-latent).
@@ -103,6 +217,11 @@ class FlowMatching3DHead(TaskHead):
     weights into it with every key and shape checked. Without a checkpoint, ``random_base_std > 0`` fills the
     layers TRELLIS initialises to zero (adaLN gates, output layer) so a random stand-in base is not a constant
     function that no adapter could change (the tiny presets use this).
+
+    ``image_encoder`` (``{pretrained: PATH, image_size: 518}``, see ``DinoImageEncoder``) encodes batches that
+    carry condition images (``cond_image``, from ``data.cond=images``) on the fly; batches with precomputed
+    tokens (``cond``) do not need it. The encoder is frozen, never adapted, and not in adapter files or
+    resumable checkpoints (those hold trainable tensors only).
     """
 
     family: ClassVar[str] = "flow3d"
@@ -125,6 +244,7 @@ class FlowMatching3DHead(TaskHead):
         cond_noise_std_max: float = 0.2,
         name: str | None = None,
         random_base_std: float = 0.0,
+        image_encoder: Any = None,
     ) -> None:
         super().__init__()
         if t_schedule not in T_SCHEDULES:
@@ -145,6 +265,13 @@ class FlowMatching3DHead(TaskHead):
         self.p_uncond = p_uncond
         self.cond_noise = (cond_noise_schedule, cond_noise_std, cond_noise_std_min, cond_noise_std_max)
         self.name = name or type(denoiser).__name__
+        self.image_encoder = build_image_encoder(image_encoder)
+        cond_channels = getattr(denoiser, "cond_channels", None)
+        if self.image_encoder is not None and cond_channels and self.image_encoder.hidden_size != cond_channels:
+            raise UserError(
+                f"model.image_encoder gives {self.image_encoder.hidden_size}-dim tokens but the denoiser takes "
+                f"cond_channels={cond_channels} (the released models take DINOv2-L/14 with registers: 1024)"
+            )
 
     # ------------------------------------------------------------------ TaskHead
     def adaptable_submodules(self) -> dict[str, nn.Module]:
@@ -154,7 +281,10 @@ class FlowMatching3DHead(TaskHead):
         return {"denoiser": self.targets}
 
     def base_model_identity(self) -> dict[str, str]:
-        return {"name": self.name, **({"path": self.ckpt} if self.ckpt else {})}
+        identity = {"name": self.name, **({"path": self.ckpt} if self.ckpt else {})}
+        if self.image_encoder is not None and self.image_encoder.pretrained:
+            identity["image_encoder"] = self.image_encoder.pretrained
+        return identity
 
     def enable_gradient_checkpointing(self) -> None:
         if not hasattr(self.denoiser, "use_checkpoint"):
@@ -165,6 +295,22 @@ class FlowMatching3DHead(TaskHead):
                 block.use_checkpoint = True
 
     # ------------------------------------------------------------------ conditioning
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Condition tokens [B, T, D] for images [B, 3, H, W] in [0, 1] (RGB composited on black)."""
+        if self.image_encoder is None:
+            raise UserError("the batch holds condition images (data.cond=images) but the model has no image "
+                            "encoder; set model.image_encoder.pretrained=<DINOv2-with-registers folder> or use "
+                            "data.cond=tokens")
+        return self.image_encoder(images)
+
+    def cond_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's condition tokens: precomputed (``cond``) or encoded from ``cond_image``."""
+        if "cond" in batch:
+            return batch["cond"]
+        if "cond_image" in batch:
+            return self.encode_images(batch["cond_image"])
+        raise UserError(f"a {self.family} batch needs 'cond' (tokens) or 'cond_image'; it has {', '.join(batch)}")
+
     def condition(self, cond: torch.Tensor, generator: torch.Generator | None = None, train: bool = True
                   ) -> torch.Tensor:
         """Noisy conditioning (train only), then the classifier-free-guidance drop to all-zero tokens."""
@@ -199,7 +345,7 @@ class FlowMatching3DHead(TaskHead):
         if ("x0" in batch) == self.sparse:
             kind, need = ("dense", "slat") if "x0" in batch else ("sparse", "ss")
             raise UserError(f"{self.name} cannot train on {kind} latents; use data.kind={need}")
-        cond = self.condition(batch["cond"], generator, train)
+        cond = self.condition(self.cond_tokens(batch), generator, train)
         n = cond.shape[0]
         t = sample_t(n, self.t_schedule, self.t_mean, self.t_std, generator, cond.device)
         if "x0" in batch:  # dense sparse-structure latent [B, C, R, R, R]
@@ -217,7 +363,8 @@ class FlowMatching3DHead(TaskHead):
         return F.mse_loss(pred.float(), target.float())
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        return StepOutput(self.flow_loss(batch), batch_size=batch["cond"].shape[0])
+        rows = (batch["cond"] if "cond" in batch else batch["cond_image"]).shape[0]
+        return StepOutput(self.flow_loss(batch), batch_size=rows)
 
     def validation_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Fixed t, noise and no condition dropout: the validation loss is comparable across evaluations.

@@ -1,0 +1,386 @@
+"""Stable Diffusion family: LoRA training of a diffusers UNet (optionally the CLIP text encoder and ResNet convs).
+
+The objective is the one of diffusers' ``train_text_to_image_lora.py``: VAE latents × scaling factor, DDPM
+noising at a uniform integer timestep (plus optional ``noise_offset``), an epsilon or v-prediction target (the
+scheduler's own, or ``prediction_type``), mean-squared error in fp32, optionally min-SNR-γ weighted per sample.
+VAE latent distributions and text embeddings can be cached; both caches are exact (latents are re-sampled from
+the cached distribution each time; a cache entry is keyed by the image's pixels or the caption's text).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+
+from lightning_lora.errors import UserError
+from lightning_lora.heads.base import StepOutput, TaskHead
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# kohya's LoCon set: every convolution of the ResNet blocks and of the down/upsamplers
+UNET_CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+# --------------------------------------------------------------------------- loading
+def check_pipeline_folder(pretrained: str | Path | None) -> Path:
+    """The folder of a diffusers Stable Diffusion pipeline, with every part the head loads."""
+    if not pretrained:
+        raise UserError("model.pretrained is required: pass model.pretrained=<local diffusers SD folder>")
+    path = Path(pretrained).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model.pretrained: no folder at {path} (give a local diffusers Stable Diffusion folder)")
+    for part in PIPELINE_PARTS:
+        if not (path / part).is_dir():
+            raise UserError(f"model.pretrained={path} has no {part}/ folder; a Stable Diffusion pipeline folder "
+                            f"holds {', '.join(p + '/' for p in PIPELINE_PARTS)}")
+    return path
+
+
+def load_pipeline_parts(path: Path, revision: str | None = None, variant: str | None = None) -> dict[str, Any]:
+    """UNet, VAE, text encoder, tokenizer and the DDPM training scheduler, as diffusers' script loads them."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"revision": revision, "variant": variant}
+    try:
+        return {
+            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+        }
+    except (OSError, ValueError) as e:  # a missing weights file / variant, a bad config
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"model.pretrained={path}: cannot load the pipeline: {first[:200]}") from None
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    valid = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name is None:
+        return None
+    if name not in valid:
+        raise UserError(f"model.frozen_dtype={name!r} is unknown; valid: null, {', '.join(valid)}")
+    return valid[name]
+
+
+# --------------------------------------------------------------------------- objective pieces
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights per sample: min(SNR, γ)/SNR for epsilon, min(SNR, γ)/(SNR + 1) for v."""
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def _pixel_key(image: torch.Tensor) -> str:
+    return hashlib.blake2b(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
+                           digest_size=16).hexdigest()
+
+
+# --------------------------------------------------------------------------- the head
+class DiffusionHead(TaskHead):
+    """LoRA on a Stable Diffusion UNet (and optionally its text encoder), from a local diffusers folder.
+
+    ``previews`` (prompts, seeds, num_inference_steps, guidance_scale, every_n_steps) drives the validation
+    images the ``SamplePreviews`` callback logs; ``resolution`` is the training/preview image size.
+    """
+
+    family: ClassVar[str] = "diffusion"
+    monitor: ClassVar[str] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        name: str | None = None,
+        resolution: int = 512,
+        prediction_type: str | None = None,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        train_text_encoder: bool = False,
+        targets: dict[str, list[str]] | None = None,
+        conv_targets: list[str] | tuple[str, ...] = UNET_CONV_TARGETS,
+        cache_latents: bool = False,
+        cache_text_embeddings: bool = True,
+        frozen_dtype: str | None = None,
+        previews: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        path = check_pipeline_folder(pretrained)
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"model.prediction_type={prediction_type!r} is unknown; valid: null, "
+                            f"{', '.join(PREDICTION_TYPES)}")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise UserError(f"model.snr_gamma={snr_gamma} must be > 0 (5.0 is the paper's value) or null")
+        parts = load_pipeline_parts(path, revision, variant)
+        self.unet, self.vae, self.text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["scheduler"]
+        if prediction_type is not None:
+            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        if self.noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"{path}/scheduler predicts {self.noise_scheduler.config.prediction_type!r}; set "
+                            f"model.prediction_type to one of {', '.join(PREDICTION_TYPES)}")
+        if (dtype := _dtype(frozen_dtype)) is not None:  # LoRA weights are made fp32 again after injection
+            for part in (self.unet, self.vae, self.text_encoder):
+                part.to(dtype)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % self.vae_factor:
+            raise UserError(f"model.resolution={resolution} is not divisible by the VAE's downscale factor "
+                            f"{self.vae_factor}; use e.g. {resolution // self.vae_factor * self.vae_factor or 8}")
+        self.pretrained, self.revision, self.name = str(path), revision, name or path.name
+        self.resolution, self.snr_gamma, self.noise_offset = resolution, snr_gamma, noise_offset
+        self.train_text_encoder = train_text_encoder
+        self.targets = {"unet": list(UNET_TARGETS), "text_encoder": list(TEXT_ENCODER_TARGETS), **(targets or {})}
+        self.unet_conv_targets = list(conv_targets)
+        self.cache_latents = cache_latents
+        self.cache_text_embeddings = cache_text_embeddings and not train_text_encoder
+        self.previews = dict(previews or {})
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._pipeline_cache: list[Any] = []  # built on first use; a list keeps it out of the module tree
+
+    # ------------------------------------------------------------------ TaskHead
+    def adaptable_submodules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def default_targets(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.targets.items()}
+
+    def default_submodules(self) -> list[str]:
+        return ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]
+
+    def conv_targets(self) -> dict[str, list[str]]:
+        return {"unet": list(self.unet_conv_targets)}
+
+    def base_model_identity(self) -> dict[str, str]:
+        return {"name": self.name, "path": self.pretrained, **({"revision": self.revision} if self.revision else {})}
+
+    def enable_gradient_checkpointing(self) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        # Non-reentrant, so LoRA gradients flow although the checkpointed inputs need no grad.
+        self.unet.enable_gradient_checkpointing(functools.partial(checkpoint, use_reentrant=False))
+        self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ------------------------------------------------------------------ encoders
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions), max_length=self.tokenizer.model_max_length, padding="max_length",
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Last hidden state of the text encoder; frozen encoders are run without grad and cached per caption."""
+        device = self.unet.device
+        if not self.cache_text_embeddings:
+            with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+                return self.text_encoder(self.tokenize(captions).to(device))[0]
+        missing = sorted({c for c in captions if c not in self._text_cache})
+        if missing:
+            with torch.no_grad():
+                hidden = self.text_encoder(self.tokenize(missing).to(device))[0]
+            self._text_cache.update(zip(missing, hidden.detach(), strict=True))
+        return torch.stack([self._text_cache[c] for c in captions]).to(device)
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents sampled from the posterior (the posterior's mean/std are cached per image)."""
+        h, w = pixels.shape[-2:]
+        if h % self.vae_factor or w % self.vae_factor:
+            raise UserError(f"image size {h}x{w} is not divisible by the VAE's downscale factor {self.vae_factor}; "
+                            "set data.resolution to a multiple of it")
+        if self.cache_latents:
+            keys = [_pixel_key(p) for p in pixels]
+            todo = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+            if todo:
+                mean, std = self._posterior(pixels[todo])
+                for i, m, s in zip(todo, mean.cpu(), std.cpu(), strict=True):
+                    self._latent_cache[keys[i]] = (m, s)
+            mean = torch.stack([self._latent_cache[k][0] for k in keys]).to(pixels.device)
+            std = torch.stack([self._latent_cache[k][1] for k in keys]).to(pixels.device)
+        else:
+            mean, std = self._posterior(pixels)
+        eps = torch.randn(mean.shape, generator=generator).to(mean)
+        latents = mean + std * eps
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    # ------------------------------------------------------------------ objective
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        pixels, captions = batch["pixel_values"], batch["text"]
+        if len(captions) != pixels.shape[0]:
+            raise UserError(f"batch has {pixels.shape[0]} images but {len(captions)} captions")
+        latents = self.encode_images(pixels, generator)
+        hidden = self.encode_text(captions)
+        n, device = latents.shape[0], latents.device
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator
+                                                           ).to(latents)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (n,), generator=generator).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        pred = self.unet(noisy, t, hidden.to(self.unet.dtype) if not torch.is_autocast_enabled() else hidden).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.snr_gamma is None:
+            return per_sample.mean()
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.noise_scheduler, t.cpu()).to(per_sample)
+        return (per_sample * min_snr_weights(snr, self.snr_gamma, self.prediction_type)).mean()
+
+    def training_step(self, batch: dict[str, Any]) -> StepOutput:
+        return StepOutput(self.diffusion_loss(batch), batch_size=batch["pixel_values"].shape[0])
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        # Fixed timesteps and noise per batch: the validation loss is comparable across evaluations.
+        seed = 1234 + int(batch["index"][0]) if "index" in batch else 1234
+        return {"loss": self.diffusion_loss(batch, torch.Generator().manual_seed(seed))}
+
+    # ------------------------------------------------------------------ sampling
+    def pipeline(self):
+        """A StableDiffusionPipeline over this head's own modules (no copies), with a DDIM sampler."""
+        if not self._pipeline_cache:
+            from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=DDIMScheduler.from_config(self.noise_scheduler.config), safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            self._pipeline_cache.append(pipe)
+        return self._pipeline_cache[0]
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 25,
+               guidance_scale: float = 7.5, resolution: int | None = None) -> torch.Tensor:
+        """Images [len(prompts)·len(seeds), 3, H, W] in [0, 1], prompt-major, one generator per image."""
+        pipe = self.pipeline()
+        size = resolution or self.resolution
+        device = self.unet.device
+        all_prompts = [p for p in prompts for _ in seeds]
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in prompts for s in seeds]
+        # Start noise drawn on the CPU so a seed gives the same picture on every device.
+        shape = (len(all_prompts), self.unet.config.in_channels, size // self.vae_factor, size // self.vae_factor)
+        latents = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device, self.unet.dtype)
+        out = pipe(prompt=all_prompts, height=size, width=size, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, latents=latents, output_type="pt")
+        return out.images.float().cpu()
+
+    def preview_images(self) -> torch.Tensor | None:
+        """The configured validation prompts × seeds with the current weights, [prompts, seeds, 3, H, W]
+        (None when no prompt is configured)."""
+        prompts = list(self.previews.get("prompts") or [])
+        if not prompts:
+            return None
+        seeds = list(self.previews.get("seeds") or [0])
+        images = self.sample(prompts, seeds, int(self.previews.get("num_inference_steps", 25)),
+                             float(self.previews.get("guidance_scale", 7.5)))
+        return images.view(len(prompts), len(seeds), *images.shape[1:])
+
+    # ------------------------------------------------------------------ exports
+    def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
+                        run_dir: Path | None = None) -> list[Path]:
+        """diffusers ``pytorch_lora_weights.safetensors`` and a kohya-style file next to the PEFT directories."""
+        from lightning_lora.adapters.extract import is_spatial
+        from lightning_lora.adapters.formats import read_lora, write_diffusers, write_kohya
+
+        modules = {}
+        for sub in adapters:
+            for name, factors in read_lora(snapshot / sub).modules.items():
+                modules[canonical_name(f"{sub}.{name}")] = factors
+        conv = [f for f in modules.values() if is_spatial(f.weight_shape)]
+        args = {}
+        if conv:
+            args = {"conv_dim": Counter(f.rank for f in conv).most_common(1)[0][0],
+                    "conv_alpha": Counter(f.alpha for f in conv).most_common(1)[0][0]}
+        metadata = {"ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1",
+                    "ss_output_name": self.name}
+        return [write_diffusers(snapshot / DIFFUSERS_FILE, modules),
+                write_kohya(snapshot / KOHYA_FILE, modules, metadata=metadata)]
+
+
+# --------------------------------------------------------------------------- LoRAs on a plain pipeline
+def canonical_name(module: str) -> str:
+    """CLIP layers under their ``text_model.`` path, as SD LoRA files name them (transformers 5's
+    CLIPTextModel has no ``text_model`` level; files from every other tool do)."""
+    head, _, rest = module.partition(".")
+    if head.startswith("text_encoder") and not rest.startswith("text_model."):
+        return f"{head}.text_model.{rest}"
+    return module
+
+
+def pipeline_layers(pipe: Any) -> dict[str, nn.Module]:
+    """Every weight-bearing layer of the pipeline's UNet and text encoder, by ``unet.<path>`` /
+    ``text_encoder.<path>``, text-encoder layers also under their ``text_model.`` name."""
+    layers = {}
+    for part in ("unet", "text_encoder"):
+        for name, module in getattr(pipe, part).named_modules():
+            if name and hasattr(module, "weight"):
+                layers[f"{part}.{name}"] = module
+                layers.setdefault(canonical_name(f"{part}.{name}"), module)
+    return layers
+
+def lora_source(path: Path) -> Path:
+    """A run's adapter snapshot (``adapters/final``) holds the diffusers file; anything else is read as is."""
+    if path.is_dir() and (path / DIFFUSERS_FILE).is_file():
+        return path / DIFFUSERS_FILE
+    return path
+
+
+def apply_loras(pipe: Any, loras: list[tuple[Path, float]], allow_partial: bool = False) -> list[str]:
+    """Fold each LoRA (any format ``read_lora`` knows) into the pipeline's UNet/text-encoder weights:
+    W += weight · alpha/r · B·A. A file whose modules match no layer is an error; one that matches only
+    some is an error unless ``allow_partial``. Returns one report line per LoRA."""
+    from lightning_lora.adapters.combine import merge_into
+    from lightning_lora.adapters.formats import read_lora, resolve_modules
+
+    layers = pipeline_layers(pipe)
+    reports = []
+    for path, weight in loras:
+        lora = read_lora(lora_source(path))
+        matched: dict[str, str] = {}
+        missing: list[str] = []
+        for name in lora.modules:
+            try:
+                matched.update(resolve_modules([name], layers, where="pipeline", prefixes=lora.submodules))
+            except UserError:
+                missing.append(name)
+        total = len(lora.modules)
+        if not matched:
+            raise UserError(f"--lora {path}: none of its {total} modules matches a UNet or text-encoder layer "
+                            f"(e.g. {missing[0]!r}); is it a LoRA for another model?")
+        if missing and not allow_partial:
+            raise UserError(f"--lora {path}: only {len(matched)} of {total} modules match the pipeline (first "
+                            f"unmatched: {missing[0]!r}); pass --allow-partial to apply the matching ones")
+        with torch.no_grad():
+            for name, layer in matched.items():
+                f, w = lora.modules[name], layers[layer].weight
+                if f.weight_shape != tuple(w.shape):
+                    raise UserError(f"--lora {path}: module {name!r} makes a delta of shape {list(f.weight_shape)} "
+                                    f"but {layer} has shape {list(w.shape)}")
+                w.copy_(merge_into(w, [(f, weight)]))
+        reports.append(f"{path} (weight {weight:g}): {len(matched)} of {total} modules applied")
+    return reports
