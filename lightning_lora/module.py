@@ -34,8 +34,11 @@ from lightning_lora.adapters import (
     spatial_conv_targets,
 )
 from lightning_lora.errors import UserError
+from lightning_lora.fileio import atomic_write_bytes
 from lightning_lora.heads.base import TaskHead
 
+#: head parameters trained beside the adapter (e.g. a learnable temperature), in every adapter snapshot
+HEAD_PARAMETERS = "head_parameters.safetensors"
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -175,6 +178,8 @@ class LoRAAdaptationModule(pl.LightningModule):
                             f"spatial convolutions among its targets (adapted: {list(self.adapters)})")
         if spec.trainable is not None:
             self._train_only(spec.trainable)
+        for p in head.extra_trainable_parameters().values():
+            p.requires_grad_(True)
         # LoRA weights stay fp32 whatever the base's dtype (fp16 gradients cannot be unscaled; bf16 drifts).
         for p in self.head.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -254,6 +259,11 @@ class LoRAAdaptationModule(pl.LightningModule):
             save_peft_dir(peft, directory / name, base_model=identity.get(name, identity.get("name")))
             for name, peft in self.adapters.items()
         ]
+        if extra := self.head.extra_trainable_parameters():
+            from safetensors.torch import save
+
+            tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+            written.append(atomic_write_bytes(directory / HEAD_PARAMETERS, save(tensors)))
         step = self.global_step if step is None else step
         return written + self.head.export_adapters(directory, self.adapters, step, Path(run_dir) if run_dir else None)
 
@@ -274,8 +284,21 @@ class LoRAAdaptationModule(pl.LightningModule):
             if name not in found:
                 raise UserError(f"{source} has no adapter for submodule {name!r}; it has {sorted(found)}")
             load_adapter_state(peft, found[name][1], strict=strict, source=f"{source} [{name}]")
+        extra = self.head.extra_trainable_parameters()
+        if extra and (path := Path(source) / HEAD_PARAMETERS).is_file():
+            from safetensors.torch import load_file
+
+            saved = load_file(path)
+            with torch.no_grad():
+                for key, param in extra.items():
+                    if key not in saved:
+                        raise UserError(f"{path} has no {key!r}; it has {sorted(saved)}")
+                    param.copy_(saved[key])
 
     # ------------------------------------------------------------------ steps
+    def setup(self, stage: str) -> None:
+        self.head.on_strategy(type(self.trainer.strategy).__name__)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.head.training_step(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)

@@ -29,6 +29,7 @@ def _options() -> list[str]:
         for group in CONF.iterdir()
         if group.is_dir() and group.name not in ("hydra", "__pycache__")
         for f in group.glob("*.yaml")
+        if not f.stem.startswith("_")  # shared parts the presets include, not options of their own
     )
 
 

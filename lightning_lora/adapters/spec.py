@@ -130,6 +130,12 @@ class AdapterSpec:
 
     def lora_config(self, targets: list[str], **extra: Any) -> LoraConfig:
         """The PEFT config for one submodule (``extra`` goes to LoraConfig unchanged)."""
+        if self.modules_to_save and not isinstance(targets, str):
+            both = [m for m in self.modules_to_save for t in targets
+                    if m == t or m.endswith("." + t) or t.endswith("." + m)]
+            if both:
+                raise UserError(f"adapter.modules_to_save names {both[0]!r}, which is also a LoRA target; a module is "
+                                "either adapted (targets) or trained and saved whole (modules_to_save), not both")
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,

@@ -64,6 +64,13 @@ class TaskHead(nn.Module, abc.ABC):
         """Metrics over everything ``validation_step`` returned, concatenated along dim 0 (all processes)."""
         return {}
 
+    def extra_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Head parameters trained beside the adapter (e.g. a learnable temperature), saved with it."""
+        return {}
+
+    def on_strategy(self, strategy: str) -> None:
+        """Told the Lightning strategy's class name before training (e.g. to turn off what it can't run)."""
+
     def preview_images(self) -> torch.Tensor | None:
         """Pictures of what the model makes now, [rows, cols, 3, H, W] in [0, 1] (None: nothing to show)."""
         return None

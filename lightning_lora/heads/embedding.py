@@ -8,11 +8,15 @@ against the whole validation corpus and reports recall@k, MRR@10 and NDCG@10 (to
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, RetrievalRecall
@@ -34,9 +38,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
-def info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float,
-             same_as_positive: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of each query against every candidate; query i's positive is candidate i.
+def info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float | torch.Tensor,
+             same_as_positive: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each query against every candidate; query i's positive is candidate ``labels[i]``
+    (default i). Every other candidate (other queries' positives, every hard negative) is in the denominator.
 
     ``same_as_positive[i, j]`` marks candidates that duplicate query i's positive (same text): they are
     masked out, because scoring them as negatives would punish the right answer.
@@ -44,16 +49,64 @@ def info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float,
     logits = q @ candidates.T / temperature
     if same_as_positive is not None:
         logits = logits.masked_fill(same_as_positive, float("-inf"))
-    labels = torch.arange(q.size(0), device=q.device)
-    return F.cross_entropy(logits.float(), labels)
+    if labels is None:
+        labels = torch.arange(q.size(0), device=q.device)
+    return F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, labels)
 
 
-def duplicate_mask(positives: list[str], candidates: list[str], device: torch.device) -> torch.Tensor | None:
-    """[B, C] True where candidate j has the same text as positive i (but is not i's own slot)."""
+def matryoshka_info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float | torch.Tensor,
+                        dims: Sequence[int], weights: Sequence[float], same_as_positive: torch.Tensor | None = None,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_d w_d · InfoNCE on the first d dimensions, each slice re-normalised (Matryoshka representation
+    learning). ``q``/``candidates`` are raw (unnormalised) embeddings."""
+    total = q.new_zeros(())
+    for d, w in zip(dims, weights, strict=True):
+        qd, cd = F.normalize(q[:, :d], dim=-1), F.normalize(candidates[:, :d], dim=-1)
+        total = total + w * info_nce(qd, cd, temperature, same_as_positive, labels)
+    return total
+
+
+# --------------------------------------------------------------------------- multi-process
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of ``x`` in rank order, differentiably (the backward sums each process's
+    gradient into the rows it owns), and this process's offset. Uneven row counts are padded for the
+    collective and cut back out."""
+    rank, world = _world()
+    if world == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0])) if x.shape[0] < max(sizes) else x
+    parts = all_gather(padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
+
+
+def gather_texts(texts: list[str]) -> list[str]:
+    _, world = _world()
+    if world == 1:
+        return list(texts)
+    out: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(out, list(texts))
+    return [t for part in out for t in part]
+
+
+def duplicate_mask(positives: list[str], candidates: list[str], device: torch.device, offset: int = 0
+                   ) -> torch.Tensor | None:
+    """[B, C] True where candidate j has the same text as positive i (but is not i's own slot, offset + i)."""
     index: dict[str, list[int]] = {}
     for j, text in enumerate(candidates):
         index.setdefault(text, []).append(j)
-    pairs = [(i, j) for i, text in enumerate(positives) for j in index.get(text, []) if j != i]
+    pairs = [(i, j) for i, text in enumerate(positives) for j in index.get(text, []) if j != offset + i]
     if not pairs:
         return None
     mask = torch.zeros(len(positives), len(candidates), dtype=torch.bool, device=device)
@@ -71,6 +124,68 @@ def retrieval_metrics(queries: torch.Tensor, docs: torch.Tensor, ks: tuple[int, 
     metrics = {f"recall@{k}": RetrievalRecall(top_k=k) for k in ks}
     metrics |= {"mrr@10": RetrievalMRR(top_k=10), "ndcg@10": RetrievalNormalizedDCG(top_k=10)}
     return {name: float(m(scores, target, indexes=indexes)) for name, m in metrics.items()}
+
+
+# --------------------------------------------------------------------------- gradient-cache plumbing
+class _GradCacheLoss(torch.autograd.Function):
+    """Carries a loss computed without a graph; its backward returns the replayed parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, replay: Callable[[torch.Tensor], list[torch.Tensor]],
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.replay = replay
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return (None, None, *ctx.replay(grad_output))
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _autocast_state(device: torch.device) -> tuple[str, torch.dtype] | None:
+    kind = device.type if device.type in ("cuda", "cpu") else "cpu"
+    return (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+
+
+def _autocast(state: tuple[str, torch.dtype] | None):
+    """The forward pass's autocast again (a backward runs outside Lightning's autocast context)."""
+    return torch.autocast(state[0], dtype=state[1]) if state else contextlib.nullcontext()
+
+
+def _matryoshka(dims: Any, weights: Any) -> tuple[list[int] | None, list[float] | None]:
+    if dims is None:
+        if weights is not None:
+            raise UserError("model.mrl_weights is set but model.mrl_dims is not; give the dims, e.g. [384,256,128]")
+        return None, None
+    dims = [int(d) for d in dims]
+    if not dims or any(d <= 0 for d in dims):
+        raise UserError(f"model.mrl_dims={dims} must be positive dimensions, e.g. [384,256,128,64]")
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(dims):
+        raise UserError(f"model.mrl_weights={weights} needs one weight per dim in model.mrl_dims={dims}")
+    return dims, weights
+
+
+def _chunk_size(cfg: Any) -> int | None:
+    size = (cfg or {}).get("chunk_size") if hasattr(cfg or {}, "get") else cfg
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise UserError(f"model.gradient_cache.chunk_size={size!r} must be a positive integer (e.g. 8) or null")
+    return size
 
 
 @contextlib.contextmanager
@@ -115,12 +230,23 @@ class EmbeddingHead(TaskHead):
         doc_prefix: str = "",
         name: str | None = None,
         config_overrides: dict[str, Any] | None = None,
+        learnable_temperature: bool = False,
+        mrl_dims: list[int] | None = None,
+        mrl_weights: list[float] | None = None,
+        gather_across_processes: bool = True,
+        gradient_cache: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"model.pooling={pooling!r} is unknown; valid: {', '.join(POOLINGS)}")
         if not temperature > 0:
             raise UserError(f"model.temperature={temperature} must be > 0 (e.g. 0.05)")
+        self.mrl_dims, self.mrl_weights = _matryoshka(mrl_dims, mrl_weights)
+        self.chunk_size = _chunk_size(gradient_cache)
+        self.gather_across_processes = gather_across_processes
+        # A learnable temperature is trained as log(T) (always positive) beside the adapter.
+        self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log(), requires_grad=False)
+        self.learnable_temperature = learnable_temperature
         path = Path(os.path.expanduser(str(pretrained)))
         if not (path / "config.json").is_file():
             raise UserError(f"model.pretrained: no Hugging Face model folder (config.json) at {path}")
@@ -135,7 +261,7 @@ class EmbeddingHead(TaskHead):
         self.pretrained = str(path)
         self.name = name or path.name
         self.targets = list(targets)
-        self.pooling, self.temperature, self.symmetric = pooling, float(temperature), symmetric
+        self.pooling, self.symmetric = pooling, symmetric
         self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
         self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
 
@@ -157,44 +283,141 @@ class EmbeddingHead(TaskHead):
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    def encode(self, texts: list[str], max_length: int, prefix: str = "") -> torch.Tensor:
-        """L2-normalised embeddings [len(texts), dim]."""
+    def embed(self, texts: Sequence[str], role: str) -> torch.Tensor:
+        """Raw (unnormalised) sentence embeddings [len(texts), dim] for ``role`` "query" or "document",
+        in float32 (float64 when the encoder is float64)."""
+        max_length, prefix = ((self.query_max_length, self.query_prefix) if role == "query"
+                              else (self.doc_max_length, self.doc_prefix))
         tokens = self.tokenizer(
             [prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         ).to(self.device)
         hidden = self.encoder(**tokens).last_hidden_state
-        return F.normalize(pool(hidden, tokens["attention_mask"], self.pooling).float(), dim=-1)
+        pooled = pool(hidden, tokens["attention_mask"], self.pooling)
+        return pooled.to(torch.promote_types(pooled.dtype, torch.float32))
+
+    def encode(self, texts: list[str], role: str = "query") -> torch.Tensor:
+        """L2-normalised embeddings [len(texts), dim]."""
+        return F.normalize(self.embed(texts, role), dim=-1)
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts, self.query_max_length, self.query_prefix)
+        return self.encode(texts, "query")
 
     def encode_documents(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts, self.doc_max_length, self.doc_prefix)
+        return self.encode(texts, "document")
 
     # ------------------------------------------------------------------ objective
-    def contrastive_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        queries, positives = batch["query"], batch["positive"]
-        negatives = [n for row in batch.get("negatives", []) for n in row]
-        candidates = positives + negatives
-        q = self.encode_queries(queries)
-        c = self.encode_documents(candidates)
-        loss = info_nce(q, c, self.temperature, duplicate_mask(positives, candidates, q.device))
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def extra_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {"log_temperature": self.log_temperature} if self.learnable_temperature else {}
+
+    def loss_from_embeddings(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
+                             batch: dict[str, Any]) -> torch.Tensor:
+        """InfoNCE of this process's queries against every positive and every hard negative of the global
+        batch (all processes, gathered with gradient), at every Matryoshka dim; plus the symmetric term."""
+        gather = self.gather_across_processes
+        positives, queries = list(batch["positive"]), list(batch["query"])
+        all_p, offset = gather_rows(p) if gather else (p, 0)
+        all_n = (gather_rows(n)[0] if gather else n) if n is not None else None
+        # positives first, then negatives: labels stay offset + i (no PNNPNN interleaving)
+        candidates = torch.cat([all_p, all_n]) if all_n is not None else all_p
+        negatives = [t for row in batch.get("negatives", []) for t in row]
+        texts = gather_texts(positives) + gather_texts(negatives) if gather else positives + negatives
+        labels = offset + torch.arange(q.size(0), device=q.device)
+        dims, weights = self.mrl_dims or [q.size(1)], self.mrl_weights or [1.0]
+        if max(dims) > q.size(1):
+            raise UserError(f"model.mrl_dims={dims} has a dim above the embedding size {q.size(1)}")
+        mask = duplicate_mask(positives, texts, q.device, offset)
+        loss = matryoshka_info_nce(q, candidates, self.temperature, dims, weights, mask, labels)
         if self.symmetric:  # positives retrieving their queries (negatives have no query to find)
-            p = c[: len(positives)]
-            loss = (loss + info_nce(p, q, self.temperature, duplicate_mask(queries, queries, q.device))) / 2
+            all_q = gather_rows(q)[0] if gather else q
+            query_texts = gather_texts(queries) if gather else queries
+            mask = duplicate_mask(queries, query_texts, q.device, offset)
+            loss = (loss + matryoshka_info_nce(p, all_q, self.temperature, dims, weights, mask, labels)) / 2
         return loss
 
+    def contrastive_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        negatives = [t for row in batch.get("negatives", []) for t in row]
+        q = self.embed(batch["query"], "query")
+        p = self.embed(batch["positive"], "document")
+        n = self.embed(negatives, "document") if negatives else None
+        return self.loss_from_embeddings(q, p, n, batch)
+
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
-        return StepOutput(self.contrastive_loss(batch), batch_size=len(batch["query"]))
+        loss = self.cached_loss(batch) if self.chunk_size else self.contrastive_loss(batch)
+        logs = {"temperature": self.temperature.detach()} if self.learnable_temperature else {}
+        return StepOutput(loss, batch_size=len(batch["query"]), logs=logs)
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        q = self.encode_queries(batch["query"])
-        d = self.encode_documents(batch["positive"])
-        loss = info_nce(q, d, self.temperature, duplicate_mask(batch["positive"], batch["positive"], q.device))
+        q = self.embed(batch["query"], "query")
+        d = self.embed(batch["positive"], "document")
+        mask = duplicate_mask(batch["positive"], batch["positive"], q.device)
+        loss = info_nce(F.normalize(q, dim=-1), F.normalize(d, dim=-1), self.temperature, mask)
         out = {"loss": loss, "query_emb": q, "doc_emb": d}
         if "index" in batch:
             out["index"] = batch["index"].to(q.device)
         return out
 
     def validation_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
-        return retrieval_metrics(collected["query_emb"], collected["doc_emb"])
+        q, d = collected["query_emb"], collected["doc_emb"]
+        metrics = retrieval_metrics(F.normalize(q, dim=-1), F.normalize(d, dim=-1))
+        for dim in sorted(set(self.mrl_dims or []) - {q.size(1)}, reverse=True):  # each smaller Matryoshka dim
+            truncated = retrieval_metrics(F.normalize(q[:, :dim], dim=-1), F.normalize(d[:, :dim], dim=-1))
+            metrics |= {f"dim{dim}/{k}": v for k, v in truncated.items()}
+        return metrics
+
+    # ------------------------------------------------------------------ gradient cache
+    def on_strategy(self, strategy: str) -> None:
+        if self.chunk_size and "fsdp" in strategy.lower():
+            warnings.warn("model.gradient_cache is turned off under FSDP (its replayed forward passes would need "
+                          "their own all-gathers of the sharded weights); training with plain steps", stacklevel=2)
+            self.chunk_size = None
+
+    def cached_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The same loss and gradients as ``contrastive_loss`` with activation memory bounded by one chunk.
+
+        GradCache: embed every chunk without a graph (remembering the RNG state), take the loss and its
+        gradient with respect to the embeddings, and return a loss whose backward replays each chunk with
+        the same RNG state and pulls that gradient through the encoder. The replay hands the summed
+        parameter gradients to autograd in one piece, so DDP's gradient hooks fire once per step.
+        """
+        negatives = [t for row in batch.get("negatives", []) for t in row]
+        groups = [(list(batch["query"]), "query"), (list(batch["positive"]), "document"), (negatives, "document")]
+        autocast = _autocast_state(self.device)
+        chunks: list[tuple[list[str], str, Any]] = []
+        embeddings: list[torch.Tensor | None] = []
+        with torch.no_grad():
+            for texts, role in groups:
+                parts = []
+                for start in range(0, len(texts), self.chunk_size):
+                    chunk = texts[start:start + self.chunk_size]
+                    state = _rng_state(self.device)
+                    parts.append(self.embed(chunk, role))
+                    chunks.append((chunk, role, state))
+                embeddings.append(torch.cat(parts) if parts else None)
+        leaves = [e.detach().requires_grad_() if e is not None else None for e in embeddings]
+        with torch.enable_grad():
+            loss = self.loss_from_embeddings(leaves[0], leaves[1], leaves[2], batch)
+            used = [leaf for leaf in leaves if leaf is not None]
+            grads = torch.autograd.grad(loss, used)
+        chunk_grads = [g for grad in grads for g in grad.split(self.chunk_size)]
+        params = [p for p in self.parameters() if p.requires_grad]
+        replay = functools.partial(self._replay, chunks, chunk_grads, params, autocast)
+        return _GradCacheLoss.apply(loss.detach(), replay, *params)
+
+    def _replay(self, chunks: list[tuple[list[str], str, Any]], grads: list[torch.Tensor],
+                params: list[nn.Parameter], autocast: tuple[str, torch.dtype] | None,
+                grad_output: torch.Tensor) -> list[torch.Tensor]:
+        totals = [torch.zeros_like(p) for p in params]
+        for (chunk, role, state), grad in zip(chunks, grads, strict=True):
+            with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.enable_grad(), \
+                    _autocast(autocast):
+                _set_rng_state(self.device, state)
+                emb = self.embed(chunk, role)
+                found = torch.autograd.grad(emb, params, grad * grad_output, allow_unused=True)
+            for total, g in zip(totals, found, strict=True):
+                if g is not None:
+                    total.add_(g)
+        return totals
