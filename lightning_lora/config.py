@@ -25,8 +25,22 @@ def tiny_sd_path(path: str) -> str:
     return ensure_tiny_sd(path)
 
 
+def tiny_clip_path(path: str) -> str:
+    from lightning_lora.models.tiny_embedders import tiny_clip_path as build
+
+    return build(path)
+
+
+def tiny_qwen3_vl_path(path: str) -> str:
+    from lightning_lora.models.tiny_embedders import tiny_qwen3_vl_path as build
+
+    return build(path)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pkg_model_path"):
         OmegaConf.register_new_resolver("pkg_model_path", package_model_path)
-    if not OmegaConf.has_resolver("tiny_sd"):
-        OmegaConf.register_new_resolver("tiny_sd", tiny_sd_path)
+    for name, resolver in (("tiny_sd", tiny_sd_path), ("tiny_clip", tiny_clip_path),
+                           ("tiny_qwen3_vl", tiny_qwen3_vl_path)):
+        if not OmegaConf.has_resolver(name):  # tiny models built from configs, saved once as real folders
+            OmegaConf.register_new_resolver(name, resolver)

@@ -67,7 +67,8 @@ def test_run_in_process_trains_and_writes_a_loadable_adapter(fast_cfg, tiny_bert
 
     base = AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False)
     base_params = dict(base.named_parameters())
-    frozen = {n.replace(".base_layer", ""): p for n, p in module.head.encoder.named_parameters() if "lora_" not in n}
+    encoder = module.head.embedder.encoder
+    frozen = {n.replace(".base_layer", ""): p for n, p in encoder.named_parameters() if "lora_" not in n}
     assert frozen.keys() == base_params.keys()
     for name, p in frozen.items():  # the frozen weights are bit-identical to the files after training
         assert torch.equal(p, base_params[name]), name
@@ -77,7 +78,7 @@ def test_run_in_process_trains_and_writes_a_loadable_adapter(fast_cfg, tiny_bert
     with torch.no_grad():
         expected = head.encode_documents(texts)
         peft = PeftModel.from_pretrained(base, str(out / "adapters" / "final" / "encoder")).eval()
-        tokens = head.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        tokens = head.embedder.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
         hidden = peft(**tokens).last_hidden_state
         mask = tokens["attention_mask"].unsqueeze(-1).float()
         got = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
@@ -92,7 +93,7 @@ def test_run_in_process_trains_and_writes_a_loadable_adapter(fast_cfg, tiny_bert
         (["adapter.alpha=-1"], "adapter.alpha=-1.0 must be > 0"),
         (["adapter.dropout=1.5"], "adapter.dropout=1.5 is outside [0, 1)"),
         (["adapter.targets=[query,valeu]"], "adapter target 'valeu' matches no module in embedding.encoder; layers"),
-        (["model.pretrained=/nonexistent/model"], "no Hugging Face model folder (config.json) at /nonexistent/model"),
+        (["model.pretrained=/nonexistent/model"], "model.pretrained: no such model folder: /nonexistent/model"),
         (["data=pairs", "data.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
         (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt: no checkpoint"),
         (["data=pairs"], "data.train_path is required: pass data.train_path=<value>"),
@@ -222,7 +223,7 @@ def test_gradient_checkpointing_keeps_lora_gradients(tiny_bert) -> None:
 
     head = EmbeddingHead(str(tiny_bert), query_max_length=16, doc_max_length=16)
     module = LoRAAdaptationModule(head, AdapterSpec(r=4, alpha=8, init="random"), gradient_checkpointing=True)
-    assert head.encoder.is_gradient_checkpointing
+    assert head.embedder.encoder.is_gradient_checkpointing
     batch = {"query": ["open a file", "sort a list", "parse json"], "positive": ["open(p)", "sorted(x)", "loads(s)"]}
     head.training_step(batch).loss.backward()
     grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}

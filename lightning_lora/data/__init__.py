@@ -2,6 +2,7 @@
 shards, the digits demo), and TRELLIS latents (in ``data.trellis``)."""
 
 from lightning_lora.data.code_search import CodeSearchDataModule, build_code_search_pairs
+from lightning_lora.data.image_pairs import DigitsPairsDataModule, ImagePairsDataModule, read_image_pairs_jsonl
 from lightning_lora.data.images import (
     DigitsDataModule,
     ImageFolderDataModule,
@@ -17,7 +18,9 @@ from lightning_lora.data.shards import WebDatasetDataModule, expand_shards, writ
 __all__ = [
     "CodeSearchDataModule",
     "DigitsDataModule",
+    "DigitsPairsDataModule",
     "ImageFolderDataModule",
+    "ImagePairsDataModule",
     "ImageTransform",
     "PairsDataModule",
     "WebDatasetDataModule",
@@ -28,6 +31,7 @@ __all__ = [
     "load_rgb",
     "make_digits",
     "read_image_folder",
+    "read_image_pairs_jsonl",
     "read_pairs_jsonl",
     "write_shards",
 ]

@@ -1,18 +1,18 @@
-"""Embedding family (text path): a Hugging Face encoder trained contrastively with in-batch InfoNCE.
+"""Embedding family: text encoders, CLIP and Qwen3-VL-Embedding trained contrastively (InfoNCE with hard negatives).
 
-Batches are ``{"query": [str], "positive": [str], "negatives": [[str]]?}``; the head tokenizes them
-itself, so any datamodule that yields text pairs works. Validation retrieves every validation query
-against the whole validation corpus and reports recall@k, MRR@10 and NDCG@10 (torchmetrics).
+Batches are ``{"query": [item], "positive": [item], "negatives": [[item]]?}`` where an item is a text or
+``{"text", "image"}``; the embedder prepares them itself, so any datamodule that yields such pairs works.
+Validation retrieves every validation query against the whole validation corpus and reports recall@k,
+MRR@10 and NDCG@10 (torchmetrics), also at each Matryoshka dim.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import math
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,19 +23,7 @@ from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, Retriev
 
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput, TaskHead
-
-POOLINGS = ("mean", "cls", "last")
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Sentence vector from token states: masked mean, the first token, or the last non-pad token."""
-    if how == "mean":
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    if how == "cls":
-        return hidden[:, 0]
-    last = mask.sum(1) - 1  # right padding: the last real token of each row
-    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+from lightning_lora.models.embedders import Embedder, TextEmbedder, item_key, pool  # noqa: F401 (pool: re-export)
 
 
 def info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float | torch.Tensor,
@@ -91,22 +79,25 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]), sum(sizes[:rank])
 
 
-def gather_texts(texts: list[str]) -> list[str]:
+def gather_texts(items: Sequence[Any]) -> list[Any]:
+    """Every process's items (their ``item_key``s), in rank order, for duplicate masks."""
     _, world = _world()
+    keys = [item_key(item) for item in items]
     if world == 1:
-        return list(texts)
-    out: list[list[str]] = [[] for _ in range(world)]
-    dist.all_gather_object(out, list(texts))
+        return keys
+    out: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(out, keys)
     return [t for part in out for t in part]
 
 
-def duplicate_mask(positives: list[str], candidates: list[str], device: torch.device, offset: int = 0
+def duplicate_mask(positives: Sequence[Any], candidates: Sequence[Any], device: torch.device, offset: int = 0
                    ) -> torch.Tensor | None:
-    """[B, C] True where candidate j has the same text as positive i (but is not i's own slot, offset + i)."""
-    index: dict[str, list[int]] = {}
-    for j, text in enumerate(candidates):
-        index.setdefault(text, []).append(j)
-    pairs = [(i, j) for i, text in enumerate(positives) for j in index.get(text, []) if j != offset + i]
+    """[B, C] True where candidate j is the same item as positive i (but is not i's own slot, offset + i).
+    Items are texts or image/text mappings, compared through ``item_key``."""
+    index: dict[Any, list[int]] = {}
+    for j, item in enumerate(candidates):
+        index.setdefault(item_key(item), []).append(j)
+    pairs = [(i, j) for i, item in enumerate(positives) for j in index.get(item_key(item), []) if j != offset + i]
     if not pairs:
         return None
     mask = torch.zeros(len(positives), len(candidates), dtype=torch.bool, device=device)
@@ -188,29 +179,12 @@ def _chunk_size(cfg: Any) -> int | None:
     return size
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints a progress bar and a report of weights the encoder does not use (the BERT pooler)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 class EmbeddingHead(TaskHead):
-    """Sentence embeddings from a local Hugging Face encoder folder (``model.pretrained=PATH``).
+    """Contrastive LoRA training of an embedding model (an ``Embedder`` from ``models/embedders.py``).
 
-    ``config_overrides`` change the Hugging Face config at load time (e.g. ``hidden_dropout_prob: 0.0``).
-    BERT-style encoders are loaded without their pooler: mean/CLS/last-token pooling never uses it, and a
-    LoRA target like ``dense`` would otherwise also hit ``pooler.dense``, whose adapter then gets no
-    gradient (and breaks DDP with unused parameters).
+    Text encoders (BERT, MiniLM, any local Hugging Face encoder folder) are built from ``pretrained`` and the
+    text options; CLIP and Qwen3-VL-Embedding come as ``embedder`` (their presets build it). LoRA goes into the
+    embedder's language/text submodules, and into its vision tower too with ``vision=True``.
     """
 
     family: ClassVar[str] = "embedding"
@@ -219,7 +193,7 @@ class EmbeddingHead(TaskHead):
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None = None,
         targets: list[str] | tuple[str, ...] = ("query", "key", "value", "dense"),
         pooling: str = "mean",
         temperature: float = 0.05,
@@ -235,83 +209,83 @@ class EmbeddingHead(TaskHead):
         mrl_weights: list[float] | None = None,
         gather_across_processes: bool = True,
         gradient_cache: dict[str, Any] | None = None,
+        embedder: Embedder | None = None,
+        vision: bool = False,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise UserError(f"model.pooling={pooling!r} is unknown; valid: {', '.join(POOLINGS)}")
         if not temperature > 0:
             raise UserError(f"model.temperature={temperature} must be > 0 (e.g. 0.05)")
         self.mrl_dims, self.mrl_weights = _matryoshka(mrl_dims, mrl_weights)
         self.chunk_size = _chunk_size(gradient_cache)
         self.gather_across_processes = gather_across_processes
-        # A learnable temperature is trained as log(T) (always positive) beside the adapter.
+        if embedder is None:
+            if not pretrained:
+                raise UserError("model.pretrained is required: pass model.pretrained=<local Hugging Face model folder>")
+            try:
+                embedder = TextEmbedder(pretrained, pooling, query_prefix, doc_prefix, query_max_length,
+                                        doc_max_length, {"encoder": list(targets)}, config_overrides, name)
+            except UserError as e:
+                raise UserError(f"model.{e}" if str(e).startswith(("pooling=", "query_max", "doc_max")) else str(e)
+                                ) from None
+        self.embedder = embedder
+        if vision and not embedder.vision_names:
+            raise UserError(f"model.vision=true but the {embedder.family} embedder has no vision tower")
+        self.vision = vision
+        # A learnable temperature is trained as log(T) (always positive) beside the adapter; CLIP may instead
+        # train its own logit_scale (embedder.learnable_logit_scale).
         self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log(), requires_grad=False)
         self.learnable_temperature = learnable_temperature
-        path = Path(os.path.expanduser(str(pretrained)))
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.pretrained: no Hugging Face model folder (config.json) at {path}")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        overrides = dict(config_overrides or {})
-        config = AutoConfig.from_pretrained(path, **overrides)
-        extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
-        with _quiet_transformers():
-            self.encoder = AutoModel.from_pretrained(path, config=config, **extra)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.pretrained = str(path)
-        self.name = name or path.name
-        self.targets = list(targets)
-        self.pooling, self.symmetric = pooling, symmetric
-        self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
-        self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
+        self.symmetric = symmetric
 
     # ------------------------------------------------------------------ TaskHead
     def adaptable_submodules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder}
+        return self.embedder.adaptable_submodules()
 
     def default_targets(self) -> dict[str, list[str]]:
-        return {"encoder": self.targets}
+        return self.embedder.default_targets()
+
+    def default_submodules(self) -> list[str]:
+        return self.embedder.default_submodules(self.vision)
 
     def base_model_identity(self) -> dict[str, str]:
-        return {"name": self.name, "path": self.pretrained}
+        return self.embedder.identity()
 
     def enable_gradient_checkpointing(self) -> None:
-        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.embedder.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ encoding
     @property
     def device(self) -> torch.device:
-        return next(self.encoder.parameters()).device
+        return self.embedder.device
 
-    def embed(self, texts: Sequence[str], role: str) -> torch.Tensor:
-        """Raw (unnormalised) sentence embeddings [len(texts), dim] for ``role`` "query" or "document",
-        in float32 (float64 when the encoder is float64)."""
-        max_length, prefix = ((self.query_max_length, self.query_prefix) if role == "query"
-                              else (self.doc_max_length, self.doc_prefix))
-        tokens = self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.encoder(**tokens).last_hidden_state
-        pooled = pool(hidden, tokens["attention_mask"], self.pooling)
-        return pooled.to(torch.promote_types(pooled.dtype, torch.float32))
+    def embed(self, items: Sequence[Any], role: str) -> torch.Tensor:
+        """Raw (unnormalised) embeddings [len(items), dim] for ``role`` "query" or "document"; an item is a
+        text or ``{"text", "image"}``. float32 (float64 when the model is float64)."""
+        return self.embedder.embed(items, role)
 
-    def encode(self, texts: list[str], role: str = "query") -> torch.Tensor:
-        """L2-normalised embeddings [len(texts), dim]."""
-        return F.normalize(self.embed(texts, role), dim=-1)
+    def encode(self, items: Sequence[Any], role: str = "query") -> torch.Tensor:
+        """L2-normalised embeddings [len(items), dim]."""
+        return F.normalize(self.embed(items, role), dim=-1)
 
-    def encode_queries(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts, "query")
+    def encode_queries(self, items: Sequence[Any]) -> torch.Tensor:
+        return self.encode(items, "query")
 
-    def encode_documents(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts, "document")
+    def encode_documents(self, items: Sequence[Any]) -> torch.Tensor:
+        return self.encode(items, "document")
 
     # ------------------------------------------------------------------ objective
     @property
     def temperature(self) -> torch.Tensor:
+        scale = self.embedder.logit_scale
+        if scale is not None:  # CLIP's learnable inverse temperature, capped at 100 as CLIP does
+            return 1.0 / scale.clamp(max=math.log(100.0)).exp()
         return self.log_temperature.exp()
 
     def extra_trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {"log_temperature": self.log_temperature} if self.learnable_temperature else {}
+        extra = {"log_temperature": self.log_temperature} if self.learnable_temperature else {}
+        if self.embedder.logit_scale is not None:
+            extra["logit_scale"] = self.embedder.logit_scale
+        return extra
 
     def loss_from_embeddings(self, q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                              batch: dict[str, Any]) -> torch.Tensor:
@@ -347,7 +321,8 @@ class EmbeddingHead(TaskHead):
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
         loss = self.cached_loss(batch) if self.chunk_size else self.contrastive_loss(batch)
-        logs = {"temperature": self.temperature.detach()} if self.learnable_temperature else {}
+        learnable = self.learnable_temperature or self.embedder.logit_scale is not None
+        logs = {"temperature": self.temperature.detach()} if learnable else {}
         return StepOutput(loss, batch_size=len(batch["query"]), logs=logs)
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

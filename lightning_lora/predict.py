@@ -1,0 +1,173 @@
+"""Embedding inference with trained adapters: ``Predictor.from_pretrained(base, run/adapters/final)``.
+
+::
+
+    from lightning_lora.predict import Predictor
+
+    p = Predictor.from_pretrained("/models/clip-vit-b32", "outputs/.../adapters/final")
+    q = p.encode_text(["a red cat"], role="query")             # [1, D], L2-normalised, on the CPU
+    d = p.encode_image(["cat.jpg", "dog.jpg"], dim=256)         # Matryoshka: first 256 dims, re-normalised
+    scores = q @ d.T
+    p.merge_and_save("clip-merged")                             # transformers.AutoModel.from_pretrained loads it
+
+The adapters are the PEFT directories a run writes (``adapters/final/<submodule>/``), loaded onto the
+embedder's submodules with ``peft.PeftModel.from_pretrained``, so the numbers are the ones plain PEFT gives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from lightning_lora.errors import UserError
+from lightning_lora.fileio import atomic_directory
+from lightning_lora.models.embedders import Embedder, Item, build_embedder, quiet_transformers
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def find_adapters(embedder: Embedder, adapter_dir: str | os.PathLike) -> dict[str, Path]:
+    """The PEFT directories in ``adapter_dir`` by submodule name.
+
+    ``adapter_dir`` is a run's ``adapters/final`` (or ``adapters/step_N``) with one PEFT directory per adapted
+    submodule, or a single PEFT directory, which then belongs to the family's only default submodule
+    (``encoder`` for text, ``text`` for CLIP, ``language`` for Qwen3-VL).
+    """
+    root = Path(os.path.expanduser(str(adapter_dir)))
+    if not root.is_dir():
+        raise UserError(f"adapter_dir: no such directory: {root}")
+    available = embedder.adaptable_submodules()
+    if (root / ADAPTER_CONFIG).is_file():
+        defaults = embedder.default_submodules(vision=False)
+        if len(defaults) != 1:  # pragma: no cover - every family has one non-vision submodule
+            raise UserError(f"adapter_dir={root} is a single PEFT directory; the {embedder.family} embedder has "
+                            f"several submodules ({', '.join(available)}): give the run's adapters/final")
+        return {defaults[0]: root}
+    found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / ADAPTER_CONFIG).is_file()}
+    if not found:
+        raise UserError(f"adapter_dir: no PEFT adapter ({ADAPTER_CONFIG}) in {root} or its subfolders; "
+                        "give a run's adapters/final")
+    if unknown := sorted(set(found) - set(available)):
+        raise UserError(f"adapter_dir: {root / unknown[0]} is for submodule {unknown[0]!r}, which the "
+                        f"{embedder.family} embedder does not have ({', '.join(available)}); wrong base model?")
+    return found
+
+
+def load_peft(module: torch.nn.Module, path: Path, where: str) -> PeftModel:
+    """``PeftModel.from_pretrained`` (inference mode), then a check that every tensor of the file found its
+    layer and every LoRA layer got its tensor: PEFT only warns, and a silently unloaded adapter would give
+    the base model's embeddings."""
+    from peft import get_peft_model_state_dict
+
+    try:
+        peft = PeftModel.from_pretrained(module, str(path), is_trainable=False)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"adapter {path} does not fit {where}: {first}") from None
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            saved = set(f.keys())
+        loaded = set(get_peft_model_state_dict(peft))
+        if missing := sorted(saved - loaded) or sorted(loaded - saved):
+            raise UserError(f"adapter {path} does not fit {where}: tensor {missing[0]} has no counterpart "
+                            f"({len(saved - loaded)} in the file unused, {len(loaded - saved)} layers without weights)")
+    return peft
+
+
+class Predictor:
+    """Batched, L2-normalised embeddings from an :class:`Embedder` with (optionally) PEFT adapters loaded."""
+
+    def __init__(self, embedder: Embedder, adapters: Mapping[str, PeftModel] | None = None) -> None:
+        self.embedder = embedder.eval()
+        self.adapters: dict[str, PeftModel] = dict(adapters or {})
+
+    @classmethod
+    def from_pretrained(cls, base_path: str | os.PathLike, adapter_dir: str | os.PathLike | None = None,
+                        family: str = "auto", device: str | torch.device | None = None,
+                        **embedder_kwargs: Any) -> Predictor:
+        """Load the base model folder (``family``: ``auto`` | ``text`` | ``clip`` | ``qwen3_vl``), then every
+        adapter in ``adapter_dir``. ``embedder_kwargs`` go to the embedder (pooling, prefixes, instruction,
+        dtype, ...): use the values the adapter was trained with."""
+        embedder = build_embedder(base_path, family, **embedder_kwargs)
+        adapters = {}
+        if adapter_dir is not None:
+            modules = embedder.adaptable_submodules()
+            with quiet_transformers():
+                for name, path in find_adapters(embedder, adapter_dir).items():
+                    adapters[name] = load_peft(modules[name], path, f"{embedder.family}.{name}")
+        if device is not None:
+            embedder.to(device)
+        return cls(embedder, adapters)
+
+    @property
+    def family(self) -> str:
+        return self.embedder.family
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.embedding_dim
+
+    # ------------------------------------------------------------------ encoding
+    @torch.inference_mode()
+    def encode(self, items: Sequence[Item] | Item, role: str = "query", batch_size: int = 32,
+               dim: int | None = None) -> torch.Tensor:
+        """[N, dim or D] float32 on the CPU, unit length. ``dim`` keeps the first ``dim`` coordinates
+        (Matryoshka) and re-normalises. A single item gives one row."""
+        if isinstance(items, (str, Mapping)):
+            items = [items]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise UserError(f"batch_size={batch_size!r} must be a positive integer")
+        full = self.embedder.embedding_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= full):
+            raise UserError(f"dim={dim!r} must be an integer from 1 to the embedding size {full}")
+        chunks = []
+        for start in range(0, len(items), batch_size):
+            vectors = self.embedder.embed(list(items[start : start + batch_size]), role).float()
+            if dim is not None:
+                vectors = vectors[:, :dim]
+            chunks.append(F.normalize(vectors, dim=-1).cpu())
+        if not chunks:
+            return torch.zeros(0, dim or full)
+        return torch.cat(chunks)
+
+    def encode_text(self, texts: Sequence[str] | str, role: str = "query", batch_size: int = 32,
+                    dim: int | None = None) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise UserError(f"encode_text: item {i} is a {type(t).__name__}, not a string")
+        return self.encode(list(texts), role, batch_size, dim)
+
+    def encode_image(self, images: Sequence[Any] | Any, role: str = "document", batch_size: int = 32,
+                     dim: int | None = None) -> torch.Tensor:
+        """Images as file paths or PIL images."""
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]
+        return self.encode([{"image": im} for im in images], role, batch_size, dim)
+
+    # ------------------------------------------------------------------ export
+    def merge_and_save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Merge every adapter into its base weights (PEFT ``merge_and_unload``) and save the whole model with
+        ``save_pretrained`` plus the base folder's tokenizer/processor files. ``AutoModel.from_pretrained``
+        loads the result and gives these embeddings without PEFT. The predictor keeps working (merged)."""
+        out = Path(os.path.expanduser(str(out_dir)))
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UserError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+        for name in list(self.adapters):
+            self.adapters.pop(name).merge_and_unload()
+        with atomic_directory(out) as tmp, quiet_transformers():
+            self.embedder.save_pretrained(tmp)
+        return out
+
+
+__all__ = ["Predictor", "find_adapters", "load_peft"]
