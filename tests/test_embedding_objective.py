@@ -210,3 +210,17 @@ def test_gradient_cache_and_matryoshka_through_the_train_entry(fast_cfg):
     assert metrics["global_step"] == 4
     assert {"val/recall@1", "val/dim16/recall@1"} <= set(metrics["after"])
     assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if "lora_B" in n)
+
+
+def test_retrieval_metrics_match_ranks_with_negative_similarities():
+    from lightning_lora.heads.embedding import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    q, d = (F.normalize(torch.randn(12, 8, generator=g), dim=-1) for _ in range(2))
+    scores = q @ d.T
+    assert (scores.diag() < 0).any()  # the case torchmetrics alone counts as "not retrieved"
+    rank = (scores > scores.diag()[:, None]).sum(1)  # 0-based rank of each query's own document
+    metrics = retrieval_metrics(q, d)
+    assert metrics["recall@1"] == pytest.approx((rank < 1).float().mean().item())
+    assert metrics["recall@10"] == pytest.approx((rank < 10).float().mean().item())
+    assert metrics["mrr@10"] == pytest.approx(torch.where(rank < 10, 1 / (rank + 1), 0.0).mean().item())

@@ -109,7 +109,10 @@ def duplicate_mask(positives: Sequence[Any], candidates: Sequence[Any], device: 
 def retrieval_metrics(queries: torch.Tensor, docs: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
     """Query i's only relevant document is doc i; rank the whole corpus for every query."""
     n = queries.size(0)
-    scores = (queries.float() @ docs.float().T).flatten()
+    scores = (queries.detach().float() @ docs.detach().float().T).flatten()
+    # torchmetrics counts a document with a score <= 0 as not retrieved at all (1.9: `where(preds > 0, ...)`),
+    # and cosine similarities are often negative; a shift keeps every ranking and makes every score positive.
+    scores = scores - scores.min() + 1.0
     target = torch.eye(n, dtype=torch.bool, device=scores.device).flatten()
     indexes = torch.arange(n, device=scores.device).repeat_interleave(n)
     metrics = {f"recall@{k}": RetrievalRecall(top_k=k) for k in ks}
