@@ -224,3 +224,27 @@ def test_retrieval_metrics_match_ranks_with_negative_similarities():
     assert metrics["recall@1"] == pytest.approx((rank < 1).float().mean().item())
     assert metrics["recall@10"] == pytest.approx((rank < 10).float().mean().item())
     assert metrics["mrr@10"] == pytest.approx(torch.where(rank < 10, 1 / (rank + 1), 0.0).mean().item())
+
+
+@pytest.mark.parametrize("model", ["clip_tiny", "qwen3_vl_tiny"])
+def test_vision_language_presets_train_with_vision_lora_and_gradient_cache(model, cache_dir, tmp_path):
+    from conftest import compose_train
+    from omegaconf import open_dict
+
+    from lightning_lora.train import run
+
+    cfg = compose_train([f"model={model}", "data=digits_retrieval", f"paths.cache_dir={cache_dir}",
+                         "model.vision=true", "model.gradient_cache.chunk_size=4", "trainer.max_steps=3",
+                         "data.num_images=48", "data.batch_size=8", "~callbacks.progress_bar",
+                         "callbacks.adapter_checkpoint.every_n_steps=0", "trainer.precision=32-true"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    metrics, objects = run(cfg)
+    module = objects["module"]
+    assert metrics["global_step"] == 3 and "val/recall@1" in metrics["after"]
+    assert set(module.adapters) == {"text" if model == "clip_tiny" else "language", "vision"}
+    trained = {n: p for n, p in module.named_parameters() if "lora_B" in n}
+    assert any(".vision." in n or "visual" in n or "vision_model" in n for n in trained)
+    assert all(p.abs().sum() > 0 for p in trained.values())
+    final = tmp_path / "run" / "adapters" / "final"
+    assert sorted(p.name for p in final.iterdir()) == sorted(module.adapters)
