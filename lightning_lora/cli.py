@@ -435,6 +435,55 @@ def cmd_sample_sd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample_lbm(args: argparse.Namespace) -> int:
+    """One LBM translation (source image -> target domain) with LoRAs folded into the denoiser at a scale."""
+    from PIL import Image
+
+    from lightning_lora.callbacks.sample_previews import png_bytes
+    from lightning_lora.data.images import describe_error, load_rgb, to_tensor
+    from lightning_lora.fileio import atomic_write_bytes
+    from lightning_lora.heads.diffusion import BridgeHead, apply_lbm_loras
+    from lightning_lora.models.lbm import check_lbm_folder
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the picture is written as .png")
+    if args.steps < 1:
+        raise UserError(f"--steps={args.steps} must be >= 1 (LBM translates in 1)")
+    source_path = Path(args.source)
+    if not source_path.is_file():
+        raise UserError(f"--source: file not found: {source_path}")
+    try:
+        image = load_rgb(source_path)
+    except Exception as exc:
+        raise UserError(f"--source {source_path}: unreadable image ({describe_error(exc)})") from None
+    size = None
+    if args.size is not None:  # WIDTHxHEIGHT, or one number for a square
+        parts = args.size.lower().split("x")
+        try:
+            size = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+        except ValueError:
+            size = (0, 0)
+        if min(size) <= 0:
+            raise UserError(f"--size {args.size!r}: give WIDTHxHEIGHT in pixels (e.g. 640x480) or one number")
+    check_lbm_folder(args.pretrained, "--pretrained")
+    head = BridgeHead(args.pretrained, pixel_loss_weight=0.0, num_inference_steps=args.steps)
+    head.eval().to(_device(args.device))
+    loras = [(p, w * args.scale) for p, w in (_weighted(s, "--lora") for s in args.lora or [])]
+    for line in apply_lbm_loras(head.denoiser, loras, allow_partial=args.allow_partial):
+        print(line)
+    f = head.vae_factor
+    w, h = size or image.size
+    w, h = max(f, w // f * f), max(f, h // f * f)  # the VAE needs multiples of its downscale factor
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
+    result = head.translate(to_tensor(image)[None], args.steps, seed=args.seed)[0]
+    atomic_write_bytes(out, png_bytes(((result.cpu() + 1) / 2).clamp(0, 1)))
+    print(f"wrote {out} ({w}x{h}, {args.steps} step{'s' if args.steps != 1 else ''}, seed {args.seed})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_lora.adapters.extract import METHODS
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
@@ -538,6 +587,22 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--out", required=True, help="output .png")
     sd.add_argument("--overwrite", action="store_true")
     sd.set_defaults(func=cmd_sample_sd)
+    lb = fam.add_parser("lbm", help="an LBM image-to-image translation with LoRAs folded in at a scale")
+    lb.add_argument("--pretrained", required=True, help="local LBM folder (a .yaml config + model.safetensors)")
+    lb.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
+                    help="adapter (lightning_lora/PEFT/kohya/diffusers file, an extracted LoRA, or a run's "
+                         "adapters/final); repeat for several, each with its weight")
+    lb.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
+    lb.add_argument("--allow-partial", action="store_true", help="apply a LoRA even if some modules match nothing")
+    lb.add_argument("--source", required=True, help="source image (.png/.jpg/...)")
+    lb.add_argument("--steps", type=int, default=1, help="Euler steps over the bridge (LBM: 1)")
+    lb.add_argument("--size", default=None, help="WIDTHxHEIGHT to resize the source to (default: its own size, "
+                                                 "rounded down to the VAE's factor)")
+    lb.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior draw and the bridge noise")
+    lb.add_argument("--device", default="cpu")
+    lb.add_argument("--out", required=True, help="output .png")
+    lb.add_argument("--overwrite", action="store_true")
+    lb.set_defaults(func=cmd_sample_lbm)
     return p
 
 

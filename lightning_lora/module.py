@@ -206,8 +206,15 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def _initial_adapters(self, default_submodules: list[str]) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
         """The adapters in ``adapter.init_from`` by submodule (a bare PEFT dir/file goes to the only one)."""
+        from lightning_lora.adapters.formats import route_prefixed
+
         found, _ = read_adapters(self.spec.init_from)
         where = f"adapter.init_from={self.spec.init_from}"
+        if set(found) == {""}:  # an extracted file names modules <submodule>.<path>: route it there
+            available = self.head.adaptable_submodules()
+            names = {sub: [n for n, _ in m.named_modules() if n] for sub, m in available.items()}
+            if (routed := route_prefixed(*found[""], names, where)) is not None:
+                found = {routed[0]: routed[1:]}
         return self._name_unnamed(found, self.spec.submodules or default_submodules, where)
 
     def _name_unnamed(self, found: dict[str, Any], chosen: list[str], where: str) -> dict[str, Any]:

@@ -280,6 +280,20 @@ def _nice(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def route_prefixed(config: LoraConfig, state: Mapping[str, torch.Tensor], submodules: Mapping[str, list[str]],
+                   source: str = "adapter") -> tuple[str, LoraConfig, dict[str, torch.Tensor]] | None:
+    """An unnamed adapter whose module names all start with ``<submodule>.`` (an extracted ``denoiser.…`` or
+    ``unet.…`` file) as that submodule's adapter with the prefix removed: (submodule, config, PEFT state)."""
+    pairs = _pairs_from_peft(state, source)
+    for sub, names in submodules.items():
+        prefix = sub + "."
+        if pairs and all(m.startswith(prefix) for m in pairs):
+            modules = {m[len(prefix):]: _factors(a, b, _scale_for(config, m, a.shape[0]), m, source)
+                       for m, (a, b) in pairs.items()}
+            return sub, lora_config_for(modules, names), _peft_state(modules, None)
+    return None
+
+
 # ---------------------------------------------------------------------------- writing
 def _peft_state(modules: Mapping[str, Factors], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     state = {}

@@ -53,6 +53,9 @@ class SamplePreviews(Callback):
               disable_adapters: bool = False) -> None:
         if trainer.is_global_zero:
             was_training = pl_module.training
+            # PEFT's disable_adapter() sets requires_grad on every LoRA tensor when it re-enables the adapter,
+            # which would undo a trainable subset (adapter.trainable): keep the flags as they were.
+            flags = [(p, p.requires_grad) for p in pl_module.parameters()]
             pl_module.eval()
             try:
                 with contextlib.ExitStack() as stack:
@@ -62,6 +65,8 @@ class SamplePreviews(Callback):
                     images = pl_module.head.preview_images()
             finally:
                 pl_module.train(was_training)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
             if images is not None:
                 grid = image_grid(images)
                 self.written.append(atomic_write_bytes(self.dirpath / f"{name}.png", png_bytes(grid)))

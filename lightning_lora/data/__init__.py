@@ -13,15 +13,23 @@ from lightning_lora.data.images import (
     read_image_folder,
 )
 from lightning_lora.data.pairs import PairsDataModule, collate_pairs, read_pairs_jsonl
-from lightning_lora.data.shards import WebDatasetDataModule, expand_shards, write_shards
+from lightning_lora.data.shards import (
+    DigitPairsDataModule,
+    PairedShardsDataModule,
+    WebDatasetDataModule,
+    expand_shards,
+    write_shards,
+)
 
 __all__ = [
     "CodeSearchDataModule",
+    "DigitPairsDataModule",
     "DigitsDataModule",
     "DigitsPairsDataModule",
     "ImageFolderDataModule",
     "ImagePairsDataModule",
     "ImageTransform",
+    "PairedShardsDataModule",
     "PairsDataModule",
     "WebDatasetDataModule",
     "build_code_search_pairs",

@@ -1,4 +1,5 @@
-"""WebDataset-style tar shards of captioned images (``data=webdataset``), and a writer for them.
+"""WebDataset-style tar shards of captioned images (``data=webdataset``) or of image pairs (``data=paired_shards``,
+``data=digits_pairs``), and a writer for them.
 
 A shard is a plain tar whose members are grouped into samples by key: ``0001.jpg`` + ``0001.txt`` is one
 sample with the fields ``jpg`` and ``txt``. Patterns use brace expansion (``data/shard-{000..009}.tar``;
@@ -21,11 +22,16 @@ yield the same number of batches, which a pass over unevenly split shards does n
 ``samples_per_epoch`` is required: each process then streams its shards endlessly (reshuffled on each pass)
 and an epoch is cut at ``samples_per_epoch`` samples in total, as webdataset recommends for multi-node runs.
 Validation shards are read in full by every process, in a fixed order (ids let the module drop repeats).
+
+Paired shards (image-to-image, LBM): each sample holds a ``source`` and a ``target`` image (``0001.source.jpg`` +
+``0001.target.jpg``, as the LBM relighting data) and optionally a ``mask`` (non-zero = pixels the loss sees);
+one resize/crop/flip is drawn per sample and applied to all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -37,11 +43,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from lightning_lora.data.images import (
+    INTERPOLATIONS,
     ImageDataModuleBase,
     ImageTransform,
     check_caption,
@@ -49,6 +58,7 @@ from lightning_lora.data.images import (
     describe_error,
     load_rgb,
     pick_caption,
+    to_tensor,
 )
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import TMP_PREFIX
@@ -56,6 +66,8 @@ from lightning_lora.fileio import TMP_PREFIX
 SHARD_STRIDE = 10**9  # sample id = shard number * SHARD_STRIDE + position inside the shard
 DEFAULT_IMAGE_KEY = "jpg;png;jpeg;webp"
 DEFAULT_CAPTION_KEY = "txt;json"
+DEFAULT_SOURCE_KEY = "source.jpg;source.png;source.jpeg;source.webp"
+DEFAULT_TARGET_KEY = "target.jpg;target.png;target.jpeg;target.webp"
 _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
 _FIELD = re.compile(r"%(0?)(\d*)d")
 
@@ -327,6 +339,13 @@ class CaptionedImage:
 
 
 # --------------------------------------------------------------------------- data module
+def check_field_keys(**keys: str | None) -> None:
+    """Each value is None or ';'-separated field names (``jpg;png``, ``source.jpg;source.png``)."""
+    for name, value in keys.items():
+        if value is not None and (not isinstance(value, str) or not value.strip() or " " in value):
+            raise UserError(f"data.{name}={value!r}: give ';'-separated field names such as jpg;png")
+
+
 class WebDatasetDataModule(ImageDataModuleBase):
     """Captioned images from webdataset tar shards (``data=webdataset``).
 
@@ -350,9 +369,7 @@ class WebDatasetDataModule(ImageDataModuleBase):
             raise UserError("data.train_shards: not set; give a brace pattern such as data/train-{000..009}.tar")
         self.train_urls = expand_shards(train_shards, "data.train_shards")
         self.val_urls = expand_shards(validation_shards, "data.validation_shards") if validation_shards else []
-        for name, value in (("image_key", image_key), ("caption_key", caption_key)):
-            if value is not None and (not isinstance(value, str) or not value.strip() or " " in value):
-                raise UserError(f"data.{name}={value!r}: give ';'-separated field names such as jpg;png")
+        check_field_keys(image_key=image_key, caption_key=caption_key)
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise UserError(f"data.shuffle_buffer: must be a non-negative integer, got {shuffle_buffer!r}")
         if samples_per_epoch is not None and (
@@ -373,13 +390,16 @@ class WebDatasetDataModule(ImageDataModuleBase):
     def setup(self, stage: str | None = None) -> None:
         self._check_world()
 
+    def stages(self, train: bool) -> list[Any]:
+        """Decoding and the batch item, after the shard reading (captioned images here)."""
+        decode = DecodeSample({"image": self.image_key}, self.caption_key, self.caption_column, self.skip_unreadable)
+        return [decode, CaptionedImage(self.train_transform if train else self.val_transform)]
+
     def pipeline(self, train: bool) -> wds.DataPipeline:
         trainer = getattr(self, "trainer", None)
         rank = int(trainer.global_rank) if trainer is not None else 0
-        decode = DecodeSample({"image": self.image_key}, self.caption_key, self.caption_column, self.skip_unreadable)
-        to_item = CaptionedImage(self.train_transform if train else self.val_transform)
         return shard_pipeline(
-            self.train_urls if train else self.val_urls, [decode, to_item], train=train, rank=rank,
+            self.train_urls if train else self.val_urls, self.stages(train), train=train, rank=rank,
             world=self._world_size(), num_workers=self.num_workers, shardshuffle=self.shardshuffle,
             shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch,
             skip_unreadable=self.skip_unreadable,
@@ -399,12 +419,186 @@ class WebDatasetDataModule(ImageDataModuleBase):
         return self._loader(train=False) if self.val_urls else []
 
 
+# --------------------------------------------------------------------------- paired images (LBM)
+class PairedImages:
+    """Decoded paired sample -> ``{"source", "target", ["mask"], "index"}``, one draw of resize/crop/flip per pair.
+
+    The source is first resized to the target's size when they differ (as LBM does). With ``size`` = (height,
+    width), both are resized to exactly that size (no crop, as LBM's relighting data is read) and flipped
+    together in training when the transform flips; otherwise ``transform`` resizes the shorter side and crops a
+    square. A mask is resized with nearest-neighbour and becomes {0, 1} (non-zero = valid) [1, H, W].
+    """
+
+    def __init__(self, transform: ImageTransform, size: tuple[int, int] | None = None) -> None:
+        self.transform, self.size = transform, size
+        self.filter = INTERPOLATIONS[transform.interpolation]
+        self.nearest = ImageTransform(transform.resolution, interpolation="nearest")
+
+    @staticmethod
+    def _mask(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.amax(0, keepdim=True) > -1).float()  # [-1, 1] pixels: any non-black pixel is valid
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            source, target, mask = sample["source"], sample["target"], sample.get("mask")
+            if source.size != target.size:
+                source = source.resize(target.size, self.filter)
+            if mask is not None and mask.size != target.size:
+                mask = mask.resize(target.size, Image.Resampling.NEAREST)
+            if self.size is not None:
+                h, w = self.size
+                flip = bool(self.transform.random_flip and torch.rand(1).item() < 0.5)
+                images = [im.resize((w, h), self.filter) for im in (source, target)]
+                mask = mask.resize((w, h), Image.Resampling.NEAREST) if mask is not None else None
+                if flip:
+                    images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+                    mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
+                out = {"source": to_tensor(images[0]), "target": to_tensor(images[1])}
+                if mask is not None:
+                    out["mask"] = self._mask(to_tensor(mask.convert("RGB")))
+            else:
+                params = self.transform.params(target.size)
+                out = {"source": self.transform.apply(source, params), "target": self.transform.apply(target, params)}
+                if mask is not None:
+                    out["mask"] = self._mask(self.nearest.apply(mask.convert("RGB"), params))
+            out["index"] = sample["index"]
+            yield out
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"data.size={value!r}: give [height, width] in pixels, e.g. [480, 640], or null") from None
+    if h <= 0 or w <= 0:
+        raise UserError(f"data.size={[h, w]}: height and width must be positive")
+    return h, w
+
+
+class PairedShardsDataModule(WebDatasetDataModule):
+    """Image pairs from webdataset tar shards (``data=paired_shards``): LBM-style image-to-image data.
+
+    Each sample holds a source and a target image, the first present of ``source_key`` / ``target_key``
+    (``source.jpg;source.png;...``: members ``0001.source.jpg`` + ``0001.target.jpg``), and with ``mask_key``
+    a mask. A sample without one of them is an error naming the shard and sample. Batches: ``source``,
+    ``target`` [B, 3, H, W] in [-1, 1], ``mask`` [B, 1, H, W] (with ``mask_key``), ``index``. Sizes:
+    ``resolution`` + crop as for captioned images, or ``size`` = [height, width] for an exact resize of every
+    pair. Shards, shuffling, epochs and DDP as ``data=webdataset``.
+    """
+
+    def __init__(self, train_shards: str | Sequence[str], validation_shards: str | Sequence[str] | None = None,
+                 source_key: str = DEFAULT_SOURCE_KEY, target_key: str = DEFAULT_TARGET_KEY,
+                 mask_key: str | None = None, size: Any = None, **kwargs: Any) -> None:
+        check_field_keys(source_key=source_key, target_key=target_key, mask_key=mask_key)
+        self.size = _size(size)
+        super().__init__(train_shards, validation_shards, image_key=source_key, caption_key=None, **kwargs)
+        self.fields = {"source": source_key, "target": target_key, **({"mask": mask_key} if mask_key else {})}
+
+    def stages(self, train: bool) -> list[Any]:
+        decode = DecodeSample(self.fields, None, skip=self.skip_unreadable)
+        return [decode, PairedImages(self.train_transform if train else self.val_transform, self.size)]
+
+
+# --------------------------------------------------------------------------- the digit pairs demo
+PAIR_TRANSFORMS = ("invert", "blur", "relight")
+
+
+def pair_target(source: Image.Image, transform: str) -> Image.Image:
+    """The demo's target for a source digit: inverted, blurred, or relit (a warm light from the left)."""
+    from PIL import ImageFilter, ImageOps
+
+    if transform == "invert":
+        return ImageOps.invert(source)
+    if transform == "blur":
+        return source.filter(ImageFilter.GaussianBlur(radius=max(1.0, source.width / 16)))
+    array = np.asarray(source, dtype=np.float32) / 255.0
+    ramp = np.linspace(1.0, 0.35, source.width, dtype=np.float32)[None, :, None]
+    tint = np.array([1.0, 0.85, 0.6], dtype=np.float32)
+    return Image.fromarray(np.clip(array * ramp * tint * 255.0, 0, 255).round().astype(np.uint8))
+
+
+def make_digit_pairs(root: str | os.PathLike, num_images: int | None = 256, image_size: int = 64,
+                     transform: str = "invert", val_fraction: float = 0.1, per_shard: int = 64
+                     ) -> tuple[str, str | None]:
+    """sklearn's digits (bundled: no download) as paired tar shards: ``NNNN.source.png`` (dark ink on white,
+    upscaled to ``image_size``, bicubic) + ``NNNN.target.png`` (``pair_target``). Validation is the
+    ``val_fraction`` of samples with the smallest hash of their key. Written once under ``root`` (the whole
+    folder renamed into place) and reused. Returns the train and validation brace patterns."""
+    from lightning_lora.data.images import _positive_int
+    from lightning_lora.fileio import atomic_directory
+
+    if transform not in PAIR_TRANSFORMS:
+        raise UserError(f"data.transform={transform!r} is unknown; valid: {', '.join(PAIR_TRANSFORMS)}")
+    if num_images is not None:
+        _positive_int(num_images, "data.num_images")
+    _positive_int(image_size, "data.image_size")
+    _positive_int(per_shard, "data.per_shard")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
+        raise UserError("data=digits_pairs needs scikit-learn (pip install scikit-learn)") from None
+    digits = load_digits()
+    count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
+    keys = [f"{i:04d}" for i in range(count)]
+    k = round(count * val_fraction)
+    if val_fraction > 0 and count >= 2:
+        k = min(max(k, 1), count - 1)
+    val = set(sorted(keys, key=lambda key: hashlib.sha1(key.encode()).hexdigest())[:k])
+    splits = {"train": [key for key in keys if key not in val], "validation": [key for key in keys if key in val]}
+    folder = Path(root).expanduser().resolve() / (
+        f"pairs_n{num_images or 'all'}_s{image_size}_{transform}_v{val_fraction:g}_p{per_shard}")
+    counts = {split: -(-len(chosen) // per_shard) for split, chosen in splits.items()}
+    patterns = {split: shard_pattern(str(folder / f"{split}-%04d.tar"), n) if n else None
+                for split, n in counts.items()}
+    if (folder / "done").is_file():
+        return patterns["train"], patterns["validation"]
+
+    def samples(chosen: list[str]) -> Iterator[dict[str, Any]]:
+        for key in chosen:
+            grey = 255 - np.clip(digits.images[int(key)] / 16.0 * 255.0, 0, 255).astype(np.uint8)
+            source = Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
+            source = source.convert("RGB")
+            yield {"__key__": key, "source.png": source, "target.png": pair_target(source, transform),
+                   "json": {"label": int(digits.target[int(key)])}}
+
+    with atomic_directory(folder) as tmp:
+        for split, chosen in splits.items():
+            if chosen:
+                write_shards(samples(chosen), str(tmp / f"{split}-%04d.tar"), per_shard)
+        (tmp / "done").write_text("ok\n")
+    return patterns["train"], patterns["validation"]
+
+
+class DigitPairsDataModule(PairedShardsDataModule):
+    """The paired demo (``data=digits_pairs``): digit → inverted/blurred/relit digit, built once by
+    :func:`make_digit_pairs` under ``root`` and read as ``data=paired_shards`` reads user shards."""
+
+    def __init__(self, root: str, num_images: int | None = 256, image_size: int = 64, transform: str = "invert",
+                 val_fraction: float = 0.1, per_shard: int = 64, **kwargs: Any) -> None:
+        train, val = make_digit_pairs(root, num_images, image_size, transform, val_fraction, per_shard)
+        kwargs.setdefault("source_key", "source.png")
+        kwargs.setdefault("target_key", "target.png")
+        super().__init__(train, val, **kwargs)
+
+
 __all__ = [
     "SHARD_STRIDE",
     "CaptionedImage",
     "DecodeSample",
+    "DigitPairsDataModule",
+    "PairedImages",
+    "PairedShardsDataModule",
     "WebDatasetDataModule",
+    "check_field_keys",
     "expand_shards",
+    "make_digit_pairs",
+    "pair_target",
     "shard_pattern",
     "shard_pipeline",
     "write_shards",

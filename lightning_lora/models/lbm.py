@@ -1,0 +1,267 @@
+"""LBM (latent bridge matching) checkpoints: the released folder layout, read into diffusers modules.
+
+A released LBM folder (``jasperai/LBM_relighting``, ``LBM_normals``, ``LBM_depth``) holds one YAML config and
+``model.safetensors``, the state dict of LBM's ``LBMModel``:
+
+- ``denoiser.*``: a diffusers ``UNet2DConditionModel`` with SDXL blocks, called without any text (so every
+  ``attn2`` attends to the image tokens, as ``attn1`` does);
+- ``vae.vae_model.*``: the SDXL ``AutoencoderKL``;
+- ``num_iterations``: a training counter (ignored here).
+
+The architectures are not in the folder: LBM builds the UNet in code and takes the VAE config and the
+flow-matching scheduler config from SDXL on the Hub. Here they are constants (``LBM_UNET``, ``SDXL_VAE``,
+``FLOW_SCHEDULER``), so nothing is downloaded; a config may carry ``unet:``, ``vae:`` and ``scheduler:``
+sections (diffusers config dicts) that replace them, which is how the tiny model of ``models/lbm_tiny.py``
+describes itself. The LBM keys the head uses (``bridge_noise_sigma``, ``selected_timesteps``, ``prob``,
+``timestep_sampling``, ``logit_mean``/``logit_std``, ``latent_loss_type``/``weight``, ``pixel_loss_type``/
+``weight``) are read from the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_lora.errors import UserError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+CONFIG_JSON = "config.json"
+DENOISER_PREFIX = "denoiser."
+VAE_PREFIX = "vae.vae_model."
+IGNORED_KEYS = ("num_iterations",)
+
+# LBM's denoiser (src/lbm/inference/utils.py of gojasper/LBM): SDXL's UNet blocks without the added
+# (text/time-id) embeddings; attention_head_dim is passed as the number of heads, as in SDXL's config.
+LBM_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": [320, 640, 1280],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "use_linear_projection": True,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+}
+# stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
+SDXL_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+# FlowMatchEulerDiscreteScheduler built from SDXL's scheduler config: 1000 steps, shift 1, so sigma(t) = t/1000.
+FLOW_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000}
+
+
+@dataclass
+class LBMParts:
+    """The modules and settings of one LBM folder."""
+
+    denoiser: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    scheduler: Any  # diffusers FlowMatchEulerDiscreteScheduler (training sigmas)
+    config: dict[str, Any] = field(default_factory=dict)  # the folder's config file, as read
+    path: Path | None = None
+    config_file: Path | None = None
+
+
+# --------------------------------------------------------------------------- the folder
+def check_lbm_folder(pretrained: str | os.PathLike | None, key: str = "model.pretrained") -> tuple[Path, Path, Path]:
+    """(folder, config file, weights file) of an LBM folder; a missing part is a one-line error."""
+    if not pretrained:
+        raise UserError(f"{key} is required: pass {key}=<local LBM folder with a .yaml config and {WEIGHTS_FILE}>")
+    path = Path(pretrained).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}: no folder at {path} (give a local LBM folder: a .yaml config + {WEIGHTS_FILE}, "
+                        "as jasperai/LBM_relighting ships)")
+    configs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CONFIG_SUFFIXES)
+    if not configs and (path / CONFIG_JSON).is_file():
+        configs = [path / CONFIG_JSON]
+    if not configs:
+        raise UserError(f"{key}={path} has no config file (.yaml, or {CONFIG_JSON}); an LBM folder holds its "
+                        f"config next to {WEIGHTS_FILE}")
+    if len(configs) > 1:
+        raise UserError(f"{key}={path} has {len(configs)} config files ({', '.join(p.name for p in configs)}); "
+                        "keep the one that belongs to the weights")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(others) == 1:
+            weights = path / others[0]
+        else:
+            found = f" (found {', '.join(others)}; which one?)" if others else ""
+            raise UserError(f"{key}={path} has no {WEIGHTS_FILE}{found}")
+    return path, configs[0], weights
+
+
+def read_config(file: Path) -> dict[str, Any]:
+    try:
+        if file.suffix == ".json":
+            data = json.loads(file.read_text(encoding="utf-8"))
+        else:
+            import yaml
+
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{file}: not a readable config ({first[:160]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def architecture(config: dict[str, Any], file: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """UNet, VAE and scheduler configs: LBM's own unless the file has ``unet:``/``vae:``/``scheduler:``."""
+    for section in ("unet", "vae", "scheduler"):
+        if section in config and not isinstance(config[section], dict):
+            raise UserError(f"{file}: '{section}' must be a mapping of diffusers config values")
+    if config.get("conditioning_images_keys") or config.get("conditioning_masks_keys"):
+        raise UserError(f"{file}: conditioning images/masks concatenated to the latents are not supported; only "
+                        "source -> target models (conditioning_images_keys: [])")
+    unet = dict(config.get("unet") or LBM_UNET)
+    vae = dict(config.get("vae") or SDXL_VAE)
+    if "unet" not in config:
+        unet["in_channels"] = int(config.get("unet_input_channels", unet["in_channels"]))
+        unet["out_channels"] = int(config.get("vae_num_channels", unet["out_channels"]))
+    if unet["in_channels"] != vae["latent_channels"] or unet["out_channels"] != vae["latent_channels"]:
+        raise UserError(f"{file}: the denoiser maps {unet['in_channels']} -> {unet['out_channels']} channels but the "
+                        f"VAE has {vae['latent_channels']} latent channels")
+    return unet, vae, dict(config.get("scheduler") or FLOW_SCHEDULER)
+
+
+def build_modules(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any], file: Path | None = None):
+    """Randomly initialised denoiser and VAE, and the training scheduler, from their configs."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+
+    where = f"{file}: " if file else ""
+    try:
+        return (UNet2DConditionModel.from_config(unet), AutoencoderKL.from_config(vae),
+                FlowMatchEulerDiscreteScheduler.from_config(scheduler))
+    except (TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{where}cannot build the LBM modules from the config: {first[:200]}") from None
+
+
+def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, file: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise UserError(f"{file}: {len(missing)} tensors of the {prefix[:-1]} are missing, e.g. {prefix}{missing[0]}; "
+                        "is it a checkpoint of this architecture?")
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{file}: {prefix}{key} has shape {list(state[key].shape)} but the model needs "
+                            f"{list(value.shape)} (the config does not describe these weights)")
+    module.load_state_dict(state, strict=True)
+
+
+def load_lbm(pretrained: str | os.PathLike | None, key: str = "model.pretrained") -> LBMParts:
+    """Denoiser, VAE and scheduler of an LBM folder, weights loaded strictly from ``model.safetensors``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, config_file, weights = check_lbm_folder(pretrained, key)
+    config = read_config(config_file)
+    denoiser, vae, scheduler = build_modules(*architecture(config, config_file), config_file)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {DENOISER_PREFIX: {}, VAE_PREFIX: {}}
+    unexpected = []
+    for name, tensor in state.items():
+        prefix = next((p for p in parts if name.startswith(p)), None)
+        if prefix is not None:
+            parts[prefix][name[len(prefix):]] = tensor
+        elif name not in IGNORED_KEYS:
+            unexpected.append(name)
+    if unexpected:
+        raise UserError(f"{weights}: {len(unexpected)} tensors belong to no LBM part, e.g. {unexpected[0]!r} "
+                        f"(expected {DENOISER_PREFIX}*, {VAE_PREFIX}*)")
+    _load_part(denoiser, parts[DENOISER_PREFIX], DENOISER_PREFIX, weights)
+    _load_part(vae, parts[VAE_PREFIX], VAE_PREFIX, weights)
+    denoiser.eval()
+    vae.eval()
+    return LBMParts(denoiser, vae, scheduler, config, path, config_file)
+
+
+def lbm_state_dict(denoiser: torch.nn.Module, vae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The released checkpoint's keys for a denoiser and a VAE."""
+    state = {DENOISER_PREFIX + k: v.detach().contiguous() for k, v in denoiser.state_dict().items()}
+    state.update({VAE_PREFIX + k: v.detach().contiguous() for k, v in vae.state_dict().items()})
+    state["num_iterations"] = torch.tensor(0.0)
+    return state
+
+
+def save_lbm_folder(folder: str | os.PathLike, denoiser: torch.nn.Module, vae: torch.nn.Module,
+                    config: dict[str, Any]) -> Path:
+    """Write ``config.yaml`` + ``model.safetensors`` in the released layout (atomically, as a whole folder)."""
+    import yaml
+    from safetensors.torch import save
+
+    from lightning_lora.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
+
+    folder = Path(folder).expanduser()
+    with atomic_directory(folder) as tmp:
+        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        atomic_write_bytes(tmp / WEIGHTS_FILE, save(lbm_state_dict(denoiser, vae), metadata={"format": "pt"}))
+    return folder
+
+
+def denoiser_layers(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every weight-bearing layer of the denoiser by its checkpoint name (``denoiser.<path>``)."""
+    return {DENOISER_PREFIX + name: m for name, m in denoiser.named_modules()
+            if name and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
+__all__ = [
+    "DENOISER_PREFIX",
+    "FLOW_SCHEDULER",
+    "LBM_UNET",
+    "SDXL_VAE",
+    "VAE_PREFIX",
+    "WEIGHTS_FILE",
+    "LBMParts",
+    "architecture",
+    "build_modules",
+    "check_lbm_folder",
+    "denoiser_layers",
+    "lbm_state_dict",
+    "load_lbm",
+    "read_config",
+    "save_lbm_folder",
+]
