@@ -459,3 +459,25 @@ def test_configs_compose_and_lbm_needs_a_folder(tmp_path, cache_dir):
                              "target.jpg": png(np.zeros((8, 8, 3), np.uint8))}], str(tmp_path / "c-%d.tar"))
     data = instantiate(compose_train(["data=paired_shards", f"data.train_shards={pattern}"]).data)
     assert next(iter(data.train_dataloader()))["source"].shape == (1, 3, 512, 512)
+
+
+def test_the_public_lbm_scripts_lora_files_are_read(workflow, tmp_path):
+    """``denoiser.<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (the seed's files) read with
+    their alphas, so every tool (inspect, merge, sample) takes them."""
+    from safetensors.torch import save_file
+
+    from lightning_lora.adapters.formats import read_lora
+
+    extracted = read_lora(workflow["lora"])
+    tensors = {}
+    for name, f in extracted.modules.items():
+        tensors[f"{name}.lora_down.weight"] = f.down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = f.up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(2.0 * f.rank)  # alpha = 2r: scale 2
+    seed_file = tmp_path / "seed_lora.safetensors"
+    save_file(tensors, seed_file)
+    lora = read_lora(seed_file)
+    assert lora.format == "kohya_dotted" and set(lora.modules) == set(extracted.modules)
+    name = next(iter(lora.modules))
+    plain = extracted.modules[name].delta() / extracted.modules[name].scale  # B·A without the scale
+    assert torch.allclose(lora.modules[name].delta(), 2.0 * plain)

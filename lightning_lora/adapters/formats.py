@@ -5,6 +5,8 @@ Formats (told from the content):
 - ``peft``: a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``);
 - ``kohya``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
 - ``diffusers``: ``unet.<module>.lora_A.weight`` (or ``.lora.down.weight``), no alpha (alpha = rank);
+- ``kohya_dotted``: ``<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` on dotted names (the public
+  LBM LoRA scripts' ``denoiser.<module>…`` files);
 - ``bare``: PEFT keys ``base_model.model.<module>.lora_A.weight`` without a description (alpha = rank assumed).
 Module names are the base model's (dotted) for all but kohya, whose names ``resolve_modules`` maps back.
 """
@@ -50,10 +52,12 @@ PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
-FORMATS = ("lightning_lora", "peft", "kohya", "diffusers", "bare")
+FORMATS = ("lightning_lora", "peft", "kohya", "kohya_dotted", "diffusers", "bare")
 OUTPUT_FORMATS = ("peft", "kohya", "diffusers")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.default)?\.weight$")
 _DIFFUSERS_OLD = re.compile(r"^(?P<module>.+)\.lora\.(?P<ab>down|up)\.weight$")
+# kohya's tensor names on dotted module paths (the public LBM LoRA scripts: denoiser.<module>.lora_down.weight)
+_DOTTED_KOHYA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>down|up)\.weight$")
 
 
 @dataclass
@@ -154,10 +158,12 @@ def _read_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
     keys = list(tensors)
     if keys and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
         return _read_kohya(tensors, src, path)
-    if any(_DIFFUSERS_OLD.match(k) for k in keys) or (keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in keys)):
+    dotted = any(_DOTTED_KOHYA.match(k) for k in keys)
+    if (dotted or any(_DIFFUSERS_OLD.match(k) for k in keys)
+            or (keys and all(k.startswith(DIFFUSERS_PREFIXES) for k in keys))):
         a, b = {}, {}
         for key, value in tensors.items():
-            m = _PEFT_KEY.match(key) or _DIFFUSERS_OLD.match(key)
+            m = _PEFT_KEY.match(key) or _DIFFUSERS_OLD.match(key) or _DOTTED_KOHYA.match(key)
             if m:
                 (a if m["ab"] in ("A", "down") else b)[m["module"]] = value
         pairs = _zip(a, b, src)
@@ -165,7 +171,7 @@ def _read_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
             raise UserError(f"{path}: no LoRA factors found")
         alphas = {k[: -len(".alpha")]: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
         mods = {m: _factors(d, u, alphas.get(m, d.shape[0]) / d.shape[0], m, src) for m, (d, u) in pairs.items()}
-        return LoraSet(mods, "diffusers", path=path)
+        return LoraSet(mods, "kohya_dotted" if dotted else "diffusers", path=path)
     pairs = _pairs_from_peft(tensors, src)
     if not pairs:
         raise UserError(f"{path}: no LoRA tensors found (expected lora_A/lora_B, lora_down/lora_up or lora.down/up "
