@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import math
+import pickle
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -365,6 +366,9 @@ def cmd_sample_flow3d(args: argparse.Namespace) -> int:
     torch.manual_seed(args.base_seed)  # a tiny preset without a checkpoint: the same random base as training
     head = instantiate(cfg.model)
     if args.lora:
+        from lightning_lora.adapters.formats import read_lora
+
+        read_lora(args.lora)  # a damaged or unsafe file fails here in one line that names it
         load_lora_weights(head.denoiser, args.lora)
         set_adapter_scale(head.denoiser, args.scale)
     head.eval()
@@ -489,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
 
     p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("extract", help="extract a LoRA from a base and a fine-tuned checkpoint by truncated SVD")
@@ -607,15 +612,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: the traceback of an error instead of one line
+    argv = [a for a in argv if a != "--debug"]
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except Exception as e:  # Hydra's instantiate wraps a UserError raised while a model is built
+            cause, seen = e.__cause__, 0
+            while type(e).__name__ == "InstantiationException" and cause is not None and seen < 8:
+                if isinstance(cause, (UserError, OSError, pickle.UnpicklingError)):
+                    raise cause from None
+                cause, seen = cause.__cause__, seen + 1
+            raise
     except UserError as e:
+        if debug:
+            raise
         message = " ".join(str(e).split())  # always one line
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except pickle.UnpicklingError as e:  # a torch file that needs code to load: never unpickled
+        if debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: refused a file holding pickled objects that would run code when loaded (only tensors are "
+              f"read, weights_only=True){where}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as e:  # unreadable input, unwritable output, full disk: the system's words, one line
+        if debug:
+            raise
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: {' '.join((e.strerror or str(e)).split())}{where}", file=sys.stderr)
         return EXIT_USAGE

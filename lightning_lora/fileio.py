@@ -28,9 +28,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a failed write (ENOSPC, EIO, a quota) names the file it was for; the old file is untouched
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
@@ -69,3 +72,46 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: the run directory's sub-directories the project writes into (searched in depth for stale temporaries)
+RUN_SUBDIRS = ("checkpoints", "adapters", "samples", "lora_ckpts")
+
+
+def clean_stale_temporaries(root: str | os.PathLike, subdirs: tuple[str, ...] | None = RUN_SUBDIRS) -> list[Path]:
+    """Remove what killed writes left in ``root`` (names starting with ``TMP_PREFIX``); return them.
+
+    ``root`` itself is searched, and ``subdirs`` of it in depth (None: everything under ``root``), so a run
+    directory placed among a user's files touches nothing of theirs. A directory that ``atomic_directory``
+    had moved aside (``.tmp-<name>.old-<pid>``) whose replacement never arrived is the last complete
+    version of ``<name>``: it is moved back instead of deleted. Call this only when no other process writes
+    there (at the start of a run, before training).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    pattern = TMP_PREFIX + "*"
+    if subdirs is None:
+        candidates = list(root.rglob(pattern))
+    else:
+        candidates = list(root.glob(pattern))
+        for sub in subdirs:
+            if (root / sub).is_dir() and not (root / sub).is_symlink():
+                candidates += (root / sub).rglob(pattern)
+    found = sorted((p for p in candidates if p.name.startswith(TMP_PREFIX)),
+                   key=lambda p: len(p.parts), reverse=True)  # deepest first
+    handled: list[Path] = []
+    for stale in found:
+        if not os.path.lexists(stale):
+            continue  # inside a directory removed above
+        name, sep, _pid = stale.name[len(TMP_PREFIX):].rpartition(".old-")
+        original = stale.with_name(name) if sep else None
+        if original is not None and stale.is_dir() and not os.path.lexists(original):
+            os.replace(stale, original)
+        elif stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        handled.append(stale)
+    return handled

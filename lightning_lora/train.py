@@ -7,7 +7,11 @@ Hydra wrapper that turns user errors into one line and returns the monitored met
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,10 +25,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.adapters import AdapterSpec
-from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO
+from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
 from lightning_lora.errors import UserError
-from lightning_lora.fileio import atomic_write_text, path_bytes
+from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
+
+_LAST_TRAINER: pl.Trainer | None = None
 
 
 def _print(*args: Any) -> None:
@@ -65,6 +71,75 @@ def write_run_files(output_dir: Path, cfg: DictConfig, module: LoRAAdaptationMod
     )
     tree = f"{module.adapter_summary()}\n\n{counts}\n\nModule tree (LoRA layers show lora_A / lora_B):\n{module.head}\n"
     atomic_write_text(output_dir / "model_summary.txt", tree)
+
+
+#: distributions whose versions ``environment.json`` records
+RECORDED_LIBRARIES = ("torch", "lightning", "peft", "transformers", "diffusers", "hydra-core", "omegaconf",
+                      "safetensors", "numpy", "lightning_lora")
+
+
+def git_revision(where: Path | None = None) -> dict[str, Any] | None:
+    """The checkout's commit and whether it has uncommitted changes, or None outside a git checkout."""
+    where = where or Path(__file__).resolve().parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: `git status` must not refresh the index
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10,
+                             env=env)
+        if rev.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=10, env=env)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def environment(cfg: DictConfig) -> dict[str, Any]:
+    """What a rerun needs to reproduce this one: seed, library versions, git revision, platform."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {
+        "seed": cfg.get("seed"),
+        "deterministic": cfg.trainer.get("deterministic"),
+        "precision": cfg.trainer.get("precision"),
+        "versions": versions,
+        "git": git_revision(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "command": command_line(),
+    }
+
+
+def _check_init_from(init_from: str | None) -> str:
+    """Read ``adapter.init_from`` once before any model loads: a damaged or unsafe file fails in one line.
+    Returns the family the file records ("" when it records none)."""
+    if not init_from:
+        return ""
+    from lightning_lora.adapters import read_adapters
+
+    try:
+        return read_adapters(init_from)[1] or ""
+    except UserError as e:
+        message = str(e)
+        raise UserError(message if message.startswith("adapter.init_from") else f"adapter.init_from={init_from}: "
+                        f"{message.removeprefix(str(init_from) + ': ')}") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"adapter.init_from={init_from}: refused: it holds pickled objects that would run code when "
+                        "loaded (only tensors are read, weights_only=True)") from None
+    except Exception as exc:  # truncated safetensors, a zip that is no torch file, an empty file, ...
+        first = " ".join((str(exc).strip().splitlines() or [""])[0].split())[:200]
+        raise UserError(f"adapter.init_from={init_from}: unreadable adapter ({type(exc).__name__}: {first})"
+                        ) from None
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -109,14 +184,24 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
+    init_family = _check_init_from(spec.init_from)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UserError(f"paths.output_dir={output_dir} is not writable")
     _print(f"Run directory: {output_dir}")
+    if rank_zero_only.rank == 0:
+        for stale in clean_stale_temporaries(output_dir):  # left by a killed write; never a finished file
+            _print(f"removed a temporary file of an interrupted write: {stale}")
+        atomic_write_text(output_dir / "environment.json", json.dumps(environment(cfg), indent=2) + "\n")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # read (and check) the data before the model loads
     head = instantiate(cfg.model)
+    if init_family and init_family != head.family:
+        raise UserError(f"adapter.init_from={spec.init_from} holds a {init_family} adapter, but this run's model "
+                        f"is a {head.family} head ({type(head).__name__})")
     module = LoRAAdaptationModule(
         head, spec, optimizer=instantiate(cfg.optimizer), scheduler=schedule,
         gradient_checkpointing=cfg.get("gradient_checkpointing", False),
@@ -129,6 +214,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
     )
+    global _LAST_TRAINER
+    _LAST_TRAINER = trainer  # for main's one-line message when SIGTERM ends fit
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)
     before = _validate(trainer, module, datamodule) if cfg.validate_before else {}
     fit_started = time.time()
@@ -169,15 +256,39 @@ def _user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def _debug() -> bool:
+    """``HYDRA_FULL_ERROR=1`` (Hydra's own switch) shows the traceback of a user error too."""
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+def _preempted_message(trainer: pl.Trainer | None) -> str:
+    saved = next((cb.saved for cb in (trainer.callbacks if trainer else []) if isinstance(cb, PreemptionCheckpoint)
+                  and cb.saved is not None), None)
+    step = trainer.global_step if trainer else "?"
+    if saved is None:
+        return f"stopped by SIGTERM at step {step}; no checkpoint was written (no preemption_checkpoint callback)"
+    return f"stopped by SIGTERM at step {step}; checkpoint written to {saved}; continue with resume=last"
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         metrics, _ = run(cfg)
-    except (UserError, InstantiationException) as exc:
-        err = _user_error(exc)
-        if err is None:
+    except SIGTERMException:
+        if _debug():
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        trainer = _LAST_TRAINER
+        print(f"error: {_preempted_message(trainer)}", file=sys.stderr, flush=True)
+        sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a terminated job
+    except (UserError, InstantiationException, OSError) as exc:
+        err = _user_error(exc)
+        if err is None and isinstance(exc, OSError) and exc.filename is not None:
+            err = UserError(f"{' '.join((exc.strerror or str(exc)).split())}: {exc.filename}")
+        if err is None or _debug():
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         sys.exit(2)
     value = metrics["after"].get(metrics["monitor"])
     return None if value is None else float(value)

@@ -201,7 +201,7 @@ def _bad_inputs(d: Path, monkeypatch) -> dict[str, tuple[list, str]]:
                              str(d / "m.safetensors")], "1 tensors that are not LoRA factors"),
         "junk_lora": (["inspect", str(d / "junk.safetensors")], "not a readable LoRA file"),
         "pickle_lora": (["merge", "--base", b, "--lora", str(d / "pickled.ckpt"), "--out", str(d / "m.safetensors")],
-                        "not a readable LoRA file"),
+                        "refused: it holds pickled objects"),
         "missing_arg": (["extract", "--base", b], "the following arguments are required"),
         "svd_rank": (["combine", lora, "--out", str(d / "c.safetensors"), "--method", "svd", "--rank", "x"],
                      "--rank='x'"),

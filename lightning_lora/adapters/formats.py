@@ -292,8 +292,10 @@ def route_prefixed(config: LoraConfig, state: Mapping[str, torch.Tensor], submod
     ``unet.…`` file) as that submodule's adapter with the prefix removed: (submodule, config, PEFT state)."""
     pairs = _pairs_from_peft(state, source)
     for sub, names in submodules.items():
-        prefix = sub + "."
-        if pairs and all(m.startswith(prefix) for m in pairs):
+        prefix, known = sub + ".", set(names)
+        if all(m in known for m in pairs):  # already the submodule's own names (BERT's encoder.layer.N...)
+            return None
+        if pairs and all(m.startswith(prefix) and m[len(prefix):] in known for m in pairs):
             modules = {m[len(prefix):]: _factors(a, b, _scale_for(config, m, a.shape[0]), m, source)
                        for m, (a, b) in pairs.items()}
             return sub, lora_config_for(modules, names), _peft_state(modules, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -90,11 +91,22 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[Tensors, dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file not found: {path}")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused: it holds pickled objects that would run code when loaded (only tensors "
+                        "are read, weights_only=True)") from None
+    except Exception as e:  # a cut or empty file, a zip that is not a checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not a readable LoRA file (safetensors or weights-only torch): {first[:160]}"
+                        ) from None
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -1,0 +1,434 @@
+"""Training-loop overhead, memory, latency and sizes; one command, results appended to ``bench/results.md``.
+
+1. Throughput: ``LoRAAdaptationModule`` under the Lightning ``Trainer`` vs a hand-written PyTorch + PEFT loop
+   (``get_peft_model`` on the same submodules, the trainable parameters filtered by ``requires_grad``, AdamW, then
+   ``zero_grad / backward / step / lr_scheduler.step`` per batch) on the same model, data loader, batch, objective
+   and seed. Each run builds a fresh model; runs alternate (L P, P L, ...) in one process per model; the steps after
+   warm-up are timed end-of-step to end-of-step (data loading included in both); a run's rate is 1 / its median
+   step. Ratio = median over runs of Lightning steps/s / the same for the plain loop.
+   Both in fp32, one torch thread per child (--threads), no gradient clipping, no logger, no checkpointing.
+2. Memory: peak RSS of a child process training LoRA vs fully fine-tuning the same submodules (plain loop), and
+   the bytes of AdamW's state.
+3. Forward latency (eval, no grad) of the adapted submodule on a captured training input: base, with an unmerged
+   adapter, and merged (``merge_and_unload``), timed alternately.
+4. Sizes on disk: the adapter snapshot (every format the family writes), a resumable Lightning checkpoint
+   (adapter + optimizer + loop state) and the base weights.
+
+    python bench/loop_bench.py                                  # every model below, ~10 min on 2 CPU cores
+    python bench/loop_bench.py --models minilm sd_tiny --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MODELS: dict[str, list[str]] = {
+    "minilm": ["model=minilm", "data=code_search", "data.batch_size=16"],
+    "clip_tiny": ["model=clip_tiny", "data=digits_retrieval", "data.batch_size=16"],
+    "qwen3_vl_tiny": ["model=qwen3_vl_tiny", "data=digits_retrieval", "data.batch_size=8"],
+    "sd_tiny": ["model=sd_tiny", "data=digits", "data.batch_size=8"],
+    "lbm_tiny": ["model=lbm_tiny", "data=digits_pairs", "data.batch_size=8"],
+    "trellis_slat_tiny": ["model=trellis_slat_tiny", "data=trellis_demo", "data.batch_size=4"],
+}
+STEPS = {"minilm": (2, 8)}  # (warm-up, timed); others use --warmup/--steps
+THREADS = 1  # set from --threads in the parent
+
+
+# ---------------------------------------------------------------------------------------------- building
+def compose(model: str, out: Path) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from omegaconf import open_dict
+
+    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=[*MODELS[model], "trainer.precision=32-true"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def build(cfg: Any, seed: int = 0) -> tuple[Any, Any]:
+    """(head, datamodule), freshly built after seeding; the data is set up for fitting."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    pl.seed_everything(seed, verbose=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    pl.seed_everything(seed, verbose=False)
+    return instantiate(cfg.model), datamodule
+
+
+def spec():
+    from lightning_lora.adapters import AdapterSpec
+
+    return AdapterSpec(r=8, alpha=16, dropout=0.0)
+
+
+def plain_peft(head: Any, full: bool = False) -> list[Any]:
+    """The seed's way: PEFT into the head's default submodules (or all their weights for full fine-tuning),
+    everything else frozen; returns the trainable parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    head.requires_grad_(False)
+    available, targets = head.adaptable_submodules(), head.default_targets()
+    for name in head.default_submodules():
+        if full:
+            available[name].requires_grad_(True)
+        else:
+            s = spec()
+            get_peft_model(available[name], LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0,
+                                                       target_modules=list(targets[name])))
+    head.train()
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+def _optimizer(params: list[Any]):
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _rate(ends: list[float], warmup: int) -> float:
+    """Steps per second from the median step (end of step to end of step after warm-up): a burst of load from
+    another process on a shared machine moves a mean, hardly a median."""
+    steps = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:], strict=False)]
+    return 1.0 / statistics.median(steps)
+
+
+# ---------------------------------------------------------------------------------------------- the two loops
+def run_plain(cfg: Any, warmup: int, steps: int, full: bool = False) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    head, datamodule = build(cfg, cfg.seed)
+    params = plain_peft(head, full=full)
+    loaded_rss_mb = _rss_mb()
+    optimizer, lr_scheduler = _optimizer(params)
+    ends, loss, saved = [], None, None
+    pl.seed_everything(cfg.seed, verbose=False)  # the same shuffled batches as the Lightning run (and any mode)
+    data = iter(datamodule.train_dataloader())
+    for _ in range(warmup + steps):
+        try:
+            batch = next(data)
+        except StopIteration:
+            data = iter(datamodule.train_dataloader())
+            batch = next(data)
+        if saved is None:  # first step: what autograd keeps for backward (activations; parameters excluded)
+            saved, loss = _saved_bytes(head, batch)
+        else:
+            loss = head.training_step(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        ends.append(time.perf_counter())
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if hasattr(t, "numel"))
+    grads = sum(p.numel() * p.element_size() for p in params)
+    return {"steps_per_s": _rate(ends, warmup), "loss": float(loss.detach()), "optimizer_state_bytes": state,
+            "trainable_params": sum(p.numel() for p in params), "loaded_rss_mb": loaded_rss_mb,
+            "saved_activation_bytes": saved, "grad_bytes": grads}
+
+
+def _saved_bytes(head: Any, batch: Any) -> tuple[int, Any]:
+    """Bytes of the distinct non-parameter storages autograd saves for backward in one training step."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in head.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = head.training_step(batch).loss
+    return sum(seen.values()), loss
+
+
+def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    head, datamodule = build(cfg, cfg.seed)
+    module = LoRAAdaptationModule(head, spec(), scheduler=ScheduleSpec("constant"),
+                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
+    clock = Clock()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[clock], default_root_dir=cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, verbose=False)  # the loader shuffles as in the plain loop
+    trainer.fit(module, datamodule)
+    out = {"steps_per_s": _rate(clock.ends, warmup),
+           "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+    if ckpt is not None:
+        trainer.save_checkpoint(ckpt)
+        out["module"] = module
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- children
+def child_throughput(model: str, rounds: int, warmup: int, steps: int) -> dict[str, Any]:
+    import torch
+
+    from lightning_lora.fileio import path_bytes
+
+    work = Path(tempfile.mkdtemp(prefix="loop_bench_"))
+    cfg = compose(model, work / "run")
+    rates: dict[str, list[float]] = {"lightning": [], "plain": []}
+    for i in range(rounds):
+        for kind in (("lightning", "plain") if i % 2 == 0 else ("plain", "lightning")):
+            res = run_lightning(cfg, warmup, steps) if kind == "lightning" else run_plain(cfg, warmup, steps)
+            rates[kind].append(res["steps_per_s"])
+    # sizes: a resumable checkpoint and an adapter snapshot of a short Lightning run
+    ckpt = work / "last.ckpt"
+    res = run_lightning(cfg, 1, 1, ckpt=ckpt)
+    module = res.pop("module")
+    module.save_adapters(work / "adapter", step=2, run_dir=work / "run")
+    peft_bytes = sum(path_bytes(work / "adapter" / name) for name in module.adapters)
+    base_bytes = sum(t.numel() * t.element_size() for k, t in module.head.state_dict().items() if "lora_" not in k)
+    pretrained = cfg.model.get("pretrained")
+    on_disk = path_bytes(pretrained) if pretrained and Path(str(pretrained)).exists() else None
+    return {"rates": rates, "trainable_params": res["trainable_params"], "ckpt_bytes": ckpt.stat().st_size,
+            "adapter_bytes": path_bytes(work / "adapter"), "peft_bytes": peft_bytes, "base_bytes": base_bytes,
+            "base_disk_bytes": on_disk, "batch": int(cfg.data.batch_size), "threads": torch.get_num_threads()}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child_memory(model: str, full: bool, steps: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="loop_bench_mem_"))
+    cfg = compose(model, work / "run")
+    res = run_plain(cfg, 1, steps, full=full)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_rss_mb": peak, "loaded_rss_mb": res["loaded_rss_mb"], "trainable_params": res["trainable_params"],
+            "optimizer_state_bytes": res["optimizer_state_bytes"], "grad_bytes": res["grad_bytes"],
+            "saved_activation_bytes": res["saved_activation_bytes"]}
+
+
+def child_latency(model: str, repeats: int) -> dict[str, Any]:
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="loop_bench_lat_"))
+    cfg = compose(model, work / "run")
+    head, datamodule = build(cfg, cfg.seed)
+    name = head.default_submodules()[0]
+    sub = head.adaptable_submodules()[name]
+    captured: list[tuple[Any, Any]] = []
+    handle = sub.register_forward_pre_hook(lambda m, a, k: captured.append((a, k)) if not captured else None,
+                                           with_kwargs=True)
+    head.eval()
+    with torch.no_grad():
+        head.training_step(next(iter(datamodule.train_dataloader())))
+    handle.remove()
+    args, kwargs = captured[0]
+    base = copy.deepcopy(sub).eval()
+    plain_peft(head)
+    unmerged = copy.deepcopy(sub).eval()
+    with torch.no_grad():  # a trained-looking adapter (B = 0 would still cost the same, but be a no-op)
+        for n, p in unmerged.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    merged = merge_and_strip(copy.deepcopy(unmerged))
+    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():  # warm-up
+            m(*args, **kwargs)
+        for i in range(repeats):
+            order = list(models) if i % 2 == 0 else list(reversed(models))
+            for k in order:
+                start = time.perf_counter()
+                models[k](*args, **kwargs)
+                times[k].append(time.perf_counter() - start)
+        ref = _first_tensor(models["unmerged"](*args, **kwargs))
+        err = float((_first_tensor(models["merged"](*args, **kwargs)) - ref).abs().max())
+    return {"submodule": name, "ms": {k: 1000 * statistics.median(v) for k, v in times.items()}, "merge_err": err}
+
+
+def merge_and_strip(model: Any) -> Any:
+    """Fold every LoRA layer into its base weight and put the plain base layer back (what a merged export is)."""
+    layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+    for name, layer in layers:
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+    return model
+
+
+
+def _first_tensor(out: Any):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "feats"):  # TRELLIS SparseTensor
+        return out.feats
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _child(kind: str, *args: str) -> dict[str, Any] | None:
+    """Run one measurement in a fresh process; None (and its error on stderr) when it fails."""
+    cmd = [sys.executable, __file__, "--threads", str(THREADS), "--child", kind, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{kind} {' '.join(args)} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _mib(n: float | None) -> str:
+    return "" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--memory-models", nargs="+", default=["minilm", "sd_tiny"], choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each loop per model (alternating)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (MiniLM: 8)")
+    parser.add_argument("--repeats", type=int, default=30, help="forward passes per variant for latency")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per child (1: no OpenMP oversubscription "
+                        "when the machine is shared)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        kind, model, *rest = args.child
+        if kind == "throughput":
+            out = child_throughput(model, int(rest[0]), int(rest[1]), int(rest[2]))
+        elif kind == "memory":
+            out = child_memory(model, rest[0] == "full", int(rest[1]))
+        else:
+            out = child_latency(model, int(rest[0]))
+        print(json.dumps(out))
+        return
+
+    import lightning
+    import peft
+    import torch
+
+    global THREADS
+    THREADS = args.threads
+    started = time.time()
+    speed = ["| model | batch | LoRA params | Lightning steps/s (median) | plain PEFT steps/s (median) | ratio | "
+             "runs (L; P) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    sizes = ["| model | adapter snapshot (all formats) | PEFT dir(s) | resumable checkpoint | base (fp32 tensors) | "
+             "base on disk |", "| --- | --- | --- | --- | --- | --- |"]
+    for model in args.models:
+        warmup, steps = STEPS.get(model, (args.warmup, args.steps))
+        r = _child("throughput", model, str(args.rounds), str(warmup), str(steps))
+        if r is None:
+            speed.append(f"| {model} | failed |")
+            continue
+        lm, pm = statistics.median(r["rates"]["lightning"]), statistics.median(r["rates"]["plain"])
+        runs = "; ".join(", ".join(f"{x:.2f}" for x in r["rates"][k]) for k in ("lightning", "plain"))
+        speed.append(f"| {model} | {r['batch']} | {r['trainable_params']:,} | {lm:.3f} | {pm:.3f} | {lm / pm:.3f} | "
+                     f"{runs} |")
+        sizes.append(f"| {model} | {_mib(r['adapter_bytes'])} | {_mib(r['peft_bytes'])} | {_mib(r['ckpt_bytes'])} | "
+                     f"{_mib(r['base_bytes'])} | {_mib(r['base_disk_bytes'])} |")
+        print(speed[-1], sizes[-1], sep="\n", flush=True)
+    memory = ["| model | mode | trainable params | optimizer state | gradients | saved activations (1 step) | "
+              "training tensors | RSS after load | peak RSS | peak - load |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ratios = []
+    for model in args.memory_models:
+        got = {}
+        for mode in ("lora", "full"):
+            got[mode] = m = _child("memory", model, mode, "6")
+            if m is None:
+                memory.append(f"| {model} | {mode} | failed |")
+                continue
+            m["tensors"] = m["optimizer_state_bytes"] + m["grad_bytes"] + m["saved_activation_bytes"]
+            memory.append(f"| {model} | {mode} | {m['trainable_params']:,} | {_mib(m['optimizer_state_bytes'])} | "
+                          f"{_mib(m['grad_bytes'])} | {_mib(m['saved_activation_bytes'])} | {_mib(m['tensors'])} | "
+                          f"{m['loaded_rss_mb']:.0f} MB | {m['peak_rss_mb']:.0f} MB | "
+                          f"{m['peak_rss_mb'] - m['loaded_rss_mb']:.0f} MB |")
+            print(memory[-1], flush=True)
+        lo, fu = got["lora"], got["full"]
+        if lo is None or fu is None:
+            continue
+        ratios.append(f"{model}: peak RSS LoRA/full {lo['peak_rss_mb'] / fu['peak_rss_mb']:.3f}, training memory "
+                      f"over the loaded model LoRA/full "
+                      f"{(lo['peak_rss_mb'] - lo['loaded_rss_mb']) / (fu['peak_rss_mb'] - fu['loaded_rss_mb']):.3f}, "
+                      f"optimizer state LoRA/full {lo['optimizer_state_bytes'] / fu['optimizer_state_bytes']:.4f}, "
+                      f"training tensors (optimizer state + gradients + saved activations) LoRA/full "
+                      f"{lo['tensors'] / fu['tensors']:.3f}")
+    latency = ["| model | submodule | base ms | unmerged ms | merged ms | unmerged / base | merged / base | "
+               "max abs diff merged vs unmerged |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model in args.models:
+        r = _child("latency", model, str(args.repeats))
+        if r is None:
+            latency.append(f"| {model} | failed |")
+            continue
+        ms = r["ms"]
+        latency.append(f"| {model} | {r['submodule']} | {ms['base']:.3f} | {ms['unmerged']:.3f} | {ms['merged']:.3f} | "
+                       f"{ms['unmerged'] / ms['base']:.3f} | {ms['merged'] / ms['base']:.3f} | {r['merge_err']:.2e} |")
+        print(latency[-1], flush=True)
+    text = "\n".join([
+        f"\n## loop_bench {dt.datetime.now().isoformat(timespec='seconds')}",
+        f"machine: {platform.node() or 'vm'} {platform.machine()} cpus={os.cpu_count()} "
+        f"torch threads per child={args.threads} device=cpu",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"peft {peft.__version__}",
+        f"command: python bench/loop_bench.py {' '.join(sys.argv[1:])}".rstrip() + f"  ({time.time() - started:.0f} s)",
+        "",
+        f"Training throughput, LoRA r=8 alpha=16 on the family's default targets, fp32, AdamW; {args.rounds} "
+        f"alternating runs per loop, {args.warmup} warm-up + {args.steps} timed steps (MiniLM 2 + 8):",
+        "", *speed, "",
+        "Peak memory (max RSS of a child process, 6 plain-loop steps on the same batches) and AdamW state, LoRA vs "
+        "full fine-tuning of the same submodules. Training tensors = AdamW state + gradients + activations saved for "
+        "backward in one step (parameters excluded); on CPU the peak RSS also holds what glibc's allocator keeps, "
+        "so it is the coarser of the two:", "", *memory, "", *(f"- {x}" for x in ratios), "",
+        f"Forward latency of the adapted submodule (eval, no grad, captured training input, median of "
+        f"{args.repeats} alternating calls):", "", *latency, "",
+        "Sizes on disk (adapter snapshot after a Lightning run; resumable checkpoint = adapter + AdamW + loop state):",
+        "", *sizes,
+    ]) + "\n"
+    print(text)
+    with (HERE / "results.md").open("a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`NanGuard`: a non-finite loss or LoRA gradient stops the run (or skips that optimizer step).
+
+The check runs after backward and before the optimizer step (``on_before_optimizer_step``), so a bad step
+never reaches the weights: with ``action: stop`` the run ends with `TrainingDiverged` (one line naming the
+step, the last adapter snapshot and the last checkpoint, which were written before and stay intact); with
+``action: skip`` the step's gradients are dropped (set to ``None``, so AdamW leaves those parameters and their
+moments alone) and training goes on, up to ``max_skips`` times in a row. All processes decide together.
+
+Under fp16 mixed precision the gradient scaler already skips steps with inf/nan gradients (that is how it
+finds its scale), so only the loss is checked there.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_lora.errors import UserError
+
+ACTIONS = ("stop", "skip")
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient stopped training; the message names the step and what is intact."""
+
+
+def _describe(value: float) -> str:
+    return "nan" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
+
+
+class NanGuard(Callback):
+    def __init__(self, action: str = "stop", check_gradients: bool = True, max_skips: int = 10) -> None:
+        if action not in ACTIONS:
+            raise UserError(f"callbacks.nan_guard.action={action!r} is unknown; valid: {', '.join(ACTIONS)}")
+        if max_skips < 1:
+            raise UserError(f"callbacks.nan_guard.max_skips={max_skips} must be >= 1")
+        self.action = action
+        self.check_gradients = check_gradients
+        self.max_skips = max_skips
+        self.skipped_steps: list[int] = []
+        self._loss_problem: str | None = None
+        self._skips_in_a_row = 0
+
+    # ------------------------------------------------------------------ checks
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        value = float(loss.detach().float())
+        if not math.isfinite(value):
+            self._loss_problem = f"loss is {_describe(value)}"
+
+    def _gradient_problem(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return None
+        for name, p in pl_module.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                kind = "nan" if torch.isnan(p.grad).any() else "inf"
+                return f"gradient of {name} has {kind} values"
+        return None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        problem = self._loss_problem or self._gradient_problem(trainer, pl_module)
+        self._loss_problem = None
+        bad = trainer.strategy.reduce_boolean_decision(problem is not None, all=False)
+        if not bad:
+            self._skips_in_a_row = 0
+            return
+        problem = problem or "another process saw a non-finite loss or gradient"
+        step = trainer.global_step + 1  # the optimizer step being taken (steps count from 1)
+        if self.action == "skip" and self._skips_in_a_row < self.max_skips:
+            self._skips_in_a_row += 1
+            self.skipped_steps.append(step)
+            optimizer.zero_grad(set_to_none=True)
+            if trainer.is_global_zero:
+                print(f"warning: step {step}: {problem}; step skipped (nan_guard.action=skip)", flush=True)
+            return
+        why = (f"{self.max_skips} steps in a row were skipped; " if self.action == "skip" else "")
+        raise TrainingDiverged(
+            f"training stopped at step {step} (epoch {trainer.current_epoch}): {problem}; {why}"
+            f"nothing of this step was applied. Last good adapter: {self._last_adapter(trainer)}; "
+            f"last checkpoint: {self._last_checkpoint(trainer)} (lower optimizer.lr, set "
+            "trainer.gradient_clip_val, or use callbacks.nan_guard.action=skip)"
+        )
+
+    # ------------------------------------------------------------------ what is intact
+    @staticmethod
+    def _last_adapter(trainer: pl.Trainer) -> str:
+        from lightning_lora.callbacks.adapter_checkpoint import AdapterCheckpoint
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, AdapterCheckpoint) and cb.last_written is not None:
+                return str(cb.last_written)
+            if isinstance(cb, AdapterCheckpoint):
+                snapshots = sorted(cb.dirpath.glob("step_*")) if cb.dirpath.is_dir() else []
+                if snapshots:
+                    return str(snapshots[-1])
+        return "none written yet"
+
+    @staticmethod
+    def _last_checkpoint(trainer: pl.Trainer) -> str:
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.last_model_path and Path(cb.last_model_path).is_file():
+                    return cb.last_model_path
+                if cb.dirpath and (last := Path(cb.dirpath) / "last.ckpt").is_file():
+                    return str(last)
+        return "none written yet"

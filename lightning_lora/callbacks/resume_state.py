@@ -1,0 +1,192 @@
+"""`ExactResume`: a run resumed from a mid-epoch checkpoint sees the same batches and random numbers.
+
+Lightning restores weights, optimizer, scheduler and loop counters, but not the random number generators,
+and it restarts a plain DataLoader at the beginning of a freshly shuffled epoch. This callback stores in
+every checkpoint (weights-only-safe values: tensors, ints, tuples):
+
+- ``epoch_rng``: the generators' state just before the current epoch's data iterator was created (the
+  shuffle order and the workers' base seed come from it),
+- ``loading_rng``: their state as the batch that was already fetched ahead (Lightning prefetches one) began
+  to load (random augmentation in the main process draws from it),
+- ``rng``: their state when the checkpoint was written,
+- ``batches``: how many batches of the epoch were trained.
+
+On resume it puts ``epoch_rng`` back right before Lightning creates the iterator, skips the trained batches
+at the sampler (no batch is loaded twice), puts ``loading_rng`` back as the first kept batch loads and
+``rng`` back as the next one does (or before the first step, if there is none), so the continuation is the
+uninterrupted run's, bit for bit on CPU.
+
+Scope: one process with a ``LightningDataModule`` whose training loader has a map-style sampler (shuffled or
+not). Random draws inside DataLoader *worker processes* (augmentation with ``num_workers > 0``) are not
+reproduced: the workers never see the skipped samples, so their generators are elsewhere. Under DDP
+Lightning replaces the sampler with a ``DistributedSampler`` (seeded per epoch) and each process has its own
+generators: there this callback does nothing (Lightning's own restart).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every generator's state, as values ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64),
+                   "gauss": float("nan") if gauss is None else float(gauss)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = rng["python"]
+    gauss = None if p["gauss"] != p["gauss"] else p["gauss"]  # nan stands for None
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), gauss))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class ResumableSampler(Sampler):
+    """Wraps a batch sampler's ``sampler``: notes the generators' state as each batch starts to load (the
+    state any random draw while loading it sees). On resume its next pass leaves out the first ``skip``
+    indices, puts ``at_first`` back as the first kept batch starts to load and calls ``at_second`` as the
+    second one does (the uninterrupted run loaded that one right after the checkpoint was written).
+
+    Its length stays the full length: Lightning counts the trained batches itself."""
+
+    def __init__(self, sampler: Any, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.skip: int = 0
+        self.at_first: dict[str, Any] | None = None
+        self.at_second: Callable[[], None] | None = None
+        self.batch_rng: dict[str, Any] | None = None  # the state as the latest batch started to load
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, at_first, at_second = self.skip, self.at_first, self.at_second
+        self.skip, self.at_first, self.at_second = 0, None, None
+        for i, index in enumerate(self.sampler):  # iterating draws the shuffle seed as the original pass did
+            if i < skip:
+                continue
+            if (i - skip) % self.batch_size == 0:
+                if i == skip and at_first is not None:
+                    restore_rng(at_first)
+                elif i == skip + self.batch_size and at_second is not None:
+                    at_second()
+                self.batch_rng = capture_rng()
+            yield index
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ExactResume(Callback):
+    def __init__(self) -> None:
+        self._epoch_rng: dict[str, Any] | None = None
+        self._loaded: dict[str, Any] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._sampler: ResumableSampler | None = None
+        self.skipped_batches = 0
+        self.exact = True
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        trainer_batches = getattr(self, "_batches_fn", lambda: 0)()
+        loading = self._sampler.batch_rng if self._sampler is not None else None
+        return {"epoch_rng": self._epoch_rng, "rng": capture_rng(), "batches": trainer_batches,
+                "loading_rng": loading}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        self._batches_fn = lambda: int(progress.current.processed)
+        datamodule = trainer.datamodule
+        if datamodule is None or trainer.world_size > 1:
+            self.exact = False
+            return
+        original = datamodule.train_dataloader
+        if getattr(original, "_exact_resume", False):
+            return
+
+        def train_dataloader() -> Any:  # Lightning calls this right before it creates the epoch's iterator
+            loaded, self._loaded = self._loaded, None
+            if not loaded:
+                self._epoch_rng = capture_rng()
+                return self._wrap(original())
+            batches = int(loaded.get("batches") or 0)
+            mid_epoch = loaded.get("epoch_rng") is not None and batches > 0
+            restore_rng(loaded["epoch_rng"] if mid_epoch else loaded["rng"])
+            self._epoch_rng = capture_rng()
+            loader = self._wrap(original())
+            self._pending_rng = loaded["rng"]
+            if mid_epoch and batches < self._batches_in(loader) and self._sampler is not None:
+                self._sampler.skip = batches * self._sampler.batch_size
+                self._sampler.at_first = loaded.get("loading_rng")
+                self._sampler.at_second = self._restore_pending
+                self.skipped_batches = batches
+            elif mid_epoch:  # saved after the epoch's last batch (the next starts fresh), or no sampler to skip
+                self.exact = self._sampler is not None
+                restore_rng(loaded["rng"])
+                self._epoch_rng = capture_rng()
+            return loader
+
+        train_dataloader._exact_resume = True  # type: ignore[attr-defined]
+        datamodule.train_dataloader = train_dataloader
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        ours = getattr(datamodule, "__dict__", {}).get("train_dataloader")
+        if stage == "fit" and getattr(ours, "_exact_resume", False):
+            del datamodule.train_dataloader  # the class's own method again
+
+    @staticmethod
+    def _batches_in(loader: Any) -> float:
+        try:
+            return len(loader)
+        except TypeError:
+            return float("inf")
+
+    def _wrap(self, loader: Any) -> Any:
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(loader, DataLoader) or not isinstance(sampler, BatchSampler) or sampler.batch_size is None:
+            self._sampler, self.exact = None, False  # an iterable dataset or a custom batch sampler
+            return loader
+        if not isinstance(sampler.sampler, ResumableSampler):
+            sampler.sampler = ResumableSampler(sampler.sampler, sampler.batch_size)
+        self._sampler = sampler.sampler
+        return loader
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # For epochs after the first, the iterator is created after this hook (epoch 0: in train_dataloader).
+        if trainer.current_epoch > 0:
+            self._epoch_rng = capture_rng()
+
+    def _restore_pending(self) -> None:
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Normally done as the batch after next starts to load (see ResumableSampler); here when there is none.
+        self._restore_pending()
