@@ -346,6 +346,17 @@ class LoRAAdaptationModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.lr_lambda(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own clip_grad_norm_ computes the norm
+        # over every shard. Everything else goes through Lightning's clipping unchanged.
+        root = getattr(self.trainer.strategy, "model", None)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and type(root).__name__ == \
+                "FullyShardedDataParallel":
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _param_groups(self, params: list[nn.Parameter]) -> list[nn.Parameter] | list[dict[str, Any]]:
         """One group, or one per submodule with its own ``adapter.per_submodule.<name>.lr``."""
         own = {name: lr for name in self.adapters if (lr := self.spec.lr_for(name)) is not None}

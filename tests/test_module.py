@@ -189,3 +189,21 @@ def test_trainable_that_matches_nothing_lists_layer_names(tmp_path) -> None:
         _module(trainable=[])
     with pytest.raises(UserError, match="adapter.init_from: no adapter file or directory at .*missing"):
         _module(init_from=str(tmp_path / "missing"))
+
+
+def test_gradient_clipping_reaches_the_adapter_gradients():
+    """Without FSDP, clipping is Lightning's own: the adapter's gradient norm is capped before each step."""
+    module = LoRAAdaptationModule(TinyHead(), {"r": 4, "alpha": 8, "init": "random"})
+    norms: list[float] = []
+    clip = module.clip_gradients
+
+    def recording(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    module.clip_gradients = recording
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, gradient_clip_val=1e-3)
+    trainer.fit(module, TinyData())
+    assert len(norms) == 3 and all(n <= 1e-3 * (1 + 1e-4) for n in norms)
