@@ -408,15 +408,25 @@ def cmd_sample_flow3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _png_out(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the picture is written as .png")
+    return out
+
+
+def _scaled_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """Every ``--lora PATH[:WEIGHT]``, its weight multiplied by ``--scale``."""
+    return [(p, w * args.scale) for p, w in (_weighted(spec, "--lora") for spec in args.lora or [])]
+
+
 def cmd_sample_sd(args: argparse.Namespace) -> int:
     import torch
 
     from lightning_lora.heads.diffusion import apply_loras, check_pipeline_folder
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: the picture is written as .png")
+    out = _png_out(args)
     folder = check_pipeline_folder(args.pretrained)
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -424,7 +434,7 @@ def cmd_sample_sd(args: argparse.Namespace) -> int:
     diffusers_logging.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.to(_device(args.device))
-    loras = [(p, w * args.scale) for p, w in (_weighted(s, "--lora") for s in args.lora or [])]
+    loras = _scaled_loras(args)
     for line in apply_loras(pipe, loras, allow_partial=args.allow_partial):
         print(line)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -449,10 +459,7 @@ def cmd_sample_lbm(args: argparse.Namespace) -> int:
     from lightning_lora.heads.diffusion import BridgeHead, apply_lbm_loras
     from lightning_lora.models.lbm import check_lbm_folder
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: the picture is written as .png")
+    out = _png_out(args)
     if args.steps < 1:
         raise UserError(f"--steps={args.steps} must be >= 1 (LBM translates in 1)")
     source_path = Path(args.source)
@@ -474,7 +481,7 @@ def cmd_sample_lbm(args: argparse.Namespace) -> int:
     check_lbm_folder(args.pretrained, "--pretrained")
     head = BridgeHead(args.pretrained, pixel_loss_weight=0.0, num_inference_steps=args.steps)
     head.eval().to(_device(args.device))
-    loras = [(p, w * args.scale) for p, w in (_weighted(s, "--lora") for s in args.lora or [])]
+    loras = _scaled_loras(args)
     for line in apply_lbm_loras(head.denoiser, loras, allow_partial=args.allow_partial):
         print(line)
     f = head.vae_factor

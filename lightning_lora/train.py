@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import platform
 import shlex
 import subprocess
@@ -133,9 +132,6 @@ def _check_init_from(init_from: str | None) -> str:
         message = str(e)
         raise UserError(message if message.startswith("adapter.init_from") else f"adapter.init_from={init_from}: "
                         f"{message.removeprefix(str(init_from) + ': ')}") from None
-    except pickle.UnpicklingError:
-        raise UserError(f"adapter.init_from={init_from}: refused: it holds pickled objects that would run code when "
-                        "loaded (only tensors are read, weights_only=True)") from None
     except Exception as exc:  # truncated safetensors, a zip that is no torch file, an empty file, ...
         first = " ".join((str(exc).strip().splitlines() or [""])[0].split())[:200]
         raise UserError(f"adapter.init_from={init_from}: unreadable adapter ({type(exc).__name__}: {first})"

@@ -124,14 +124,7 @@ def read_lora(path: str | os.PathLike) -> LoraSet:
         return _flag_ignored(lora, state)
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path}")
-    try:
-        tensors, metadata = read_tensor_file(path)
-    except UserError:
-        raise
-    except Exception as e:  # a damaged file or a pickle that is not weights-only
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: not a readable LoRA file (safetensors or weights-only torch): {first[:160]}"
-                        ) from None
+    tensors, metadata = read_tensor_file(path)  # a damaged or pickled file is a UserError there
     return _flag_ignored(_read_tensors(path, tensors, metadata), tensors)
 
 

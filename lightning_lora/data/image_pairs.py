@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_lora.data.pairs import PairsDataModule, _abs, _check_positive_int
+from lightning_lora.data.pairs import PairsDataModule, _abs, _check_positive_int, read_jsonl
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
 
@@ -85,23 +85,8 @@ def parse_image_pair(obj: Any, base: Path, where: str) -> dict:
 
 def read_image_pairs_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read image/text pairs, one JSON object per line (blank lines skipped); image paths are checked."""
-    path = _abs(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    pairs: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(parse_image_pair(obj, path.parent, where))
-    if not pairs:
-        raise UserError(f"data file is empty: {path}; {FIELDS_HINT}")
-    return pairs
+    folder = _abs(path).parent  # relative image paths are relative to the file
+    return read_jsonl(path, lambda obj, where: parse_image_pair(obj, folder, where), FIELDS_HINT)
 
 
 class ImagePairsDataModule(PairsDataModule):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ def _parse_pair(obj: Any, where: str) -> dict:
 
 def read_pairs_jsonl(path: str | Path) -> list[dict]:
     """Read ``{"query", "positive", "negatives"?}`` objects, one per line; blank lines are skipped."""
+    return read_jsonl(path, _parse_pair, FIELDS_HINT)
+
+
+def read_jsonl(path: str | Path, parse: Callable[[Any, str], dict], hint: str) -> list[dict]:
+    """``parse(obj, "<file> line N")`` of every non-blank line; a bad line or an empty file is one UserError."""
     path = _abs(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
@@ -54,9 +60,9 @@ def read_pairs_jsonl(path: str | Path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(_parse_pair(obj, where))
+            pairs.append(parse(obj, where))
     if not pairs:
-        raise UserError(f"data file is empty: {path}; {FIELDS_HINT}")
+        raise UserError(f"data file is empty: {path}; {hint}")
     return pairs
 
 

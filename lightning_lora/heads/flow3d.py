@@ -13,9 +13,8 @@ images (``cond_image``) by a frozen DINOv2-with-registers model loaded from a lo
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -105,22 +104,6 @@ def _values(out: Any, sparse: bool) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- image conditioning
-@contextlib.contextmanager
-def _hf_quiet() -> Iterator[None]:
-    """No loading progress bar or weight report from transformers while the encoder loads."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 class DinoImageEncoder(nn.Module):
     """Frozen DINOv2(-with-registers) condition encoder, as TRELLIS's ``ImageConditionedMixin.encode_image``.
 
@@ -167,8 +150,10 @@ class DinoImageEncoder(nn.Module):
         if config.model_type not in DINO_MODEL_TYPES:
             raise UserError(f"model.image_encoder.pretrained: {folder} holds a {config.model_type!r} model, not "
                             f"DINOv2 ({' or '.join(DINO_MODEL_TYPES)})")
+        from lightning_lora.models.embedders import quiet_transformers
+
         try:
-            with _hf_quiet():
+            with quiet_transformers():
                 return AutoModel.from_pretrained(folder, config=config, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"model.image_encoder.pretrained: cannot load the weights in {folder} "
