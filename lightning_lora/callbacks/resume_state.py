@@ -12,15 +12,17 @@ every checkpoint (weights-only-safe values: tensors, ints, tuples):
 - ``batches``: how many batches of the epoch were trained.
 
 On resume it puts ``epoch_rng`` back right before Lightning creates the iterator, skips the trained batches
-at the sampler (no batch is loaded twice), puts ``loading_rng`` back as the first kept batch loads and
+at the sampler (no batch is loaded twice; an iterable dataset, which ignores sampler indices, is read through
+the trained batches and the loader drops them), puts ``loading_rng`` back as the first kept batch loads and
 ``rng`` back as the next one does (or before the first step, if there is none), so the continuation is the
 uninterrupted run's, bit for bit on CPU.
 
-Scope: one process with a ``LightningDataModule`` whose training loader has a map-style sampler (shuffled or
-not). Random draws inside DataLoader *worker processes* (augmentation with ``num_workers > 0``) are not
-reproduced: the workers never see the skipped samples, so their generators are elsewhere. Under DDP
-Lightning replaces the sampler with a ``DistributedSampler`` (seeded per epoch) and each process has its own
-generators: there this callback does nothing (Lightning's own restart).
+Scope: one process with a ``LightningDataModule`` whose training ``DataLoader`` has a map-style sampler
+(shuffled or not) or an iterable dataset (webdataset shards) whose order depends only on the generators'
+state when its pass starts. Random draws inside DataLoader *worker processes* (augmentation with
+``num_workers > 0``) are not reproduced: the workers never see the skipped samples, so their generators are
+elsewhere. Under DDP Lightning replaces the sampler with a ``DistributedSampler`` (seeded per epoch) and
+each process has its own generators: there this callback does nothing (Lightning's own restart).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
 
 def capture_rng() -> dict[str, Any]:
@@ -69,10 +71,11 @@ class ResumableSampler(Sampler):
     indices, puts ``at_first`` back as the first kept batch starts to load and calls ``at_second`` as the
     second one does (the uninterrupted run loaded that one right after the checkpoint was written).
 
-    Its length stays the full length: Lightning counts the trained batches itself."""
+    Its length stays the full length: Lightning counts the trained batches itself. With ``drop=False`` the
+    skipped indices are still yielded (an iterable dataset must be read through them: see ``_DropFirstBatches``)."""
 
-    def __init__(self, sampler: Any, batch_size: int) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
+    def __init__(self, sampler: Any, batch_size: int, drop: bool = True) -> None:
+        self.sampler, self.batch_size, self.drop = sampler, batch_size, drop
         self.skip: int = 0
         self.at_first: dict[str, Any] | None = None
         self.at_second: Callable[[], None] | None = None
@@ -83,6 +86,8 @@ class ResumableSampler(Sampler):
         self.skip, self.at_first, self.at_second = 0, None, None
         for i, index in enumerate(self.sampler):  # iterating draws the shuffle seed as the original pass did
             if i < skip:
+                if not self.drop:
+                    yield index
                 continue
             if (i - skip) % self.batch_size == 0:
                 if i == skip and at_first is not None:
@@ -94,6 +99,21 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class _DropFirstBatches(DataLoader):
+    """A ``DataLoader`` whose next iterator reads ``drop_batches`` batches and throws them away: the way to skip
+    ahead in an iterable dataset. Set on the loader instance by ``ExactResume`` (``loader.__class__``), so
+    Lightning still sees the user's ``DataLoader`` with all its attributes."""
+
+    drop_batches: int = 0
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        drop, self.drop_batches = self.drop_batches, 0
+        for _ in range(drop):
+            next(iterator, None)
+        return iterator
 
 
 class ExactResume(Callback):
@@ -142,6 +162,9 @@ class ExactResume(Callback):
             self._pending_rng = loaded["rng"]
             if mid_epoch and batches < self._batches_in(loader) and self._sampler is not None:
                 self._sampler.skip = batches * self._sampler.batch_size
+                if not self._sampler.drop:  # an iterable dataset: read the trained batches, drop them here
+                    loader.__class__ = type("ResumedDataLoader", (_DropFirstBatches, type(loader)), {})
+                    loader.drop_batches = batches
                 self._sampler.at_first = loaded.get("loading_rng")
                 self._sampler.at_second = self._restore_pending
                 self.skipped_batches = batches
@@ -173,7 +196,8 @@ class ExactResume(Callback):
             self._sampler, self.exact = None, False  # an iterable dataset or a custom batch sampler
             return loader
         if not isinstance(sampler.sampler, ResumableSampler):
-            sampler.sampler = ResumableSampler(sampler.sampler, sampler.batch_size)
+            iterable = isinstance(loader.dataset, IterableDataset)
+            sampler.sampler = ResumableSampler(sampler.sampler, sampler.batch_size, drop=not iterable)
         self._sampler = sampler.sampler
         return loader
 
