@@ -12,6 +12,9 @@
 
 The adapters are the PEFT directories a run writes (``adapters/final/<submodule>/``), loaded onto the
 embedder's submodules with ``peft.PeftModel.from_pretrained``, so the numbers are the ones plain PEFT gives.
+When ``adapter_dir`` lies in a run directory, the embedder is built with the settings the run trained with
+(pooling, prefixes, instructions, lengths, family: the run's ``config.yaml``), so queries are encoded as in
+training; keyword arguments override them, and ``base_path=None`` takes the run's ``model.pretrained``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,43 @@ from peft import PeftModel
 
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
-from lightning_lora.models.embedders import Embedder, Item, build_embedder, quiet_transformers
+from lightning_lora.models.embedders import Embedder, Item, build_embedder, detect_family, quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "config.yaml"
+#: the embedder classes a run's ``model.embedder._target_`` may name, by family
+_FAMILY_OF_CLASS = {"TextEmbedder": "text", "ClipEmbedder": "clip", "Qwen3VLEmbedder": "qwen3_vl"}
+#: ``model.*`` keys of the text path (no ``model.embedder``) that change how an item is encoded
+_TEXT_SETTINGS = ("pooling", "query_prefix", "doc_prefix", "query_max_length", "doc_max_length", "name")
+#: embedder arguments that are about training, not encoding
+_TRAINING_ONLY = ("_target_", "pretrained", "targets", "config_overrides")
+
+
+def run_settings(adapter_dir: str | os.PathLike) -> tuple[str | None, str, dict[str, Any]]:
+    """(base path, family, embedder keyword arguments) the run that wrote ``adapter_dir`` trained with, read
+    from the ``config.yaml`` of the run directory (``<run>/adapters/<snapshot>``); ``(None, "auto", {})``
+    when there is none (an adapter copied elsewhere)."""
+    from omegaconf import OmegaConf
+
+    root = Path(os.path.expanduser(str(adapter_dir))).resolve()
+    found = next((d / RUN_CONFIG for d in (root.parent.parent, root.parent.parent.parent)
+                  if (d / RUN_CONFIG).is_file()), None)
+    if found is None:
+        return None, "auto", {}
+    try:
+        model = OmegaConf.to_container(OmegaConf.load(found), resolve=False).get("model") or {}
+    except Exception as exc:  # a damaged or foreign config.yaml: say which file, do not guess
+        raise UserError(f"{found}: cannot read the run's model settings ({type(exc).__name__}: {exc}); pass "
+                        "base_path, family and the embedder settings yourself") from None
+    embedder = model.get("embedder")
+    if isinstance(embedder, dict) and embedder.get("_target_"):
+        family = _FAMILY_OF_CLASS.get(str(embedder["_target_"]).rsplit(".", 1)[-1], "auto")
+        kwargs = {k: v for k, v in embedder.items() if k not in _TRAINING_ONLY}
+    else:
+        family = "text" if model.get("_target_", "").endswith("EmbeddingHead") else "auto"
+        kwargs = {k: model[k] for k in _TEXT_SETTINGS if k in model} if family == "text" else {}
+    pretrained = model.get("pretrained")
+    return (str(pretrained) if isinstance(pretrained, str) and pretrained != "???" else None), family, kwargs
 
 
 def find_adapters(embedder: Embedder, adapter_dir: str | os.PathLike) -> dict[str, Path]:
@@ -91,13 +128,22 @@ class Predictor:
         self.adapters: dict[str, PeftModel] = dict(adapters or {})
 
     @classmethod
-    def from_pretrained(cls, base_path: str | os.PathLike, adapter_dir: str | os.PathLike | None = None,
+    def from_pretrained(cls, base_path: str | os.PathLike | None, adapter_dir: str | os.PathLike | None = None,
                         family: str = "auto", device: str | torch.device | None = None,
                         **embedder_kwargs: Any) -> Predictor:
         """Load the base model folder (``family``: ``auto`` | ``text`` | ``clip`` | ``qwen3_vl``), then every
-        adapter in ``adapter_dir``. ``embedder_kwargs`` go to the embedder (pooling, prefixes, instruction,
-        dtype, ...): use the values the adapter was trained with."""
-        embedder = build_embedder(base_path, family, **embedder_kwargs)
+        adapter in ``adapter_dir``. The embedder gets the settings of the run that wrote ``adapter_dir`` (its
+        ``config.yaml``), then ``embedder_kwargs`` (pooling, prefixes, instruction, dtype, ...) over them."""
+        run_base, run_family, settings = run_settings(adapter_dir) if adapter_dir is not None else (None, "auto", {})
+        if base_path is None:
+            if run_base is None:
+                raise UserError("base_path is required: no run config.yaml next to the adapter names the base model")
+            base_path = run_base
+        if family == "auto":
+            family = run_family
+        if family == "auto" or family != detect_family(base_path):
+            settings = {}  # the run's settings belong to another kind of model than this base folder
+        embedder = build_embedder(base_path, family, **{**settings, **embedder_kwargs})
         adapters = {}
         if adapter_dir is not None:
             modules = embedder.adaptable_submodules()
@@ -170,4 +216,4 @@ class Predictor:
         return out
 
 
-__all__ = ["Predictor", "find_adapters", "load_peft"]
+__all__ = ["Predictor", "find_adapters", "load_peft", "run_settings"]

@@ -203,3 +203,35 @@ def test_qwen_predictor_equals_peft_and_the_merged_model(tmp_path, qwen_dir, ima
         hidden = merged(**inputs, use_cache=False).last_hidden_state
     assert torch.allclose(F.normalize(hidden[torch.arange(3), last], dim=-1), ours, atol=1e-5)
     assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
+
+
+# --------------------------------------------------------------------------- a run's own settings
+def test_a_runs_adapter_is_encoded_with_the_runs_settings(tmp_path, fast_cfg):
+    """A run trained with CLS pooling, prefixes and short queries: the Predictor built from its adapters/final
+    alone (no base path, no settings) encodes exactly as the trained module does; a keyword overrides."""
+    from lightning_lora.train import run
+
+    _, objects = run(fast_cfg(["model.pooling=cls", "model.query_prefix='query: '", "model.doc_prefix='doc: '",
+                               "model.query_max_length=8", "validate_before=false", "validate_after=false"]))
+    final = Path(objects["trainer"].default_root_dir) / "adapters" / "final"
+    trained = objects["module"].head.embedder.eval()
+    with torch.no_grad():
+        expected = F.normalize(trained.embed(TEXTS, "query").float(), dim=-1)
+        expected_docs = F.normalize(trained.embed(TEXTS, "document").float(), dim=-1)
+
+    predictor = Predictor.from_pretrained(None, final)
+    assert predictor.embedder.pooling == "cls" and predictor.embedder.prefixes["query"] == "query: "
+    assert torch.allclose(predictor.encode_text(TEXTS), expected, atol=1e-6)
+    assert torch.allclose(predictor.encode_text(TEXTS, role="document"), expected_docs, atol=1e-6)
+    mean = Predictor.from_pretrained(None, final, pooling="mean")  # the caller's keyword wins
+    assert mean.embedder.pooling == "mean" and not torch.allclose(mean.encode_text(TEXTS), expected, atol=1e-3)
+
+
+def test_an_adapter_outside_a_run_needs_a_base_path(tmp_path, tiny_bert):
+    from transformers import AutoModel
+
+    lone = save_adapter(AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False), tmp_path / "lone",
+                        ["query", "value"])
+    with pytest.raises(UserError, match="base_path is required"):
+        Predictor.from_pretrained(None, lone)
+    assert Predictor.from_pretrained(tiny_bert, lone).embedder.pooling == "mean"
