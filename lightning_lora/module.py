@@ -101,6 +101,17 @@ def unique_rows(collected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[first] for k, v in collected.items()}
 
 
+def _zero_touch(params: Iterable[nn.Parameter]) -> torch.Tensor | float:
+    """0 · Σ first elements: puts every trainable parameter in the step's graph with a zero gradient.
+
+    DDP (``find_unused_parameters=false``) waits for a gradient of every parameter, and a step may leave some
+    without one, e.g. the vision LoRA when a process's batch holds no image, or a submodule a head skips. The
+    wait then hangs or fails on the next step; with this term each process reduces every parameter, adding
+    exactly 0 to the gradients that exist. (``find_unused_parameters=true`` instead walks the graph every step.)
+    """
+    return sum(p.reshape(-1)[0] for p in params) * 0.0  # starts from int 0: any device, any dtype
+
+
 class LoRAAdaptationModule(pl.LightningModule):
     """Train a LoRA adapter on any `TaskHead`: ``trainer.fit(LoRAAdaptationModule(head, spec), datamodule)``."""
 
@@ -304,13 +315,18 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
         self.head.on_strategy(type(self.trainer.strategy).__name__)
+        self._touch_every_parameter = isinstance(self.trainer.strategy, DDPStrategy)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.head.training_step(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)
         for key, value in out.logs.items():
             self.log(f"train/{key}", value, batch_size=out.batch_size)
+        if getattr(self, "_touch_every_parameter", False):
+            return out.loss + _zero_touch(p for p in self.parameters() if p.requires_grad)
         return out.loss
 
     def on_validation_epoch_start(self) -> None:

@@ -4,6 +4,7 @@ global batch."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -248,3 +249,33 @@ def test_vision_language_presets_train_with_vision_lora_and_gradient_cache(model
     assert all(p.abs().sum() > 0 for p in trained.values())
     final = tmp_path / "run" / "adapters" / "final"
     assert sorted(p.name for p in final.iterdir()) == sorted(module.adapters)
+
+
+def test_vision_lora_under_ddp_when_one_process_sees_no_image(cache_dir, tmp_path):
+    """Rows alternate image->caption / text->text, unshuffled: under 2-process DDP rank 0 always gets images and
+    rank 1 never does, so rank 1's vision LoRA has no gradient. DDP (find_unused_parameters=false) must still
+    reduce every parameter: the run finishes and the vision LoRA moved (from rank 0's images)."""
+    import numpy as np
+    from conftest import run_cli
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        if i % 2 == 0:
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+            rows.append({"query_image": f"{i}.png", "positive": f"picture number {i}"})
+        else:
+            rows.append({"query": f"text number {i}", "positive": f"the text {i}"})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(["model=clip_tiny", "model.vision=true", "data=image_pairs",
+                    f"data.train_path={tmp_path}/train.jsonl", "data.batch_size=4", "data.shuffle=false",
+                    f"paths.cache_dir={cache_dir}", "trainer.max_steps=2",
+                    "validate_before=false", "validate_after=false", "~callbacks.progress_bar",
+                    "callbacks.adapter_checkpoint.every_n_steps=0", "trainer.precision=32-true", "strategy=ddp",
+                    "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}"], timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vision = load_file(run_dir / "adapters" / "final" / "vision" / "adapter_model.safetensors")
+    assert vision and all(t.abs().sum() > 0 for k, t in vision.items() if "lora_B" in k)
