@@ -537,3 +537,35 @@ def test_every_family_resumes_bit_identically(tmp_path, family) -> None:
     assert exact.exact and exact.skipped_batches == 2
     for which in ("step_0000004", "final"):
         assert _bit_identical(_adapter_tensors(tmp_path / "part", which), _adapter_tensors(tmp_path / "full", which))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_checkpoint", "during_write"])
+@pytest.mark.parametrize("family", ["flow3d", "sd", "lbm", "clip_tiny", "qwen3_vl_tiny"])
+def test_every_family_survives_sigkill(tmp_path, family, point) -> None:
+    """The subprocess kill test of the tiny BERT, for every other family: SIGKILL after the first checkpoint or
+    while a file is being written, then resume=last: 6 steps and the uninterrupted run's adapter bits."""
+    overrides = [*_family_overrides(family, tmp_path), "+callbacks.slow_down._target_=test_reliability.SlowDown"]
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    rc, _, err = _finish(_start([*overrides, f"hydra.run.dir={reference}"]))
+    assert rc == 0, err[-3000:]
+    extra = ["+callbacks.slow_writes._target_=test_reliability.SlowWrites", "+callbacks.slow_writes.after=2"
+             ] if point == "during_write" else []
+    proc = _start([*overrides, *extra, f"hydra.run.dir={run_dir}"])
+    _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    if point == "during_write":
+        deadline = time.time() + 120
+        while not [p for p in run_dir.rglob(TMP_PREFIX + "*") if p.is_file()] and time.time() < deadline:
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert _finish(proc)[0] == -signal.SIGKILL
+    killed_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= killed_at < 6
+    assert point != "during_write" or [p for p in run_dir.rglob(TMP_PREFIX + "*")], "the kill missed the write"
+    rc, _, err = _finish(_start([*overrides, f"hydra.run.dir={run_dir}", "resume=last"]))
+    assert rc == 0, err[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 6
+    assert not [p for p in run_dir.rglob(TMP_PREFIX + "*")]
+    for which in ("step_0000004", "final"):
+        assert _bit_identical(_adapter_tensors(run_dir, which), _adapter_tensors(reference, which)), which
+    print(f"{family} {point}: killed after step {killed_at}, resumed bit-identically")
