@@ -281,6 +281,10 @@ def test_frozen_dtype_keeps_lora_fp32(tiny_sd):
     assert head.unet.conv_in.weight.dtype == torch.bfloat16
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    # a 32-true run (no autocast) over the bf16 UNet: the head hands the UNet its own dtype
+    batch = next(iter(image_batches(n=2, batch_size=2)))
+    head.diffusion_loss(batch, torch.Generator().manual_seed(0)).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
     with pytest.raises(UserError, match="frozen_dtype='fp8' is unknown"):
         DiffusionHead(tiny_sd, frozen_dtype="fp8")
 

@@ -34,10 +34,22 @@ Tensors = dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- state dicts
+FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
 def adapter_state(peft_model: PeftModel) -> Tensors:
-    """The adapter weights of ``peft_model`` in PEFT's saved key format, contiguous, on CPU."""
-    state = get_peft_model_state_dict(peft_model)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    """The adapter weights of ``peft_model`` in PEFT's saved key format, contiguous, on CPU.
+
+    Under FSDP (blocks wrapped, ``use_orig_params``) the module names carry ``_fsdp_wrapped_module.`` but
+    ``state_dict()`` keys do not, so PEFT's name filter would keep nothing: there the state comes from the
+    parameters themselves (whole inside ``strategies.full_params``) and the wrapper's name is dropped, giving the
+    keys of an unwrapped model."""
+    state_dict = None
+    if any(FSDP_WRAPPED in name for name, _ in peft_model.named_modules()):
+        state_dict = dict(peft_model.named_parameters())
+        state_dict.update(peft_model.named_buffers())
+    state = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+    return {k.replace(FSDP_WRAPPED, ""): v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def normalize_keys(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> Tensors:

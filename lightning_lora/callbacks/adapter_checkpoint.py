@@ -3,7 +3,8 @@
 Writes ``<dirpath>/step_NNNNNNN/`` every ``every_n_steps`` optimizer steps and ``<dirpath>/final/`` when
 fitting ends; each holds one PEFT directory per adapted submodule; the head adds its family's own formats
 (inside the snapshot, or under ``run_dir`` for families whose tools expect that, like TRELLIS's lora_ckpts/).
-Only global rank 0 writes, and every directory appears atomically.
+Only global rank 0 writes, and every directory appears atomically; under FSDP every rank first joins the gather of
+the sharded tensors (``strategies.full_params``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_lora.errors import UserError
+from lightning_lora.strategies import full_params
 
 
 class AdapterCheckpoint(Callback):
@@ -34,10 +36,12 @@ class AdapterCheckpoint(Callback):
         return f"step_{step:07d}"
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
-        if trainer.is_global_zero:
-            target = self.dirpath / name
-            pl_module.save_adapters(target, step=trainer.global_step, run_dir=self.run_dir)
-            self.last_written = target
+        # Every rank enters: under FSDP rank 0 holds only its shard of each LoRA tensor until all ranks gather.
+        with full_params(trainer, pl_module):
+            if trainer.is_global_zero:
+                target = self.dirpath / name
+                pl_module.save_adapters(target, step=trainer.global_step, run_dir=self.run_dir)
+                self.last_written = target
         trainer.strategy.barrier("adapter_checkpoint")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -3,7 +3,9 @@
 The head draws them (``head.preview_images()`` -> [prompts, seeds, 3, H, W] in [0, 1], or None when it has
 nothing to show); this callback lays them out as one grid (a row per prompt, a column per seed), logs it to
 TensorBoard and writes ``<run_dir>/samples/base.png`` (adapters disabled, once) and ``step_NNNNNNN.png``.
-Sampling runs in eval mode without gradients on global rank 0, between optimizer steps.
+Sampling runs in eval mode without gradients on global rank 0, between optimizer steps; under FSDP every rank
+samples too (each forward gathers the sharded weights from all ranks, ``strategies.full_params``) and rank 0 alone
+writes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
+from lightning_lora.strategies import full_params, shards_parameters
 
 
 def image_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -51,23 +54,10 @@ class SamplePreviews(Callback):
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, step: int,
               disable_adapters: bool = False) -> None:
-        if trainer.is_global_zero:
-            was_training = pl_module.training
-            # PEFT's disable_adapter() sets requires_grad on every LoRA tensor when it re-enables the adapter,
-            # which would undo a trainable subset (adapter.trainable): keep the flags as they were.
-            flags = [(p, p.requires_grad) for p in pl_module.parameters()]
-            pl_module.eval()
-            try:
-                with contextlib.ExitStack() as stack:
-                    if disable_adapters:
-                        for peft in pl_module.adapters.values():
-                            stack.enter_context(peft.disable_adapter())
-                    images = pl_module.head.preview_images()
-            finally:
-                pl_module.train(was_training)
-                for p, flag in flags:
-                    p.requires_grad_(flag)
-            if images is not None:
+        # A forward under FSDP is a collective (each unit gathers its shards from every rank): then all ranks sample.
+        if trainer.is_global_zero or shards_parameters(trainer):
+            images = self._sample(trainer, pl_module, disable_adapters)
+            if trainer.is_global_zero and images is not None:
                 grid = image_grid(images)
                 self.written.append(atomic_write_bytes(self.dirpath / f"{name}.png", png_bytes(grid)))
                 logger = trainer.logger
@@ -76,6 +66,26 @@ class SamplePreviews(Callback):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the sampler's activations must not stay reserved for training
         trainer.strategy.barrier("sample_previews")
+
+    @staticmethod
+    def _sample(trainer: pl.Trainer, pl_module: pl.LightningModule, disable_adapters: bool) -> torch.Tensor | None:
+        was_training = pl_module.training
+        # PEFT's disable_adapter() sets requires_grad on every LoRA tensor when it re-enables the adapter,
+        # which would undo a trainable subset (adapter.trainable): keep the flags as they were.
+        flags = [(p, p.requires_grad) for p in pl_module.parameters()]
+        pl_module.eval()
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(full_params(trainer, pl_module, forward=True))
+                if disable_adapters:
+                    for peft in pl_module.adapters.values():
+                        stack.enter_context(peft.disable_adapter())
+                return pl_module.head.preview_images()
+        finally:
+            pl_module.train(was_training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.base and (self.every_n_steps or self.final):

@@ -285,7 +285,9 @@ class DiffusionHead(LatentHead):
         t = torch.randint(0, steps, (n,), generator=generator).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
-        pred = self.unet(noisy, t, hidden.to(self.unet.dtype) if not torch.is_autocast_enabled() else hidden).sample
+        if not torch.is_autocast_enabled():  # a frozen fp16/bf16 UNet in a 32-true run takes its own dtype
+            noisy, hidden = noisy.to(self.unet.dtype), hidden.to(self.unet.dtype)
+        pred = self.unet(noisy, t, hidden).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma is None:
             return per_sample.mean()
