@@ -38,6 +38,11 @@ FAMILIES = {
     "trellis_slat_tiny": lambda _: ["model=trellis_slat_tiny", "data=trellis_demo", "data.num_shapes=12",
                                     "data.batch_size=2"],
     "clip_tiny": lambda _: ["model=clip_tiny", "data=digits_retrieval", "data.num_images=48", "data.batch_size=8"],
+    "qwen3_vl_tiny": lambda _: ["model=qwen3_vl_tiny", "model.vision=true", "data=digits_retrieval",
+                                "data.num_images=48", "data.batch_size=8"],
+    # webdataset shards: DDP needs samples_per_epoch (each process streams its share)
+    "lbm_tiny": lambda _: ["model=lbm_tiny", "data=digits_pairs", "data.num_images=32", "data.batch_size=4",
+                           "data.samples_per_epoch=16"],
 }
 
 
