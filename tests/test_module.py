@@ -207,3 +207,33 @@ def test_gradient_clipping_reaches_the_adapter_gradients():
                          enable_model_summary=False, gradient_clip_val=1e-3)
     trainer.fit(module, TinyData())
     assert len(norms) == 3 and all(n <= 1e-3 * (1 + 1e-4) for n in norms)
+
+
+class _InOrder(TinyData):
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.items, batch_size=self.batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 4])
+def test_accumulating_gradients_equals_one_big_batch(accumulate: int) -> None:
+    """accumulate_grad_batches=k over batches of 8/k gives the step of one batch of 8 (the loss is a mean, so
+    Lightning's division by k makes the gradients equal); SGD, so the gradient's scale shows in the update."""
+
+    def trained(batch_size: int, k: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = LoRAAdaptationModule(TinyHead(), AdapterSpec(r=4, alpha=8, init="random"),
+                                      optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+                                      scheduler=ScheduleSpec("constant"))
+        trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=k, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, _InOrder(n=16, batch_size=batch_size))
+        assert trainer.global_step == 2
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    reference, accumulated = trained(8, 1), trained(8 // accumulate, accumulate)
+    torch.manual_seed(0)
+    untrained = {n: p.detach() for n, p in LoRAAdaptationModule(TinyHead(), AdapterSpec(
+        r=4, alpha=8, init="random")).named_parameters() if p.requires_grad}
+    assert all(not torch.equal(reference[n], untrained[n]) for n in reference)  # the steps moved every tensor
+    for name, value in reference.items():
+        assert torch.allclose(accumulated[name], value, rtol=1e-5, atol=1e-6), name

@@ -25,8 +25,9 @@ def test_default_job_improves_retrieval(tmp_path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_run_on_cuda_keeps_lora_fp32(fast_cfg) -> None:
-    metrics, objects = run(fast_cfg(["trainer.accelerator=gpu", "trainer.precision=bf16-mixed"]))
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # 16-mixed: GradScaler over fp32 LoRA weights
+def test_mixed_precision_run_on_cuda_keeps_lora_fp32(fast_cfg, precision) -> None:
+    metrics, objects = run(fast_cfg(["trainer.accelerator=gpu", f"trainer.precision={precision}"]))
     assert metrics["global_step"] == 4
     lora = {n: p for n, p in objects["module"].named_parameters() if "lora_" in n}
     assert lora and all(p.dtype == torch.float32 and p.is_cuda for p in lora.values())
