@@ -21,8 +21,14 @@ Scope: one process with a ``LightningDataModule`` whose training ``DataLoader`` 
 (shuffled or not) or an iterable dataset (webdataset shards) whose order depends only on the generators'
 state when its pass starts. Random draws inside DataLoader *worker processes* (augmentation with
 ``num_workers > 0``) are not reproduced: the workers never see the skipped samples, so their generators are
-elsewhere. Under DDP Lightning replaces the sampler with a ``DistributedSampler`` (seeded per epoch) and
-each process has its own generators: there this callback does nothing (Lightning's own restart).
+elsewhere.
+
+Under DDP the loader gets Lightning's own ``DistributedSampler`` here already (Lightning would swap it in after
+``train_dataloader`` returns, dropping the wrapper), so each process skips its share of the trained batches and
+the data order is the uninterrupted run's. The checkpoint holds global rank 0's generator states, and every
+process gets them back: exact when the processes draw alike (``seed_everything`` seeds them all the same, and
+same-shaped draws keep them equal); where their draws differ in size (e.g. dropout on per-process padded
+lengths), the other processes continue with rank 0's stream instead of their own.
 """
 
 from __future__ import annotations
@@ -101,6 +107,18 @@ class ResumableSampler(Sampler):
         return len(self.sampler)
 
 
+def _with_distributed_sampler(trainer: pl.Trainer, loader: Any) -> Any:
+    """The loader with the ``DistributedSampler`` Lightning would inject after ``train_dataloader`` returns
+    (its own code, so the same order); unchanged outside DDP, for iterable datasets or with
+    ``use_distributed_sampler=False``."""
+    if trainer.world_size == 1 or not isinstance(loader, DataLoader):
+        return loader
+    from lightning.pytorch.trainer.states import RunningStage
+
+    # private Lightning API: the one place that knows the sampler arguments (seed, shuffle, rank, replicas)
+    return trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+
+
 class _DropFirstBatches(DataLoader):
     """A ``DataLoader`` whose next iterator reads ``drop_batches`` batches and throws them away: the way to skip
     ahead in an iterable dataset. Set on the loader instance by ``ExactResume`` (``loader.__class__``), so
@@ -142,23 +160,26 @@ class ExactResume(Callback):
         progress = trainer.fit_loop.epoch_loop.batch_progress
         self._batches_fn = lambda: int(progress.current.processed)
         datamodule = trainer.datamodule
-        if datamodule is None or trainer.world_size > 1:
+        if datamodule is None:
             self.exact = False
             return
         original = datamodule.train_dataloader
         if getattr(original, "_exact_resume", False):
             return
 
+        def build() -> Any:
+            return self._wrap(_with_distributed_sampler(trainer, original()))
+
         def train_dataloader() -> Any:  # Lightning calls this right before it creates the epoch's iterator
             loaded, self._loaded = self._loaded, None
             if not loaded:
                 self._epoch_rng = capture_rng()
-                return self._wrap(original())
+                return build()
             batches = int(loaded.get("batches") or 0)
             mid_epoch = loaded.get("epoch_rng") is not None and batches > 0
             restore_rng(loaded["epoch_rng"] if mid_epoch else loaded["rng"])
             self._epoch_rng = capture_rng()
-            loader = self._wrap(original())
+            loader = build()
             self._pending_rng = loaded["rng"]
             if mid_epoch and batches < self._batches_in(loader) and self._sampler is not None:
                 self._sampler.skip = batches * self._sampler.batch_size
