@@ -573,10 +573,12 @@ def test_every_family_survives_sigkill(tmp_path, family, point) -> None:
 
 def _ddp_resume(tmp_path: Path, tiny_bert: Path, cache_dir: Path, extra: list[str]) -> tuple[Path, Path]:
     """(uninterrupted, resumed) run dirs of a 2-process CPU DDP run of 6 steps; the second stopped after 2
-    (mid-epoch: 4 batches per process per epoch) and resumed with resume=last."""
+    (mid-epoch: 4 batches per process per epoch) and resumed with resume=last. LoRA dropout draws from each
+    process's generators, whose states part ways (each pads its batches to its own lengths)."""
     common = [f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", *FAST, "validate_before=false",
-              "validate_after=false", "adapter.dropout=0.0", "scheduler.name=constant", "scheduler.warmup_ratio=0",
-              "trainer.precision=32-true", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *extra]
+              "validate_after=false", "adapter.dropout=0.1", "scheduler.name=constant", "scheduler.warmup_ratio=0",
+              "trainer.precision=32-true", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+              "model.query_max_length=64", "model.doc_max_length=128", *extra]  # not cut: lengths vary per batch
     full, part = tmp_path / "full", tmp_path / "part"
     for args in ([f"hydra.run.dir={full}", "trainer.max_steps=6"], [f"hydra.run.dir={part}", "trainer.max_steps=2"],
                  [f"hydra.run.dir={part}", "trainer.max_steps=6", "resume=last"]):
@@ -588,8 +590,8 @@ def _ddp_resume(tmp_path: Path, tiny_bert: Path, cache_dir: Path, extra: list[st
 
 def test_ddp_resume_continues_each_processs_data_where_it_stopped(tmp_path, tiny_bert, cache_dir) -> None:
     """Under DDP each process skips its own trained batches (Lightning's DistributedSampler, given to the loader
-    before Lightning would inject it): no batch is trained twice or missed, and with nothing random in the step the
-    resumed adapter equals the uninterrupted one bit for bit."""
+    before Lightning would inject it) and gets its own generator states back: the resumed adapter equals the
+    uninterrupted one bit for bit."""
     full, part = _ddp_resume(tmp_path, tiny_bert, cache_dir, [])
     for which in ("step_0000004", "final"):
         assert _bit_identical(_adapter_tensors(part, which), _adapter_tensors(full, which)), which

@@ -17,7 +17,7 @@ the trained batches and the loader drops them), puts ``loading_rng`` back as the
 ``rng`` back as the next one does (or before the first step, if there is none), so the continuation is the
 uninterrupted run's, bit for bit on CPU.
 
-Scope: one process with a ``LightningDataModule`` whose training ``DataLoader`` has a map-style sampler
+Scope: a ``LightningDataModule`` whose training ``DataLoader`` has a map-style sampler
 (shuffled or not) or an iterable dataset (webdataset shards) whose order depends only on the generators'
 state when its pass starts. Random draws inside DataLoader *worker processes* (augmentation with
 ``num_workers > 0``) are not reproduced: the workers never see the skipped samples, so their generators are
@@ -25,10 +25,8 @@ elsewhere.
 
 Under DDP the loader gets Lightning's own ``DistributedSampler`` here already (Lightning would swap it in after
 ``train_dataloader`` returns, dropping the wrapper), so each process skips its share of the trained batches and
-the data order is the uninterrupted run's. The checkpoint holds global rank 0's generator states, and every
-process gets them back: exact when the processes draw alike (``seed_everything`` seeds them all the same, and
-same-shaped draws keep them equal); where their draws differ in size (e.g. dropout on per-process padded
-lengths), the other processes continue with rank 0's stream instead of their own.
+the data order is the uninterrupted run's; the checkpoint carries every process's generator states (gathered
+while the checkpoint is written, which every process does) and each process gets its own back.
 """
 
 from __future__ import annotations
@@ -107,6 +105,22 @@ class ResumableSampler(Sampler):
         return len(self.sampler)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _gather(mine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every process's ``mine``, in rank order (a collective)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
 def _with_distributed_sampler(trainer: pl.Trainer, loader: Any) -> Any:
     """The loader with the ``DistributedSampler`` Lightning would inject after ``train_dataloader`` returns
     (its own code, so the same order); unchanged outside DDP, for iterable datasets or with
@@ -147,10 +161,17 @@ class ExactResume(Callback):
     def state_dict(self) -> dict[str, Any]:
         trainer_batches = getattr(self, "_batches_fn", lambda: 0)()
         loading = self._sampler.batch_rng if self._sampler is not None else None
-        return {"epoch_rng": self._epoch_rng, "rng": capture_rng(), "batches": trainer_batches,
-                "loading_rng": loading}
+        mine = {"epoch_rng": self._epoch_rng, "rng": capture_rng(), "loading_rng": loading}
+        state = {**mine, "batches": trainer_batches}
+        if _distributed():  # every process's own states (save_checkpoint runs on every rank, so this may gather)
+            state["ranks"] = _gather(mine)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # this process's own generator states when the checkpoint has them (same number of processes)
+        ranks, rank = state_dict.get("ranks"), _rank()
+        if ranks and rank < len(ranks):
+            state_dict = {**state_dict, **ranks[rank]}
         self._loaded = state_dict
 
     # ------------------------------------------------------------------ hooks
