@@ -7,6 +7,8 @@
    warm-up are timed end-of-step to end-of-step (data loading included in both); a run's rate is 1 / its median
    step. Ratio = median over runs of Lightning steps/s / the same for the plain loop.
    Both in fp32, one torch thread per child (--threads), no gradient clipping, no logger, no checkpointing.
+   A third run per round puts the plain loop's PEFT head in the barest LightningModule (training step + AdamW +
+   per-step LambdaLR): "bare / plain" is Lightning's own cost, "ours / bare" that of ``LoRAAdaptationModule``.
 2. Memory: peak RSS of a child process training LoRA vs fully fine-tuning the same submodules (plain loop), and
    the bytes of AdamW's state.
 3. Forward latency (eval, no grad) of the adapted submodule on a captured training input: base, with an unmerged
@@ -164,7 +166,28 @@ def _saved_bytes(head: Any, batch: Any) -> tuple[int, Any]:
     return sum(seen.values()), loss
 
 
-def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None) -> dict[str, Any]:
+def _bare_module(head: Any) -> Any:
+    """The least a LightningModule can be over the plain loop's PEFT head: a training step returning the loss,
+    AdamW + a constant LambdaLR stepped per batch. Separates Lightning's own cost from ``LoRAAdaptationModule``'s."""
+    import lightning.pytorch as pl
+
+    class Bare(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+            self.trainable = plain_peft(head)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return self.head.training_step(batch).loss
+
+        def configure_optimizers(self) -> Any:
+            optimizer, lr_scheduler = _optimizer(self.trainable)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    return Bare()
+
+
+def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None, bare: bool = False) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -179,8 +202,9 @@ def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None) -
             self.ends.append(time.perf_counter())
 
     head, datamodule = build(cfg, cfg.seed)
-    module = LoRAAdaptationModule(head, spec(), scheduler=ScheduleSpec("constant"),
-                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
+    module = _bare_module(head) if bare else LoRAAdaptationModule(
+        head, spec(), scheduler=ScheduleSpec("constant"),
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
     clock = Clock()
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -204,10 +228,13 @@ def child_throughput(model: str, rounds: int, warmup: int, steps: int) -> dict[s
 
     work = Path(tempfile.mkdtemp(prefix="loop_bench_"))
     cfg = compose(model, work / "run")
-    rates: dict[str, list[float]] = {"lightning": [], "plain": []}
+    rates: dict[str, list[float]] = {"lightning": [], "bare": [], "plain": []}
     for i in range(rounds):
-        for kind in (("lightning", "plain") if i % 2 == 0 else ("plain", "lightning")):
-            res = run_lightning(cfg, warmup, steps) if kind == "lightning" else run_plain(cfg, warmup, steps)
+        for kind in (("lightning", "bare", "plain") if i % 2 == 0 else ("plain", "bare", "lightning")):
+            if kind == "plain":
+                res = run_plain(cfg, warmup, steps)
+            else:
+                res = run_lightning(cfg, warmup, steps, bare=kind == "bare")
             rates[kind].append(res["steps_per_s"])
     # sizes: a resumable checkpoint and an adapter snapshot of a short Lightning run
     ckpt = work / "last.ckpt"
@@ -352,7 +379,8 @@ def main() -> None:
     THREADS = args.threads
     started = time.time()
     speed = ["| model | batch | LoRA params | Lightning steps/s (median) | plain PEFT steps/s (median) | ratio | "
-             "runs (L; P) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "bare LightningModule / plain | ours / bare | runs (L; bare; P) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     sizes = ["| model | adapter snapshot (all formats) | PEFT dir(s) | resumable checkpoint | base (fp32 tensors) | "
              "base on disk |", "| --- | --- | --- | --- | --- | --- |"]
     for model in args.models:
@@ -361,10 +389,10 @@ def main() -> None:
         if r is None:
             speed.append(f"| {model} | failed |")
             continue
-        lm, pm = statistics.median(r["rates"]["lightning"]), statistics.median(r["rates"]["plain"])
-        runs = "; ".join(", ".join(f"{x:.2f}" for x in r["rates"][k]) for k in ("lightning", "plain"))
+        lm, bm, pm = (statistics.median(r["rates"][k]) for k in ("lightning", "bare", "plain"))
+        runs = "; ".join(", ".join(f"{x:.2f}" for x in r["rates"][k]) for k in ("lightning", "bare", "plain"))
         speed.append(f"| {model} | {r['batch']} | {r['trainable_params']:,} | {lm:.3f} | {pm:.3f} | {lm / pm:.3f} | "
-                     f"{runs} |")
+                     f"{bm / pm:.3f} | {lm / bm:.3f} | {runs} |")
         sizes.append(f"| {model} | {_mib(r['adapter_bytes'])} | {_mib(r['peft_bytes'])} | {_mib(r['ckpt_bytes'])} | "
                      f"{_mib(r['base_bytes'])} | {_mib(r['base_disk_bytes'])} |")
         print(speed[-1], sizes[-1], sep="\n", flush=True)
