@@ -1,4 +1,4 @@
-"""Shared fixtures: composed configs, a tiny BERT folder, a tiny pairs file, and a CLI runner."""
+"""Shared fixtures: composed configs, tiny BERT / CLIP / Qwen3-VL folders, a tiny pairs file, and a CLI runner."""
 
 from __future__ import annotations
 
@@ -55,6 +55,22 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """The tiny CLIP preset's folder (built from configs once per session)."""
+    from lightning_lora.models.tiny_embedders import ensure_tiny_clip
+
+    return Path(ensure_tiny_clip(tmp_path_factory.mktemp("models") / "clip_tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen3-VL preset's folder (built from configs once per session)."""
+    from lightning_lora.models.tiny_embedders import ensure_tiny_qwen3_vl
+
+    return Path(ensure_tiny_qwen3_vl(tmp_path_factory.mktemp("models") / "qwen3_vl_tiny"))
 
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:

@@ -24,19 +24,8 @@ from lightning_lora.models.embedders import (
     last_token_index,
     pool,
 )
-from lightning_lora.models.tiny_embedders import ensure_tiny_clip, ensure_tiny_qwen3_vl
 
 CONF = Path(__file__).resolve().parents[1] / "lightning_lora" / "conf"
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    return Path(ensure_tiny_clip(tmp_path_factory.mktemp("models") / "clip_tiny"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory) -> Path:
-    return Path(ensure_tiny_qwen3_vl(tmp_path_factory.mktemp("models") / "qwen3_vl_tiny"))
 
 
 @pytest.fixture(scope="session")

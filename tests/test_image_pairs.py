@@ -117,11 +117,10 @@ def test_digits_pairs_demo(tmp_path):
         make_digit_pairs(tmp_path / "digits", num_images=40, direction="sideways")
 
 
-def test_digits_batch_through_an_embedder(tmp_path):
+def test_digits_batch_through_an_embedder(tmp_path, tiny_clip_dir):
     from lightning_lora.models.embedders import ClipEmbedder
-    from lightning_lora.models.tiny_embedders import ensure_tiny_clip
 
-    emb = ClipEmbedder(ensure_tiny_clip(tmp_path / "clip_tiny"))
+    emb = ClipEmbedder(str(tiny_clip_dir))
     dm = DigitsPairsDataModule(root=str(tmp_path / "digits"), num_images=16, image_size=32, batch_size=4,
                                val_fraction=0.25)
     batch = next(iter(dm.train_dataloader()))

@@ -14,20 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 
 from lightning_lora.errors import UserError
-from lightning_lora.models.tiny_embedders import ensure_tiny_clip, ensure_tiny_qwen3_vl
 from lightning_lora.predict import Predictor
 
 TEXTS = ["def add(a, b): return a + b", "sum of two numbers", "a handwritten digit 3"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    return Path(ensure_tiny_clip(tmp_path_factory.mktemp("models") / "clip_tiny"))
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory) -> Path:
-    return Path(ensure_tiny_qwen3_vl(tmp_path_factory.mktemp("models") / "qwen3_vl_tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +100,7 @@ def test_untrained_adapter_equals_base_and_dim_truncation(tmp_path, tiny_bert):
         adapted.encode_text(TEXTS, dim=64)
 
 
-def test_adapter_dir_errors(tmp_path, tiny_bert, clip_dir):
+def test_adapter_dir_errors(tmp_path, tiny_bert, tiny_clip_dir):
     with pytest.raises(UserError, match="adapter_dir: no such directory"):
         Predictor.from_pretrained(tiny_bert, tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -123,17 +112,17 @@ def test_adapter_dir_errors(tmp_path, tiny_bert, clip_dir):
     with pytest.raises(UserError, match="is for submodule 'unet', which the text embedder does not have"):
         Predictor.from_pretrained(tiny_bert, tmp_path / "final")
     with pytest.raises(UserError, match="needs a 'qwen3_vl' model"):
-        Predictor.from_pretrained(clip_dir, family="qwen3_vl")
+        Predictor.from_pretrained(tiny_clip_dir, family="qwen3_vl")
     from transformers import CLIPTextModelWithProjection
 
     # a text-tower adapter filed under `vision`: PEFT would only warn and leave the vision LoRA at zero
-    save_adapter(CLIPTextModelWithProjection.from_pretrained(clip_dir), tmp_path / "wrong" / "vision", ["q_proj"])
+    save_adapter(CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir), tmp_path / "wrong" / "vision", ["q_proj"])
     with pytest.raises(UserError, match=r"adapter .*wrong/vision does not fit clip.vision: tensor .*text_model"):
-        Predictor.from_pretrained(clip_dir, tmp_path / "wrong")
+        Predictor.from_pretrained(tiny_clip_dir, tmp_path / "wrong")
 
 
 # --------------------------------------------------------------------------- CLIP
-def test_clip_predictor_text_and_vision_adapters(tmp_path, clip_dir, images):
+def test_clip_predictor_text_and_vision_adapters(tmp_path, tiny_clip_dir, images):
     from transformers import (
         AutoModel,
         CLIPImageProcessorPil,
@@ -144,19 +133,20 @@ def test_clip_predictor_text_and_vision_adapters(tmp_path, clip_dir, images):
 
     final = tmp_path / "adapters" / "final"
     targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    save_adapter(CLIPTextModelWithProjection.from_pretrained(clip_dir), final / "text", targets,
+    save_adapter(CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir), final / "text", targets,
                  modules_to_save=["text_projection"])
-    save_adapter(CLIPVisionModelWithProjection.from_pretrained(clip_dir), final / "vision", targets)
-    predictor = Predictor.from_pretrained(clip_dir, final)
+    save_adapter(CLIPVisionModelWithProjection.from_pretrained(tiny_clip_dir), final / "vision", targets)
+    predictor = Predictor.from_pretrained(tiny_clip_dir, final)
     assert predictor.family == "clip" and set(predictor.adapters) == {"text", "vision"}
     text, image = predictor.encode_text(TEXTS), predictor.encode_image(images, batch_size=2)
     assert text.shape == (3, 16) and image.shape == (3, 16)
 
-    tok, proc = CLIPTokenizer.from_pretrained(clip_dir), CLIPImageProcessorPil.from_pretrained(clip_dir)
+    tok, proc = CLIPTokenizer.from_pretrained(tiny_clip_dir), CLIPImageProcessorPil.from_pretrained(tiny_clip_dir)
     tokens = tok(TEXTS, padding=True, truncation=True, return_tensors="pt")
     pixels = proc(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
-    peft_text = PeftModel.from_pretrained(CLIPTextModelWithProjection.from_pretrained(clip_dir), str(final / "text"))
-    peft_vision = PeftModel.from_pretrained(CLIPVisionModelWithProjection.from_pretrained(clip_dir),
+    peft_text = PeftModel.from_pretrained(CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir),
+                                          str(final / "text"))
+    peft_vision = PeftModel.from_pretrained(CLIPVisionModelWithProjection.from_pretrained(tiny_clip_dir),
                                             str(final / "vision"))
     with torch.no_grad():
         assert torch.allclose(text, F.normalize(peft_text.eval()(**tokens).text_embeds, dim=-1), atol=1e-6)
@@ -174,14 +164,14 @@ def test_clip_predictor_text_and_vision_adapters(tmp_path, clip_dir, images):
 
 
 # --------------------------------------------------------------------------- Qwen3-VL
-def test_qwen_predictor_equals_peft_and_the_merged_model(tmp_path, qwen_dir, images):
+def test_qwen_predictor_equals_peft_and_the_merged_model(tmp_path, tiny_qwen_dir, images):
     from transformers import AutoModel, Qwen3VLModel
 
     final = tmp_path / "adapters" / "final"
-    base = Qwen3VLModel.from_pretrained(qwen_dir)
+    base = Qwen3VLModel.from_pretrained(tiny_qwen_dir)
     save_adapter(base.language_model, final / "language", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
     save_adapter(base.visual, final / "vision", ["attn.qkv", "attn.proj"])
-    predictor = Predictor.from_pretrained(qwen_dir, final, max_length=256)
+    predictor = Predictor.from_pretrained(tiny_qwen_dir, final, max_length=256)
     items = [TEXTS[0], {"image": images[0]}, {"text": TEXTS[2], "image": images[1]}]
     ours = predictor.encode(items, role="document", batch_size=2)
     assert ours.shape == (3, 32)
@@ -189,7 +179,7 @@ def test_qwen_predictor_equals_peft_and_the_merged_model(tmp_path, qwen_dir, ima
     inputs = predictor.embedder.build_inputs(items, "document")
     last = inputs["attention_mask"].sum(1) - 1
 
-    reference = Qwen3VLModel.from_pretrained(qwen_dir).eval()
+    reference = Qwen3VLModel.from_pretrained(tiny_qwen_dir).eval()
     PeftModel.from_pretrained(reference.language_model, str(final / "language"))
     PeftModel.from_pretrained(reference.visual, str(final / "vision"))
     with torch.no_grad():
