@@ -88,6 +88,9 @@ def test_two_job_sweep_writes_a_two_row_summary(tmp_path, tiny_bert, cache_dir) 
         assert float(row["wall_seconds"]) == metrics["wall_seconds"] > 0
         assert int(row["global_step"]) == 2
     assert int(rows[1]["trainable_params"]) == 2 * int(rows[0]["trainable_params"])  # LoRA params are linear in r
+    ranks = [json.loads((sweep / row["job"] / "adapters/final/encoder/adapter_config.json").read_text())["r"]
+             for row in rows]
+    assert ranks == [2, 4]  # each job trained its own rank
     assert f"Sweep summary (2 jobs): {sweep / SUMMARY_FILE}" in proc.stdout
     assert "| job | overrides | val/recall@1 | trainable params | adapter bytes | wall s | status |" in proc.stdout
     assert "| 0 | adapter.r=2 |" in proc.stdout and "| 1 | adapter.r=4 |" in proc.stdout

@@ -185,18 +185,6 @@ def test_ddp_two_cpu_processes_write_one_adapter(tmp_path, tiny_bert, cache_dir)
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 2
 
 
-def test_multirun_sweep_over_rank(tmp_path, tiny_bert, cache_dir) -> None:
-    sweep = tmp_path / "sweep"
-    proc = run_cli([
-        "-m", "adapter.r=2,4", f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", *FAST,
-        "trainer.max_steps=2", "validate_before=false", f"hydra.sweep.dir={sweep}",
-    ])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = sorted(json.loads((d / "adapters/final/encoder/adapter_config.json").read_text())["r"]
-                   for d in sweep.iterdir() if d.is_dir() and d.name.isdigit())
-    assert ranks == [2, 4]
-
-
 def test_configs_are_found_after_a_wheel_install(tmp_path) -> None:
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
