@@ -408,6 +408,22 @@ def cmd_sample_flow3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lora_folding(parser: argparse.ArgumentParser, formats: str) -> None:
+    """``--lora PATH[:WEIGHT]`` (repeatable), ``--scale``, ``--allow-partial``: read by :func:`_scaled_loras`."""
+    parser.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
+                        help=f"adapter ({formats}); repeat for several, each with its weight")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="apply a LoRA even if some modules match nothing")
+
+
+def _add_png_output(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--out`` (.png) and ``--overwrite``: read by :func:`_png_out`."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="output .png")
+    parser.add_argument("--overwrite", action="store_true")
+
+
 def _png_out(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     _check_out(out, args.overwrite)
@@ -585,35 +601,23 @@ def build_parser() -> argparse.ArgumentParser:
     f3.set_defaults(func=cmd_sample_flow3d)
     sd = fam.add_parser("sd", help="a Stable Diffusion picture with LoRAs folded in at a scale")
     sd.add_argument("--pretrained", required=True, help="local diffusers Stable Diffusion folder")
-    sd.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
-                    help="adapter (diffusers/kohya/PEFT/lightning_lora file, or a run's adapters/final); repeat "
-                         "for several, each with its weight")
-    sd.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
-    sd.add_argument("--allow-partial", action="store_true", help="apply a LoRA even if some modules match nothing")
+    _add_lora_folding(sd, "diffusers/kohya/PEFT/lightning_lora file, or a run's adapters/final")
     sd.add_argument("--prompt", required=True)
     sd.add_argument("--steps", type=int, default=25)
     sd.add_argument("--guidance", type=float, default=7.5)
     sd.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample size x VAE factor")
     sd.add_argument("--seed", type=int, default=0)
-    sd.add_argument("--device", default="cpu")
-    sd.add_argument("--out", required=True, help="output .png")
-    sd.add_argument("--overwrite", action="store_true")
+    _add_png_output(sd)
     sd.set_defaults(func=cmd_sample_sd)
     lb = fam.add_parser("lbm", help="an LBM image-to-image translation with LoRAs folded in at a scale")
     lb.add_argument("--pretrained", required=True, help="local LBM folder (a .yaml config + model.safetensors)")
-    lb.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
-                    help="adapter (lightning_lora/PEFT/kohya/diffusers file, an extracted LoRA, or a run's "
-                         "adapters/final); repeat for several, each with its weight")
-    lb.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
-    lb.add_argument("--allow-partial", action="store_true", help="apply a LoRA even if some modules match nothing")
+    _add_lora_folding(lb, "lightning_lora/PEFT/kohya/diffusers file, an extracted LoRA, or a run's adapters/final")
     lb.add_argument("--source", required=True, help="source image (.png/.jpg/...)")
     lb.add_argument("--steps", type=int, default=1, help="Euler steps over the bridge (LBM: 1)")
     lb.add_argument("--size", default=None, help="WIDTHxHEIGHT to resize the source to (default: its own size, "
                                                  "rounded down to the VAE's factor)")
     lb.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior draw and the bridge noise")
-    lb.add_argument("--device", default="cpu")
-    lb.add_argument("--out", required=True, help="output .png")
-    lb.add_argument("--overwrite", action="store_true")
+    _add_png_output(lb)
     lb.set_defaults(func=cmd_sample_lbm)
     return p
 
