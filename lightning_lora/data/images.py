@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lora.data.pairs import jsonl_values
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
 
@@ -208,27 +209,19 @@ def _is_hidden(rel: Path) -> bool:
 def read_captions_jsonl(path: Path, caption_column: str = "text") -> dict[str, tuple[Caption, int]]:
     """``metadata.jsonl`` -> {relative posix file name: (caption, line number)}; errors name file:line."""
     captions: dict[str, tuple[Caption, int]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object with 'file_name' and '{caption_column}'")
-            found = ", ".join(map(str, obj)) or "none"
-            for field in ("file_name", caption_column):
-                if field not in obj:
-                    raise UserError(f"{where}: missing field '{field}' (found fields: {found})")
-            if not isinstance(obj["file_name"], str) or not obj["file_name"].strip():
-                raise UserError(f"{where}: field 'file_name' must be a non-empty string")
-            name = posixpath.normpath(obj["file_name"].strip().replace("\\", "/"))
-            if name in captions:
-                raise UserError(f"{where}: file_name '{name}' repeats line {captions[name][1]}")
-            captions[name] = (check_caption(obj[caption_column], where, caption_column), lineno)
+    for lineno, where, obj in jsonl_values(path, lambda n: f"{path}:{n}"):
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object with 'file_name' and '{caption_column}'")
+        found = ", ".join(map(str, obj)) or "none"
+        for field in ("file_name", caption_column):
+            if field not in obj:
+                raise UserError(f"{where}: missing field '{field}' (found fields: {found})")
+        if not isinstance(obj["file_name"], str) or not obj["file_name"].strip():
+            raise UserError(f"{where}: field 'file_name' must be a non-empty string")
+        name = posixpath.normpath(obj["file_name"].strip().replace("\\", "/"))
+        if name in captions:
+            raise UserError(f"{where}: file_name '{name}' repeats line {captions[name][1]}")
+        captions[name] = (check_caption(obj[caption_column], where, caption_column), lineno)
     return captions
 
 

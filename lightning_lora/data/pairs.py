@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +45,27 @@ def read_pairs_jsonl(path: str | Path) -> list[dict]:
     return read_jsonl(path, _parse_pair, FIELDS_HINT)
 
 
+def jsonl_values(path: Path, where: Callable[[int], str]) -> Iterator[tuple[int, str, Any]]:
+    """(line number, ``where(line number)``, parsed value) of every non-blank line of a JSON-lines file; a line
+    that is not JSON is one UserError naming the place."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            place = where(lineno)
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{place}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield lineno, place, value
+
+
 def read_jsonl(path: str | Path, parse: Callable[[Any, str], dict], hint: str) -> list[dict]:
     """``parse(obj, "<file> line N")`` of every non-blank line; a bad line or an empty file is one UserError."""
     path = _abs(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    pairs: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(parse(obj, where))
+    pairs = [parse(obj, where) for _, where, obj in jsonl_values(path, lambda n: f"{path} line {n}")]
     if not pairs:
         raise UserError(f"data file is empty: {path}; {hint}")
     return pairs
