@@ -318,15 +318,17 @@ class LoRAAdaptationModule(pl.LightningModule):
         from lightning.pytorch.strategies import DDPStrategy
 
         self.head.on_strategy(type(self.trainer.strategy).__name__)
-        self._touch_every_parameter = isinstance(self.trainer.strategy, DDPStrategy)
+        # the trainable set is fixed once the adapter is in: list it once, not every step
+        ddp = isinstance(self.trainer.strategy, DDPStrategy)
+        self._touched = [p for p in self.parameters() if p.requires_grad] if ddp else []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.head.training_step(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)
         for key, value in out.logs.items():
             self.log(f"train/{key}", value, batch_size=out.batch_size)
-        if getattr(self, "_touch_every_parameter", False):
-            return out.loss + _zero_touch(p for p in self.parameters() if p.requires_grad)
+        if getattr(self, "_touched", None):
+            return out.loss + _zero_touch(self._touched)
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
