@@ -60,16 +60,16 @@ def minilm_batches(args: argparse.Namespace) -> tuple[Any, Iterator[dict[str, An
 
 def preset_batches(args: argparse.Namespace) -> tuple[Any, Iterator[dict[str, Any]]]:
     """(head, batches) of a tiny vision-language preset on the digits image -> caption demo (all 1797 digits)."""
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
+
+    from lightning_lora.config import compose_config
 
     overrides = [f"model={args.model}", "data=digits_retrieval", "data.num_images=null", "data.num_negatives=1",
                  f"data.batch_size={args.batch}", "model.vision=true",
                  f"model.gradient_cache.chunk_size={args.chunk or 'null'}"]
     if args.cache != "default":
         overrides.append(f"paths.cache_dir={args.cache}")
-    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config(overrides)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     head = instantiate(cfg.model)

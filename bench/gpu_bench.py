@@ -52,7 +52,7 @@ from torch import nn
 from lightning_lora.heads.base import StepOutput, TaskHead
 
 HERE = Path(__file__).resolve().parent
-CONF = HERE.parent / "lightning_lora" / "conf" / "model"
+CONF = HERE.parent / "conf" / "model"
 ADAPTER = {"r": 16, "alpha": 32}  # conf/adapter/r16.yaml
 MODELS = ("sd15", "trellis_ss", "trellis_slat", "qwen3_vl_2b")
 LABELS = {"sd15": "SD 1.5 UNet", "trellis_ss": "TRELLIS-L sparse-structure flow",
@@ -119,9 +119,9 @@ class UNetEpsilonHead(TaskHead):
         return {"unet": self.targets}
 
     def enable_gradient_checkpointing(self) -> None:
-        from lightning_lora.heads.diffusion import _enable_unet_checkpointing
+        from lightning_lora.heads.diffusion import enable_unet_checkpointing
 
-        _enable_unet_checkpointing(self.unet)  # exactly what DiffusionHead does
+        enable_unet_checkpointing(self.unet)  # exactly what DiffusionHead does
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         latents, hidden = batch["latents"], batch["hidden"]
@@ -202,13 +202,14 @@ def build_sd15(tiny: bool, batch: int, device: str) -> tuple[TaskHead, dict[str,
 
 
 def build_trellis(kind: str, tiny: bool, batch: int, device: str) -> tuple[TaskHead, dict[str, Any], str]:
-    from lightning_lora.heads.flow3d import FlowMatching3DHead
+    from lightning_lora.heads.flow3d import FlowMatching3DHead, fill_zero_weights
 
     preset = f"trellis_{kind}_tiny" if tiny else f"trellis_{kind}"
     with torch.device(device):
         denoiser = trellis_denoiser(preset)
-    # random_base_std: no zero-initialised layer (adaLN gates, output) would cut the gradient to the LoRA weights
-    head = FlowMatching3DHead(denoiser, random_base_std=0.02, name=preset)
+    # no zero-initialised layer (adaLN gates, output) may cut the gradient to the LoRA weights
+    fill_zero_weights(denoiser, 0.02)
+    head = FlowMatching3DHead(denoiser, name=preset)
     tokens = 16 if tiny else 1374  # DINOv2-L/14 with registers on a 518-px image: 37*37 patches + CLS + 4
     cond = torch.randn(batch, tokens, denoiser.cond_channels, device=device)
     res, ch = denoiser.resolution, denoiser.in_channels

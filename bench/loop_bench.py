@@ -52,12 +52,11 @@ THREADS = 1  # set from --threads in the parent
 
 # ---------------------------------------------------------------------------------------------- building
 def compose(model: str, out: Path) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
     from omegaconf import open_dict
 
-    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=[*MODELS[model], "trainer.precision=32-true"])
+    from lightning_lora.config import compose_config
+
+    cfg = compose_config([*MODELS[model], "trainer.precision=32-true"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return cfg

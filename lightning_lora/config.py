@@ -1,12 +1,35 @@
-"""OmegaConf resolvers the shipped configs use."""
+"""Where the Hydra configs live, composing them from Python, and the OmegaConf resolvers they use."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.errors import UserError
+
+#: the primary config of ``python -m lightning_lora.train``
+CONFIG_NAME = "train"
+
+
+def config_dir() -> Path:
+    """The ``conf/`` folder: inside the package once installed from a wheel (the build maps the repository's
+    ``conf/`` there), at the repository root in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"no Hydra configs next to {here}: expected conf/{CONFIG_NAME}.yaml (a broken install?)")
+
+
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The training config with command-line style ``overrides``, as ``python -m lightning_lora.train`` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose(CONFIG_NAME, list(overrides), return_hydra_config=return_hydra_config)
 
 
 def package_model_path(module: str) -> str:
@@ -18,29 +41,25 @@ def package_model_path(module: str) -> str:
     return str(mod.get_model_path())
 
 
-def tiny_sd_path(path: str) -> str:
-    """The tiny Stable Diffusion folder of ``model=sd_tiny``, built at ``path`` on first use."""
-    from lightning_lora.models.sd_tiny import ensure_tiny_sd
+def tiny_base(path: str, *, _parent_: DictConfig) -> str:
+    """``${tiny:PATH}``: the tiny stand-in base of the preset this key belongs to, built at ``PATH`` on first use.
 
-    return ensure_tiny_sd(path)
+    Every tiny preset uses this one resolver; the head class named by the preset's ``_target_`` knows how its
+    stand-in is made (``TaskHead.build_tiny``), and returns what the key takes (a folder or a checkpoint file).
+    """
+    import torch
+    from hydra.utils import get_class
 
-
-def tiny_clip_path(path: str) -> str:
-    from lightning_lora.models.tiny_embedders import tiny_clip_path as build
-
-    return build(path)
-
-
-def tiny_qwen3_vl_path(path: str) -> str:
-    from lightning_lora.models.tiny_embedders import tiny_qwen3_vl_path as build
-
-    return build(path)
+    target = _parent_.get("_target_")
+    if not target:
+        raise UserError(f"${{tiny:{path}}} sits in a config without a _target_ head class to build it")
+    # Building seeds torch's global generator; the caller's random state must not depend on whether the base
+    # was already built (a run's LoRA init would differ between the first run and the next).
+    with torch.random.fork_rng(devices=[]):
+        return str(get_class(str(target)).build_tiny(Path(path).expanduser(), _parent_))
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("pkg_model_path"):
-        OmegaConf.register_new_resolver("pkg_model_path", package_model_path)
-    for name, resolver in (("tiny_sd", tiny_sd_path), ("tiny_clip", tiny_clip_path),
-                           ("tiny_qwen3_vl", tiny_qwen3_vl_path)):
-        if not OmegaConf.has_resolver(name):  # tiny models built from configs, saved once as real folders
+    for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base)):
+        if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -1,10 +1,11 @@
-"""Helpers the ``conf/strategy/`` presets instantiate: the FSDP wrapping policy of each family.
+"""Helpers the ``conf/strategy/`` presets instantiate: the FSDP wrapping policy from the heads' block classes.
 
 FSDP shards a model unit by unit; each unit is all-gathered for its forward and backward and freed after. A LoRA
 model should be cut at its transformer/attention blocks (and residual blocks), so that each unit holds one block's
 frozen weights plus that block's adapter, and the all-gather of one block overlaps the compute of the previous.
-The classes are named by their class name rather than imported, so one policy serves every family and a
-family whose libraries are not installed costs nothing. ``use_orig_params=True`` (Lightning's default, kept in the
+The classes are named by their class name rather than imported (each head lists its own in
+``TaskHead.fsdp_blocks``), so one policy serves every family and a family whose libraries are not installed costs
+nothing. ``use_orig_params=True`` (Lightning's default, kept in the
 preset) lets frozen and trainable parameters share a unit (pytorch#91167; peft#1702).
 
 ``full_params`` gives the callbacks that read weights outside a training step (adapter snapshots, sample previews)
@@ -14,7 +15,7 @@ the whole tensors that FSDP otherwise keeps in shards, one per rank.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -22,27 +23,30 @@ from torch import nn
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-#: the blocks of each family (class names), as in ``conf/strategy/fsdp.yaml``
-FAMILY_BLOCKS: dict[str, list[str]] = {
-    # BERT/MiniLM, CLIP (text and vision towers), Qwen3-VL (language decoder and vision blocks)
-    "embedding": ["BertLayer", "CLIPEncoderLayer", "Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"],
-    # SD 1.5 / LBM UNets (attention and residual blocks) and the CLIP text encoder when it trains
-    "diffusion": ["BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer"],
-    # TRELLIS sparse-structure and structured-latent flow transformers
-    "flow3d": ["ModulatedTransformerCrossBlock", "ModulatedSparseTransformerCrossBlock", "SparseResBlock3d"],
-}
+def block_names(blocks: Iterable[str] | None = None) -> frozenset[str]:
+    """``blocks``, or when none are given the union of every registered head's ``fsdp_blocks``."""
+    if blocks is not None:
+        return frozenset(blocks)
+    from lightning_lora.heads import registered_heads
 
-
-def block_names(families: Mapping[str, Iterable[str]] | None = None) -> frozenset[str]:
-    """The union of the block class names of every family (``FAMILY_BLOCKS`` when none are given)."""
-    return frozenset(name for names in (families or FAMILY_BLOCKS).values() for name in names)
+    return frozenset(name for head in registered_heads() for name in head.fsdp_blocks)
 
 
 class BlockMatcher:
-    """Is this module one of the named blocks? (A class, not a lambda, so the policy pickles under ddp_spawn.)"""
+    """Is this module one of the named blocks? (A class, not a lambda, so the policy pickles under ddp_spawn.)
 
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = frozenset(names)
+    ``names=None`` means every registered head's blocks, looked up at the first call: in a process started by
+    ``ddp_spawn`` that is after the LightningModule, and so its head's module, has been unpickled.
+    """
+
+    def __init__(self, names: Iterable[str] | None = None) -> None:
+        self._names = None if names is None else frozenset(names)
+
+    @property
+    def names(self) -> frozenset[str]:
+        if self._names is None:
+            self._names = block_names()
+        return self._names
 
     def __call__(self, module: nn.Module) -> bool:
         return type(module).__name__ in self.names
@@ -51,15 +55,16 @@ class BlockMatcher:
         return f"BlockMatcher({sorted(self.names)})"
 
 
-def block_wrap_policy(**families: list[str]):
-    """An FSDP ``auto_wrap_policy`` that makes each named block (of any family given) one FSDP unit.
+def block_wrap_policy(blocks: list[str] | None = None):
+    """An FSDP ``auto_wrap_policy`` that makes each named block one FSDP unit.
 
-    ``families`` maps a family to its block class names (``embedding=[BertLayer, ...]``); none = ``FAMILY_BLOCKS``.
-    Also usable as Lightning's ``activation_checkpointing_policy`` (non-reentrant checkpointing per block).
+    ``blocks``: block class names (``[BertLayer, ...]``); None = every head's ``fsdp_blocks``
+    (``conf/strategy/fsdp.yaml``'s ``auto_wrap_policy.blocks``). Also usable as Lightning's
+    ``activation_checkpointing_policy`` (non-reentrant checkpointing per block).
     """
     from torch.distributed.fsdp.wrap import CustomPolicy
 
-    return CustomPolicy(BlockMatcher(block_names(families or None)))
+    return CustomPolicy(BlockMatcher(blocks))
 
 
 def shards_parameters(trainer: pl.Trainer) -> bool:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
+from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
@@ -266,7 +267,7 @@ def _preempted_message(trainer: pl.Trainer | None) -> str:
     return f"stopped by SIGTERM at step {step}; checkpoint written to {saved}; continue with resume=last"
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, open_dict
+
+from lightning_lora.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,7 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
 
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:
-    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides or [])
+    return compose_config(overrides or [])
 
 
 @pytest.fixture

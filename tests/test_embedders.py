@@ -25,7 +25,7 @@ from lightning_lora.models.embedders import (
     pool,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "lightning_lora" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture(scope="session")

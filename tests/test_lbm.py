@@ -17,7 +17,7 @@ from PIL import Image
 
 from lightning_lora.data.shards import DigitPairsDataModule, PairedShardsDataModule, make_digit_pairs, write_shards
 from lightning_lora.errors import UserError
-from lightning_lora.heads.diffusion import (
+from lightning_lora.heads.bridge import (
     LBM_FILE,
     BridgeHead,
     apply_lbm_loras,

@@ -14,16 +14,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import FAST, REPO, compose_train, run_cli
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lightning_lora.strategies import FAMILY_BLOCKS, BlockMatcher, block_names
+from lightning_lora.config import compose_config
+from lightning_lora.strategies import BlockMatcher, block_names
 from lightning_lora.train import run
 
-STRATEGIES = sorted(p.stem for p in (REPO / "lightning_lora" / "conf" / "strategy").glob("*.yaml"))
+#: the blocks of the package's heads (TaskHead.fsdp_blocks): transformer layers of BERT, CLIP and Qwen3-VL, the
+#: diffusers UNet's attention and residual blocks, TRELLIS's cross-attention and sparse residual blocks
+PACKAGE_BLOCKS = {"BertLayer", "CLIPEncoderLayer", "Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock",
+                  "BasicTransformerBlock", "ResnetBlock2D", "ModulatedTransformerCrossBlock",
+                  "ModulatedSparseTransformerCrossBlock", "SparseResBlock3d"}
+STRATEGIES = sorted(p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml"))
 
 # Each family's tiny preset, cut to a couple of steps without validation, previews or intermediate snapshots.
 COMMON = ["trainer.max_steps=2", "trainer.log_every_n_steps=1", "validate_before=false", "validate_after=false",
@@ -55,8 +60,7 @@ def test_every_strategy_composes_and_builds(name: str, monkeypatch) -> None:
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
     monkeypatch.setenv("SLURM_NNODES", "2")
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
-    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"strategy={name}"], return_hydra_config=True)
+    cfg = compose_config([f"strategy={name}"], return_hydra_config=True)
     trainer = cfg.trainer
     strategy = trainer.strategy if isinstance(trainer.strategy, str) else instantiate(trainer.strategy)
     assert isinstance(trainer.num_nodes, int)
@@ -99,10 +103,13 @@ def test_a_strategy_file_overrides_trainer_default_and_the_command_line_override
     assert compose_train(["strategy=ddp", "trainer.devices=2"]).trainer.devices == 2
 
 
-def test_fsdp_yaml_lists_the_same_blocks_as_the_module() -> None:
+def test_fsdp_policy_takes_every_heads_blocks_unless_the_config_names_them() -> None:
     cfg = compose_train(["strategy=fsdp"])
-    policy = cfg.trainer.strategy.auto_wrap_policy
-    assert {k: list(v) for k, v in policy.items() if k != "_target_"} == FAMILY_BLOCKS
+    assert cfg.trainer.strategy.auto_wrap_policy.blocks is None  # the heads' own lists, not a copy in the yaml
+    names = instantiate(cfg.trainer.strategy.auto_wrap_policy)._lambda_fn.names
+    assert names >= PACKAGE_BLOCKS and names == block_names()
+    chosen = compose_train(["strategy=fsdp", "trainer.strategy.auto_wrap_policy.blocks=[BertLayer]"])
+    assert instantiate(chosen.trainer.strategy.auto_wrap_policy)._lambda_fn.names == {"BertLayer"}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -214,7 +221,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
     try:
         out_dir, reference, module = Path(out), _lora_module(), _lora_module()
         whole = {n: p.detach().clone() for n, p in _whole_names(reference).items()}
-        root = FullyShardedDataParallel(module, auto_wrap_policy=block_wrap_policy(tiny=["Attention"]),
+        root = FullyShardedDataParallel(module, auto_wrap_policy=block_wrap_policy(["Attention"]),
                                         sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
                                         device_id=torch.device("cpu"))
         strategy = FSDPStrategy()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import FAST, run_cli
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from lightning_lora.config import compose_config
 from lightning_lora.sweep import SUMMARY_FILE, SweepSummary, collect_jobs, varying_overrides
 
 HAS_OPTUNA_SWEEPER = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
@@ -98,8 +98,7 @@ def test_two_job_sweep_writes_a_two_row_summary(tmp_path, tiny_bert, cache_dir) 
 
 @pytest.mark.skipif(not HAS_OPTUNA_SWEEPER, reason="needs hydra-optuna-sweeper==1.3.0 (optuna 2.10.1)")
 def test_optuna_search_config_composes() -> None:
-    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hparams_search=rank_alpha_optuna"], return_hydra_config=True)
+    cfg = compose_config(["hparams_search=rank_alpha_optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     assert set(sweeper.params) == {"adapter.r", "adapter.alpha", "optimizer.lr", "adapter.dropout"}
@@ -113,8 +112,7 @@ def test_optuna_search_config_composes() -> None:
 def test_submitit_slurm_launcher_composes_with_the_summary_callback() -> None:
     overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1",
                  "hydra.launcher.timeout_min=60"]
-    with initialize_config_module(config_module="lightning_lora.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(overrides, return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.gpus_per_node) == ("gpu", 1)
     assert cfg.hydra.callbacks.sweep_summary._target_ == "lightning_lora.sweep.SweepSummary"

@@ -20,7 +20,7 @@ from lightning_lora.errors import UserError
 from lightning_lora.module import ScheduleSpec
 from lightning_lora.train import _user_error, run
 
-CONF = REPO / "lightning_lora" / "conf"
+CONF = REPO / "conf"
 
 
 def _options() -> list[str]:

@@ -1,14 +1,22 @@
-"""The `TaskHead` interface: what a model family tells the generic LoRA training module.
+"""The `TaskHead` interface: what a model family tells the generic LoRA training module and the shared tools.
 
 A head owns its base model(s) and its objective. The LightningModule asks it which submodules may
 receive LoRA (and with which default targets), gets a loss per training batch, and gets per-batch
 tensors during validation that it collects (across processes too) and hands back for metrics.
-Adding a family means writing one head; the module and the adapters room do not change.
+
+A head class is also the one registry of its family: everything shared code needs to know about a family
+comes from class attributes and hooks here, each with a neutral default: the FSDP block classes
+(``fsdp_blocks``, read by ``strategies``), the ``lightning-lora sample <name>`` command (``sample_command``,
+``add_sample_arguments``, ``run_sample``, found by ``cli``) and how a tiny stand-in base is made
+(``build_tiny``, the ``${tiny:PATH}`` resolver of ``config``). Adding a family means writing one head; the
+module, the trainer entry, the strategies, the callbacks, the CLI and the adapters room do not change.
 """
 
 from __future__ import annotations
 
 import abc
+import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 from peft import PeftModel
 from torch import nn
+
+from lightning_lora.errors import UserError
 
 
 @dataclass
@@ -35,6 +45,13 @@ class TaskHead(nn.Module, abc.ABC):
     #: the validation metric a sweep or checkpoint callback should watch, and whether higher is better
     monitor: ClassVar[str] = "val/loss"
     monitor_mode: ClassVar[str] = "min"
+    #: class names of the blocks FSDP makes one unit each (transformer/attention/residual blocks), so a unit
+    #: holds one block's frozen weights and its adapter; matched by name, so no family library is imported
+    fsdp_blocks: ClassVar[tuple[str, ...]] = ()
+    #: ``lightning-lora sample <sample_command>`` runs ``run_sample`` (None: the family has no sample command)
+    sample_command: ClassVar[str | None] = None
+    #: the sample command's one-line help
+    sample_help: ClassVar[str] = ""
 
     @abc.abstractmethod
     def adaptable_submodules(self) -> dict[str, nn.Module]:
@@ -92,3 +109,31 @@ class TaskHead(nn.Module, abc.ABC):
         ``lora_ckpts/``). Returns the files written.
         """
         return []
+
+    # ------------------------------------------------------------------ class-level hooks for shared tools
+    @classmethod
+    def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Declare the options of ``lightning-lora sample <sample_command>``."""
+
+    @classmethod
+    def run_sample(cls, args: argparse.Namespace) -> int:
+        """Do the sample command's work with the parsed options; returns the exit status."""
+        raise NotImplementedError(f"{cls.__name__} declares no sample command")
+
+    @classmethod
+    def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
+        """Write a tiny stand-in base for ``preset`` (the model config that holds ``${tiny:PATH}``) at ``path``
+        the first time, atomically, and return what the preset's key takes (a folder or a checkpoint file)."""
+        raise UserError(f"{cls.__name__} has no tiny stand-in base; give the model's own weights instead")
+
+
+def head_classes() -> list[type[TaskHead]]:
+    """Every head class defined so far (subclasses at any depth, abstract ones included), in definition order."""
+    found: list[type[TaskHead]] = []
+    todo = list(TaskHead.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        if cls not in found:
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return found

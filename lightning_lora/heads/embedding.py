@@ -12,7 +12,8 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -193,6 +194,9 @@ class EmbeddingHead(TaskHead):
     family: ClassVar[str] = "embedding"
     monitor: ClassVar[str] = "val/recall@1"
     monitor_mode: ClassVar[str] = "max"
+    # BERT/MiniLM, CLIP (text and vision towers), Qwen3-VL (language decoder and vision blocks)
+    fsdp_blocks: ClassVar[tuple[str, ...]] = ("BertLayer", "CLIPEncoderLayer", "Qwen3VLTextDecoderLayer",
+                                              "Qwen3VLVisionBlock")
 
     def __init__(
         self,
@@ -255,6 +259,16 @@ class EmbeddingHead(TaskHead):
 
     def enable_gradient_checkpointing(self) -> None:
         self.embedder.enable_gradient_checkpointing()
+
+    @classmethod
+    def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
+        """The tiny folder of the preset's embedder class (``embedder._target_``: CLIP, Qwen3-VL)."""
+        from hydra.utils import get_class
+
+        target = (preset.get("embedder") or {}).get("_target_")
+        if not target:
+            return super().build_tiny(path, preset)
+        return get_class(str(target)).build_tiny(path)
 
     # ------------------------------------------------------------------ encoding
     @property

@@ -9,10 +9,16 @@ tokens before that drop (training only).
 The condition tokens come with the batch (``cond``, precomputed) or are computed on the fly from condition
 images (``cond_image``) by a frozen DINOv2-with-registers model loaded from a local folder
 (``image_encoder``), as TRELLIS's image-conditioned trainers do.
+
+``lightning-lora sample flow3d`` samples latents (and, for the demo's tiny presets, a picture of the voxels)
+from condition tokens or an image, with an optional LoRA at a scale.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
+from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput, TaskHead
@@ -31,6 +38,10 @@ COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 T_SCHEDULES = ("logit_normal", "uniform")
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")
 DINO_MODEL_TYPES = ("dinov2_with_registers", "dinov2")
+#: a tiny stand-in base fills the layers TRELLIS initialises to zero with N(0, this²) (see ``build_tiny``)
+TINY_BASE_STD = 0.05
+#: what ``sample flow3d --cond`` reads as an image (anything else: a .npz of tokens)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,6 +69,14 @@ def fill_zero_weights(model: nn.Module, std: float, seed: int = 0) -> None:
         for p in model.parameters():
             if p.ndim >= 2 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def takes_sparse_voxels(denoiser: type[nn.Module] | nn.Module) -> bool:
+    """Structured-latent denoisers take sparse voxels; the sparse-structure denoiser a dense grid."""
+    from lightning_lora.models.trellis import SparseStructureFlowModel
+
+    cls = denoiser if isinstance(denoiser, type) else type(denoiser)
+    return not issubclass(cls, SparseStructureFlowModel)
 
 
 # --------------------------------------------------------------------------- flow matching pieces
@@ -199,9 +218,7 @@ class FlowMatching3DHead(TaskHead):
     """Rectified-flow LoRA training of a TRELLIS denoiser (dense sparse-structure or sparse structured-latent).
 
     ``denoiser`` is the model (built by Hydra from the preset's class and args); ``ckpt`` loads released
-    weights into it with every key and shape checked. Without a checkpoint, ``random_base_std > 0`` fills the
-    layers TRELLIS initialises to zero (adaLN gates, output layer) so a random stand-in base is not a constant
-    function that no adapter could change (the tiny presets use this).
+    weights into it with every key and shape checked (the tiny presets' is a random stand-in, ``build_tiny``).
 
     ``image_encoder`` (``{pretrained: PATH, image_size: 518}``, see ``DinoImageEncoder``) encodes batches that
     carry condition images (``cond_image``, from ``data.cond=images``) on the fly; batches with precomputed
@@ -212,6 +229,10 @@ class FlowMatching3DHead(TaskHead):
     family: ClassVar[str] = "flow3d"
     monitor: ClassVar[str] = "val/loss"
     monitor_mode: ClassVar[str] = "min"
+    fsdp_blocks: ClassVar[tuple[str, ...]] = ("ModulatedTransformerCrossBlock", "ModulatedSparseTransformerCrossBlock",
+                                              "SparseResBlock3d")
+    sample_command: ClassVar[str | None] = "flow3d"
+    sample_help: ClassVar[str] = "TRELLIS latents from condition tokens (Euler flow sampler with CFG)"
 
     def __init__(
         self,
@@ -228,7 +249,6 @@ class FlowMatching3DHead(TaskHead):
         cond_noise_std_min: float = 0.0,
         cond_noise_std_max: float = 0.2,
         name: str | None = None,
-        random_base_std: float = 0.0,
         image_encoder: Any = None,
     ) -> None:
         super().__init__()
@@ -243,8 +263,6 @@ class FlowMatching3DHead(TaskHead):
         self.ckpt = str(ckpt) if ckpt else None
         if self.ckpt:
             load_checkpoint_strict(denoiser, self.ckpt)
-        elif random_base_std > 0:
-            fill_zero_weights(denoiser, random_base_std)
         self.targets = list(targets)
         self.sigma_min, self.t_schedule, self.t_mean, self.t_std = sigma_min, t_schedule, t_mean, t_std
         self.p_uncond = p_uncond
@@ -278,6 +296,31 @@ class FlowMatching3DHead(TaskHead):
         for block in self.denoiser.modules():
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
+
+    @classmethod
+    def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
+        """A random stand-in base of the preset's denoiser, saved once as a TRELLIS checkpoint pair
+        (``<path>/<class>-<hash of its config>/denoiser.json + .safetensors``, so another size gets its own
+        file): seeded, and the layers TRELLIS initialises to zero (adaLN gates, output layer) are filled with
+        N(0, ``TINY_BASE_STD``²) so the base is not a constant function that no adapter could change."""
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        from lightning_lora.fileio import atomic_directory
+        from lightning_lora.models.trellis.loading import save_trellis_model
+
+        spec = OmegaConf.to_container(preset["denoiser"], resolve=True) if OmegaConf.is_config(
+            preset["denoiser"]) else dict(preset["denoiser"])
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        folder = path / f"{str(spec['_target_']).rsplit('.', 1)[-1]}-{digest}"
+        weights = folder / "denoiser.safetensors"
+        if not weights.is_file():
+            torch.manual_seed(0)  # the resolver keeps the caller's random state (config.tiny_base)
+            denoiser = instantiate(spec)
+            fill_zero_weights(denoiser, TINY_BASE_STD)
+            with atomic_directory(folder) as tmp:
+                save_trellis_model(denoiser, tmp / "denoiser")
+        return str(weights)
 
     # ------------------------------------------------------------------ conditioning
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -321,9 +364,7 @@ class FlowMatching3DHead(TaskHead):
     @property
     def sparse(self) -> bool:
         """Structured-latent models take sparse voxels; the sparse-structure model a dense grid."""
-        from lightning_lora.models.trellis import SparseStructureFlowModel
-
-        return not isinstance(self.denoiser, SparseStructureFlowModel)
+        return takes_sparse_voxels(self.denoiser)
 
     def flow_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
                   train: bool = True) -> torch.Tensor:
@@ -384,3 +425,118 @@ class FlowMatching3DHead(TaskHead):
         path = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}.safetensors"
         identity = self.base_model_identity()
         return [save_adapter_file(path, {"": adapters["denoiser"]}, family=self.family, base_model=identity)]
+
+    # ------------------------------------------------------------------ lightning-lora sample flow3d
+    @classmethod
+    def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", default="trellis_slat_tiny",
+                            help="model preset (trellis_ss, trellis_slat, *_tiny)")
+        parser.add_argument("--ckpt", help="base weights (required by the released presets)")
+        parser.add_argument("--lora", help="adapter file or PEFT directory for the denoiser")
+        parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0 = as trained)")
+        parser.add_argument("--cond", required=True, help=".npz with tokens [T, D] (or [B, T, D]), or an image "
+                                                          "(.png/.jpg) with --image-encoder")
+        parser.add_argument("--image-encoder", help="local DINOv2-with-registers folder that encodes an image --cond")
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="pixels the image is resized to for the encoder (default: the preset's, 518)")
+        parser.add_argument("--coords", help=".npz with coords [N, 3]: the voxels a structured latent is sampled on")
+        parser.add_argument("--steps", type=int, default=25)
+        parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance strength")
+        parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"))
+        parser.add_argument("--rescale-t", type=float, default=1.0)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--out", required=True, help="output .npz (latent, or coords + feats)")
+        pictures = parser.add_mutually_exclusive_group()
+        pictures.add_argument("--png", help="also draw the sampled voxels (front, side, top) here; by default "
+                                            "<out>.png for the demo's tiny presets")
+        pictures.add_argument("--no-png", action="store_true", help="no picture, even for a tiny preset")
+        parser.add_argument("--overwrite", action="store_true")
+
+    @classmethod
+    def run_sample(cls, args: argparse.Namespace) -> int:
+        """Sample TRELLIS latents with an optional LoRA: cond tokens (or an image) in, latents (.npz) and, for the
+        demo's tiny presets or with --png, a picture of the sampled voxels out."""
+        from hydra.utils import get_class, instantiate
+        from omegaconf import open_dict
+
+        from lightning_lora.adapters import load_lora_weights, set_adapter_scale
+        from lightning_lora.config import compose_config
+        from lightning_lora.data.trellis import (
+            decode_demo_ss,
+            read_cond_image,
+            slat_occupancy,
+            voxel_picture,
+            write_npz,
+        )
+        from lightning_lora.data.trellis import png_bytes as image_png_bytes
+        from lightning_lora.fileio import atomic_write_bytes
+
+        out = Path(args.out)
+        options.check_out(out, args.overwrite)
+        cond_path = Path(args.cond)
+        image_cond = cond_path.suffix.lower() in IMAGE_SUFFIXES
+        if image_cond and not args.image_encoder:
+            raise UserError(f"--cond {cond_path} is an image: pass --image-encoder DIR (a local DINOv2-with-registers "
+                            "folder) to encode it, or give precomputed tokens (.npz with tokens [T, D])")
+        if image_cond and not cond_path.is_file():
+            raise UserError(f"--cond: file not found: {cond_path}")
+        cfg = compose_config([f"model={args.model}", *([f"model.ckpt={args.ckpt}"] if args.ckpt else [])])
+        if args.image_encoder:
+            with open_dict(cfg):
+                cfg.model.image_encoder = {"pretrained": str(args.image_encoder),
+                                           "image_size": args.image_size or cfg.model.image_encoder.image_size}
+        dense = not takes_sparse_voxels(get_class(cfg.model.denoiser._target_))
+        demo = args.model.endswith("_tiny")  # the presets the procedural demo set is made for
+        png = Path(args.png) if args.png else out.with_suffix(".png") if demo and not args.no_png else None
+        if png is not None:
+            if dense and not demo:
+                raise UserError(f"--png: {args.model} samples a sparse-structure latent, which becomes voxels only "
+                                "through TRELLIS's SS decoder (not part of this tool); the picture is drawn for the "
+                                "demo's tiny presets, whose stand-in encoding it inverts")
+            options.check_out(png, args.overwrite, "--png")
+        head = instantiate(cfg.model)
+        if args.lora:
+            from lightning_lora.adapters.formats import read_lora
+
+            read_lora(args.lora)  # a damaged or unsafe file fails here in one line that names it
+            load_lora_weights(head.denoiser, args.lora)
+            set_adapter_scale(head.denoiser, args.scale)
+        head.eval()
+        if image_cond:
+            cond = head.encode_images(read_cond_image(cond_path, head.image_encoder.image_size)[None])
+        else:
+            cond = torch.from_numpy(options.npz_array(args.cond, "tokens", "--cond")).float()
+            cond = cond[None] if cond.ndim == 2 else cond
+        coords = None
+        if head.sparse:
+            coords = cls._sample_coords(args, head.denoiser.resolution, cond)
+        latent = head.sample(cond, coords=coords, steps=args.steps, cfg_strength=args.cfg,
+                             cfg_interval=tuple(args.cfg_interval), rescale_t=args.rescale_t, seed=args.seed)
+        arrays = {"coords": coords[:, 1:].numpy(), "feats": latent.feats.float().numpy()} if coords is not None else {
+            "latent": latent.float().numpy()}
+        write_npz(out, **arrays)
+        print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
+        if png is not None:
+            if coords is not None:  # a structured latent lives on the given voxels
+                grids = [slat_occupancy(arrays["coords"], head.denoiser.resolution)]
+            else:  # the demo's stand-in SS encoding, inverted: occupancy per sampled latent
+                grids = [decode_demo_ss(item) for item in arrays["latent"]]
+            picture = voxel_picture(grids)
+            atomic_write_bytes(png, image_png_bytes(picture))
+            print(f"wrote {png} ({picture.width}x{picture.height}: front, side and top views of "
+                  f"{', '.join(str(int(g.sum())) for g in grids)} voxels)")
+        return 0
+
+    @staticmethod
+    def _sample_coords(args: argparse.Namespace, res: int, cond: torch.Tensor) -> torch.Tensor:
+        """``--coords`` as [N, 4] (batch index 0 + xyz), checked against the grid and the condition."""
+        if not args.coords:
+            raise UserError(f"{args.model} samples on given voxels: pass --coords FILE.npz with coords [N, 3]")
+        xyz = torch.from_numpy(options.npz_array(args.coords, "coords", "--coords")).long()
+        if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0 or xyz.min() < 0 or xyz.max() >= res:
+            span = f", range [{int(xyz.min())}, {int(xyz.max())}]" if xyz.numel() else ""
+            raise UserError(f"--coords {args.coords}: coords must be a non-empty [N, 3] inside [0, {res}); got shape "
+                            f"{tuple(xyz.shape)}{span}")
+        if cond.shape[0] != 1:
+            raise UserError(f"--coords holds one shape; --cond must be one [T, D] token set, got {tuple(cond.shape)}")
+        return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)

@@ -122,23 +122,10 @@ def ensure_tiny_qwen3_vl(path: str | os.PathLike, seed: int = 0) -> str:
     return _write_once(path, lambda tmp: build_tiny_qwen3_vl(tmp, seed))
 
 
-# --------------------------------------------------------------------------- OmegaConf resolvers
-def tiny_clip_path(path: str) -> str:
-    """Resolver ``${tiny_clip:DIR}`` (register as ``tiny_clip``)."""
-    return ensure_tiny_clip(path)
-
-
-def tiny_qwen3_vl_path(path: str) -> str:
-    """Resolver ``${tiny_qwen3_vl:DIR}`` (register as ``tiny_qwen3_vl``)."""
-    return ensure_tiny_qwen3_vl(path)
-
-
 __all__ = [
     "build_qwen_tokenizer",
     "build_tiny_clip",
     "build_tiny_qwen3_vl",
     "ensure_tiny_clip",
     "ensure_tiny_qwen3_vl",
-    "tiny_clip_path",
-    "tiny_qwen3_vl_path",
 ]

@@ -1,0 +1,87 @@
+"""Command-line options shared by ``lightning-lora``'s tools and the heads' sample commands.
+
+Each ``add_*`` declares a group of options on an argparse parser; the matching reader turns the parsed values
+into checked Python values, raising ``UserError`` (one line naming the bad value) for a bad one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from lightning_lora.errors import UserError
+
+
+def check_out(path: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse to replace an existing output unless ``--overwrite`` was given."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it or choose another path")
+
+
+def device(name: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, and CUDA must be there to ask for it."""
+    import torch
+
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device={name!r} is unknown; valid: cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available here; use --device cpu")
+    return name
+
+
+def weighted(spec: str, flag: str) -> tuple[Path, float]:
+    """``path`` or ``path:scale`` (a colon followed by something that is not a number stays in the path)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            value = float(tail)
+        except ValueError:
+            return Path(spec), 1.0
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {spec}: the scale {tail!r} must be a finite number")
+        return Path(path), value
+    return Path(spec), 1.0
+
+
+def npz_array(path: str, key: str, flag: str):
+    """One array of a ``.npz`` file (never unpickled), with one-line errors for a missing file or key."""
+    import numpy as np
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{flag}: file not found: {file}")
+    with np.load(file, allow_pickle=False) as data:
+        if key not in data.files:
+            raise UserError(f"{flag}: {file} has no array {key!r}; it has {', '.join(data.files) or 'none'}")
+        return data[key]
+
+
+def add_lora_folding(parser: argparse.ArgumentParser, formats: str) -> None:
+    """``--lora PATH[:WEIGHT]`` (repeatable), ``--scale``, ``--allow-partial``: read by :func:`scaled_loras`."""
+    parser.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
+                        help=f"adapter ({formats}); repeat for several, each with its weight")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="apply a LoRA even if some modules match nothing")
+
+
+def scaled_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """Every ``--lora PATH[:WEIGHT]``, its weight multiplied by ``--scale``."""
+    return [(p, w * args.scale) for p, w in (weighted(spec, "--lora") for spec in args.lora or [])]
+
+
+def add_png_output(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--out`` (.png) and ``--overwrite``: read by :func:`png_out`."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="output .png")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def png_out(args: argparse.Namespace) -> Path:
+    """The checked ``--out`` of :func:`add_png_output`."""
+    out = Path(args.out)
+    check_out(out, args.overwrite)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the picture is written as .png")
+    return out
