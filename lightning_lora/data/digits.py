@@ -8,8 +8,9 @@ once under a cache folder and then read through the same code as user data. Thre
 - image-text retrieval (CLIP / Qwen3-VL embedders), ``data=digits_retrieval``: the text-to-image demo's PNGs
   paired with their captions in JSONL, read as ``data=image_pairs``: :class:`DigitRetrievalDataModule`.
 
-Every written folder is named by the options that shape its content, built in a temporary folder renamed into
-place, and reused as it is when it already exists.
+All three draw their images through :class:`SklearnDigits` (one loader, one drawing: the same digit gives the same
+pixels in every demo). Every written folder is named by the options that shape its content, built in a temporary
+folder renamed into place, and reused as it is when it already exists.
 """
 
 from __future__ import annotations
@@ -40,6 +41,37 @@ from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
 
 
+# --------------------------------------------------------------------------- the images all three demos draw
+class SklearnDigits:
+    """The first ``num_images`` (all when None) of scikit-learn's 8×8 digits, with their labels and drawn images.
+
+    ``demo`` names the config in the error raised when scikit-learn is missing.
+    """
+
+    def __init__(self, num_images: int | None, demo: str) -> None:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
+            raise UserError(f"data={demo} needs scikit-learn (pip install scikit-learn)") from None
+        digits = load_digits()
+        count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
+        self.pixels, self.labels = digits.images[:count], digits.target[:count]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
+    def draw(self, i: int, image_size: int, invert: bool) -> Image.Image:
+        """Digit ``i`` as an RGB square of ``image_size`` px: ink 0..16 scaled to 0..255 (``invert``: dark ink on
+        white, as paper; sklearn's are light on dark), the grey image upscaled bicubic."""
+        grey = np.clip(self.pixels[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
+        if invert:
+            grey = 255 - grey
+        return Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
+
+
 def digit_caption(label: int) -> str:
     return f"a handwritten digit {label}"
 
@@ -67,15 +99,10 @@ def write_digit_captions(root: str | os.PathLike, num_images: int | None = 256, 
     folder = Path(root).expanduser().resolve() / f"n{num_images or 'all'}_s{image_size}_{'inv' if invert else 'raw'}"
     if (folder / METADATA_FILE).is_file():
         return folder
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
-        raise UserError("data=digits needs scikit-learn (pip install scikit-learn)") from None
-    digits = load_digits()
-    count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
+    digits = SklearnDigits(num_images, "digits")
     try:
         with atomic_directory(folder) as tmp:
-            _write_caption_folder(tmp, digits, count, image_size, invert)
+            _write_caption_folder(tmp, digits, image_size, invert)
             if (folder / METADATA_FILE).is_file():  # another process finished first: keep its copy
                 raise _AlreadyBuilt
     except _AlreadyBuilt:
@@ -83,18 +110,14 @@ def write_digit_captions(root: str | os.PathLike, num_images: int | None = 256, 
     return folder
 
 
-def _write_caption_folder(tmp: Path, digits: Any, count: int, image_size: int, invert: bool) -> None:
-    """The PNGs and metadata.jsonl of the first ``count`` digits into ``tmp``."""
+def _write_caption_folder(tmp: Path, digits: SklearnDigits, image_size: int, invert: bool) -> None:
+    """The PNGs and metadata.jsonl (caption and label per file) of ``digits`` into ``tmp``."""
     lines = []
-    for i in range(count):
-        grey = np.clip(digits.images[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
-        if invert:
-            grey = 255 - grey
-        image = Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    for i in range(len(digits)):
         name = f"{i:04d}.png"
-        image.convert("RGB").save(tmp / name, format="PNG")
-        lines.append(json.dumps({"file_name": name, "text": digit_caption(int(digits.target[i])),
-                                 "label": int(digits.target[i])}))
+        digits.draw(i, image_size, invert).save(tmp / name, format="PNG")
+        label = digits.label(i)
+        lines.append(json.dumps({"file_name": name, "text": digit_caption(label), "label": label}))
     (tmp / METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -180,6 +203,17 @@ def translation_target(source: Image.Image, transform: str) -> Image.Image:
     return Image.fromarray(np.clip(array * ramp * tint * 255.0, 0, 255).round().astype(np.uint8))
 
 
+def _split_keys(keys: list[str], val_fraction: float) -> dict[str, list[str]]:
+    """``{"train": [...], "validation": [...]}``: :func:`~lightning_lora.data.images.split_records`' rule (the
+    ``round(n * val_fraction)`` smallest SHA-1s, at least one when the fraction is positive and n >= 2) applied to
+    the shard keys ("0003") rather than the file names ("0003.png"), so the shards keep their own split."""
+    k = round(len(keys) * val_fraction)
+    if val_fraction > 0 and len(keys) >= 2:
+        k = min(max(k, 1), len(keys) - 1)
+    val = set(sorted(keys, key=lambda key: hashlib.sha1(key.encode()).hexdigest())[:k])
+    return {"train": [key for key in keys if key not in val], "validation": [key for key in keys if key in val]}
+
+
 def write_digit_translation_shards(root: str | os.PathLike, num_images: int | None = 256, image_size: int = 64,
                                    transform: str = "invert", val_fraction: float = 0.1, per_shard: int = 64
                                    ) -> tuple[str, str | None]:
@@ -195,18 +229,8 @@ def write_digit_translation_shards(root: str | os.PathLike, num_images: int | No
     _positive_int(per_shard, "data.per_shard")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
-        raise UserError("data=digits_pairs needs scikit-learn (pip install scikit-learn)") from None
-    digits = load_digits()
-    count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
-    keys = [f"{i:04d}" for i in range(count)]
-    k = round(count * val_fraction)
-    if val_fraction > 0 and count >= 2:
-        k = min(max(k, 1), count - 1)
-    val = set(sorted(keys, key=lambda key: hashlib.sha1(key.encode()).hexdigest())[:k])
-    splits = {"train": [key for key in keys if key not in val], "validation": [key for key in keys if key in val]}
+    digits = SklearnDigits(num_images, "digits_pairs")  # loaded even when built: the count names the shards
+    splits = _split_keys([f"{i:04d}" for i in range(len(digits))], val_fraction)
     folder = Path(root).expanduser().resolve() / (
         f"pairs_n{num_images or 'all'}_s{image_size}_{transform}_v{val_fraction:g}_p{per_shard}")
     counts = {split: -(-len(chosen) // per_shard) for split, chosen in splits.items()}
@@ -217,11 +241,9 @@ def write_digit_translation_shards(root: str | os.PathLike, num_images: int | No
 
     def samples(chosen: list[str]) -> Iterator[dict[str, Any]]:
         for key in chosen:
-            grey = 255 - np.clip(digits.images[int(key)] / 16.0 * 255.0, 0, 255).astype(np.uint8)
-            source = Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
-            source = source.convert("RGB")
+            source = digits.draw(int(key), image_size, invert=True)  # always dark ink on white: no invert option
             yield {"__key__": key, "source.png": source, "target.png": translation_target(source, transform),
-                   "json": {"label": int(digits.target[int(key)])}}
+                   "json": {"label": digits.label(int(key))}}
 
     with atomic_directory(folder) as tmp:
         for split, chosen in splits.items():
@@ -247,6 +269,16 @@ class DigitTranslationDataModule(PairedShardsDataModule):
 RETRIEVAL_DIRECTIONS = ("image_to_text", "text_to_image")
 
 
+def _caption_labels(folder: Path) -> dict[str, int]:
+    """File name -> digit, from the ``label`` field :func:`write_digit_captions` puts in metadata.jsonl."""
+    labels = {}
+    for line in (folder / METADATA_FILE).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            labels[row["file_name"]] = int(row["label"])
+    return labels
+
+
 def write_digit_retrieval_pairs(root: str | os.PathLike, num_images: int | None = 256, image_size: int = 64,
                                 invert: bool = True, direction: str = "image_to_text", num_negatives: int = 0,
                                 val_fraction: float = 0.1) -> tuple[Path, Path | None]:
@@ -268,11 +300,7 @@ def write_digit_retrieval_pairs(root: str | os.PathLike, num_images: int | None 
     if train_file.is_file():
         return train_file, (val_file if val_file.is_file() else None)
     records = read_image_folder(images)
-    labels = {}
-    for line in (images / METADATA_FILE).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            labels[row["file_name"]] = int(row["label"])
+    labels = _caption_labels(images)
     by_label: dict[int, list[str]] = {}
     for r in records:
         by_label.setdefault(labels[r.name], []).append(r.name)
@@ -316,6 +344,7 @@ __all__ = [
     "DigitCaptionsDataModule",
     "DigitRetrievalDataModule",
     "DigitTranslationDataModule",
+    "SklearnDigits",
     "digit_caption",
     "translation_target",
     "write_digit_caption_shards",
