@@ -16,12 +16,11 @@ from conftest import compose_train
 from hydra.utils import instantiate
 from PIL import Image
 
+from lightning_lora.data.digits import DigitCaptionsDataModule, write_digit_captions
 from lightning_lora.data.images import (
-    DigitsDataModule,
     ImageFolderDataModule,
     ImageTransform,
     load_rgb,
-    make_digits,
     read_image_folder,
     split_records,
 )
@@ -372,9 +371,9 @@ def test_webdataset_errors(tmp_path) -> None:
 def test_digits_build_reuse_and_captions(tmp_path) -> None:
     from sklearn.datasets import load_digits
 
-    folder = make_digits(tmp_path, num_images=20, image_size=16)
+    folder = write_digit_captions(tmp_path, num_images=20, image_size=16)
     first = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    assert make_digits(tmp_path, num_images=20, image_size=16) == folder
+    assert write_digit_captions(tmp_path, num_images=20, image_size=16) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == first  # reused, not rewritten
     labels = load_digits().target
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
@@ -386,21 +385,21 @@ def test_digits_build_reuse_and_captions(tmp_path) -> None:
 
 @pytest.mark.parametrize("fmt", ["folder", "shards"])
 def test_digits_module_batches(tmp_path, fmt: str) -> None:
-    dm = DigitsDataModule(str(tmp_path), format=fmt, num_images=40, image_size=16, resolution=8, batch_size=5)
+    dm = DigitCaptionsDataModule(str(tmp_path), format=fmt, num_images=40, image_size=16, resolution=8, batch_size=5)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape == (5, 3, 8, 8) and batch["index"].dtype == torch.long
     assert all(t.startswith("a handwritten digit ") for t in batch["text"])
     val = [t for b in dm.val_dataloader() for t in b["text"]]
     assert len(val) == 4
-    again = DigitsDataModule(str(tmp_path), format=fmt, num_images=40, image_size=16, resolution=8)
+    again = DigitCaptionsDataModule(str(tmp_path), format=fmt, num_images=40, image_size=16, resolution=8)
     again.setup()
     assert [t for b in again.val_dataloader() for t in b["text"]] == val
 
 
 def test_digits_bad_format(tmp_path) -> None:
     with pytest.raises(UserError, match="data.format='zip' is unknown; valid: folder, shards"):
-        DigitsDataModule(str(tmp_path), format="zip")
+        DigitCaptionsDataModule(str(tmp_path), format="zip")
 
 
 def test_configs_compose_and_instantiate(tmp_path, folder) -> None:

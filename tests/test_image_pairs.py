@@ -10,12 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_lora.data.image_pairs import (
-    DigitsPairsDataModule,
-    ImagePairsDataModule,
-    make_digit_pairs,
-    read_image_pairs_jsonl,
-)
+from lightning_lora.data.digits import DigitRetrievalDataModule, write_digit_retrieval_pairs
+from lightning_lora.data.image_pairs import ImagePairsDataModule, read_image_pairs_jsonl
 from lightning_lora.errors import UserError
 
 
@@ -92,8 +88,8 @@ def test_datamodule_batches(pair_file):
 
 
 def test_digits_pairs_demo(tmp_path):
-    dm = DigitsPairsDataModule(root=str(tmp_path / "digits"), num_images=40, image_size=16, batch_size=8,
-                               num_negatives=2)
+    dm = DigitRetrievalDataModule(root=str(tmp_path / "digits"), num_images=40, image_size=16, batch_size=8,
+                                  num_negatives=2)
     assert dm.num_train == 36 and dm.num_val == 4
     batch = next(iter(dm.train_dataloader()))
     assert len(batch["query"]) == 8 and batch["index"].shape == (8,)
@@ -102,27 +98,27 @@ def test_digits_pairs_demo(tmp_path):
         assert Image.open(query["image"]).size == (16, 16)
         assert positive.startswith("a handwritten digit ") and len(negatives) == 2 and positive not in negatives
     # written once: a second module reuses the same files
-    train, val = make_digit_pairs(tmp_path / "digits", num_images=40, image_size=16, num_negatives=2)
+    train, val = write_digit_retrieval_pairs(tmp_path / "digits", num_images=40, image_size=16, num_negatives=2)
     stamp = train.stat().st_mtime_ns
-    DigitsPairsDataModule(root=str(tmp_path / "digits"), num_images=40, image_size=16, num_negatives=2).setup()
+    DigitRetrievalDataModule(root=str(tmp_path / "digits"), num_images=40, image_size=16, num_negatives=2).setup()
     assert train.stat().st_mtime_ns == stamp and val is not None
     # the images are those of data=digits (same root), and the reverse direction pairs text with images
-    reverse = read_image_pairs_jsonl(make_digit_pairs(tmp_path / "digits", num_images=40, image_size=16,
-                                                      direction="text_to_image", num_negatives=1)[0])
+    reverse = read_image_pairs_jsonl(write_digit_retrieval_pairs(tmp_path / "digits", num_images=40, image_size=16,
+                                                                 direction="text_to_image", num_negatives=1)[0])
     first = reverse[0]
     assert first["query"].startswith("a handwritten digit ") and Path(first["positive"]["image"]).is_file()
     negative = first["negatives"][0]["image"]
     assert Path(negative).is_file() and negative != first["positive"]["image"]
     with pytest.raises(UserError, match="data.direction='sideways' is unknown"):
-        make_digit_pairs(tmp_path / "digits", num_images=40, direction="sideways")
+        write_digit_retrieval_pairs(tmp_path / "digits", num_images=40, direction="sideways")
 
 
 def test_digits_batch_through_an_embedder(tmp_path, tiny_clip_dir):
     from lightning_lora.models.embedders import ClipEmbedder
 
     emb = ClipEmbedder(str(tiny_clip_dir))
-    dm = DigitsPairsDataModule(root=str(tmp_path / "digits"), num_images=16, image_size=32, batch_size=4,
-                               val_fraction=0.25)
+    dm = DigitRetrievalDataModule(root=str(tmp_path / "digits"), num_images=16, image_size=32, batch_size=4,
+                                  val_fraction=0.25)
     batch = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         q, d = emb.embed(batch["query"], "query"), emb.embed(batch["positive"], "document")

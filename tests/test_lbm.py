@@ -15,7 +15,8 @@ import torch
 from conftest import compose_train
 from PIL import Image
 
-from lightning_lora.data.shards import DigitPairsDataModule, PairedShardsDataModule, make_digit_pairs, write_shards
+from lightning_lora.data.digits import DigitTranslationDataModule, write_digit_translation_shards
+from lightning_lora.data.shards import PairedShardsDataModule, write_shards
 from lightning_lora.errors import UserError
 from lightning_lora.heads.bridge import (
     LBM_FILE,
@@ -263,19 +264,19 @@ def test_paired_shards_share_one_crop_and_name_missing_fields(tmp_path):
 
 
 def test_digit_pairs_are_built_once_and_batch(tmp_path):
-    train, val = make_digit_pairs(tmp_path, num_images=20, image_size=16, per_shard=8)
+    train, val = write_digit_translation_shards(tmp_path, num_images=20, image_size=16, per_shard=8)
     assert train.endswith("train-{0000..0002}.tar") and val.endswith("validation-0000.tar")
     stamp = Path(val).stat().st_mtime_ns
-    assert make_digit_pairs(tmp_path, num_images=20, image_size=16, per_shard=8) == (train, val)
+    assert write_digit_translation_shards(tmp_path, num_images=20, image_size=16, per_shard=8) == (train, val)
     assert Path(val).stat().st_mtime_ns == stamp
-    dm = DigitPairsDataModule(str(tmp_path), num_images=20, image_size=16, per_shard=8, resolution=8,
-                              interpolation="nearest", batch_size=4)
+    dm = DigitTranslationDataModule(str(tmp_path), num_images=20, image_size=16, per_shard=8, resolution=8,
+                                    interpolation="nearest", batch_size=4)
     batch = next(iter(dm.val_dataloader()))
     assert batch["source"].shape == (2, 3, 8, 8)
     assert torch.allclose(batch["target"], -batch["source"], atol=1e-6)  # the default target: inverted
     assert batch["source"][:, :, 0, 0].eq(1).all()  # dark ink on white paper
     with pytest.raises(UserError, match="data.transform='swirl' is unknown; valid: invert, blur, relight"):
-        make_digit_pairs(tmp_path, transform="swirl")
+        write_digit_translation_shards(tmp_path, transform="swirl")
 
 
 # ---------------------------------------------------------------------------- the seed's workflow

@@ -1,5 +1,5 @@
-"""Image–text pairs for contrastive fine-tuning of CLIP / Qwen3-VL embedders: a JSONL reader, a DataModule,
-and a digits demo set (sklearn's handwritten digits, no download).
+"""Image–text pairs for contrastive fine-tuning of CLIP / Qwen3-VL embedders: a JSONL reader and a DataModule
+(the digits demo, ``data=digits_retrieval``, lives in ``digits.py``).
 
 One JSONL line per pair::
 
@@ -28,9 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_lora.data.pairs import PairsDataModule, _abs, _check_positive_int, read_jsonl
+from lightning_lora.data.pairs import PairsDataModule, _abs, read_jsonl
 from lightning_lora.errors import UserError
-from lightning_lora.fileio import atomic_directory
 
 FIELDS_HINT = ("each line needs 'query' and/or 'query_image', 'positive' and/or 'positive_image', optionally "
                "'negatives' (texts or {text, image} objects)")
@@ -100,78 +99,8 @@ class ImagePairsDataModule(PairsDataModule):
         return train, val
 
 
-# --------------------------------------------------------------------------- the digits demo
-DIRECTIONS = ("image_to_text", "text_to_image")
-
-
-def make_digit_pairs(root: str | os.PathLike, num_images: int | None = 256, image_size: int = 64,
-                     invert: bool = True, direction: str = "image_to_text", num_negatives: int = 0,
-                     val_fraction: float = 0.1) -> tuple[Path, Path | None]:
-    """Write the digits demo as ``train.jsonl`` / ``val.jsonl`` (written once, reused) and return their paths.
-
-    The images are :func:`lightning_lora.data.images.make_digits`'s (shared with ``data=digits`` under the
-    same ``root``), split as that module splits them. ``image_to_text``: the query is a digit's image and
-    the positive its caption "a handwritten digit 3" (identical captions in a batch are the same document,
-    which the loss's duplicate masking handles); ``text_to_image`` the reverse. ``num_negatives`` hard
-    negatives per pair: captions of the next digits (image_to_text) or images of other digits (text_to_image).
-    """
-    from lightning_lora.data.images import digits_caption, make_digits, read_image_folder, split_records
-
-    if direction not in DIRECTIONS:
-        raise UserError(f"data.direction={direction!r} is unknown; valid: {', '.join(DIRECTIONS)}")
-    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or not 0 <= num_negatives <= 9:
-        raise UserError(f"data.num_negatives={num_negatives!r} must be an integer from 0 to 9")
-    images = make_digits(root, num_images=num_images, image_size=image_size, invert=invert)
-    out = images.with_name(f"{images.name}-pairs-{direction}-neg{num_negatives}-v{val_fraction:g}")
-    train_file, val_file = out / "train.jsonl", out / "val.jsonl"
-    if train_file.is_file():
-        return train_file, (val_file if val_file.is_file() else None)
-    records = read_image_folder(images)
-    labels = {}
-    for line in (images / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            labels[row["file_name"]] = int(row["label"])
-    by_label: dict[int, list[str]] = {}
-    for r in records:
-        by_label.setdefault(labels[r.name], []).append(r.name)
-
-    def pair(name: str) -> dict:
-        label, image = labels[name], f"../{images.name}/{name}"  # relative to the JSONL folder
-        if direction == "image_to_text":
-            negs = [digits_caption((label + k) % 10) for k in range(1, num_negatives + 1)]
-            return {"query_image": image, "positive": digits_caption(label), "negatives": negs}
-        others = [(label + k) % 10 for k in range(1, 10) if by_label.get((label + k) % 10)]
-        negs = [{"image": f"../{images.name}/{by_label[d][0]}"} for d in others[:num_negatives]]
-        return {"query": digits_caption(label), "positive_image": image, "negatives": negs}
-
-    train, val = split_records(records, val_fraction)
-    with atomic_directory(out) as tmp:
-        for file, chosen in (("train.jsonl", train), ("val.jsonl", val)):
-            if chosen:
-                (tmp / file).write_text("".join(json.dumps(pair(r.name)) + "\n" for r in chosen), encoding="utf-8")
-    return train_file, (val_file if val_file.is_file() else None)
-
-
-class DigitsPairsDataModule(ImagePairsDataModule):
-    """The digits image–text demo (``data=digits_retrieval``): written once as JSONL under ``root`` by
-    :func:`make_digit_pairs`, then read through the same code as user data (``data=image_pairs``)."""
-
-    def __init__(self, root: str, num_images: int | None = 256, image_size: int = 64, invert: bool = True,
-                 direction: str = "image_to_text", num_negatives: int = 0, val_fraction: float = 0.1,
-                 **kwargs: Any) -> None:
-        if num_images is not None:
-            _check_positive_int(num_images, "data.num_images")
-        train, val = make_digit_pairs(root, num_images=num_images, image_size=image_size, invert=invert,
-                                      direction=direction, num_negatives=num_negatives, val_fraction=val_fraction)
-        super().__init__(train_path=str(train), val_path=str(val) if val else None, **kwargs)
-
-
 __all__ = [
-    "DIRECTIONS",
-    "DigitsPairsDataModule",
     "ImagePairsDataModule",
-    "make_digit_pairs",
     "parse_image_pair",
     "read_image_pairs_jsonl",
 ]

@@ -1,4 +1,4 @@
-"""Image + caption data for Stable Diffusion LoRA: the transforms, an image folder, and the digits demo set.
+"""Image + caption data for Stable Diffusion LoRA: the transforms and an image folder.
 
 Every module here yields the same batch (what ``heads/diffusion.py`` consumes)::
 
@@ -11,14 +11,14 @@ centre crop (``center_crop``) or random crop (training), optional horizontal fli
 normalise. Validation is deterministic: centre crop, no flip. Randomness comes from torch's global RNG, so
 Lightning's ``seed_everything`` (and the DataLoader's per-worker seeding) fixes it.
 
-Tar shards (``data=webdataset``) live in ``shards.py``; they share the transforms and the image decoding.
+Tar shards (``data=webdataset``) live in ``shards.py``; they share the transforms and the image decoding. The
+digits demo (``data=digits``) lives in ``digits.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import posixpath
 import warnings
@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.data.pairs import jsonl_values
 from lightning_lora.errors import UserError
-from lightning_lora.fileio import atomic_directory
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 METADATA_FILE = "metadata.jsonl"
@@ -459,135 +458,9 @@ class ImageFolderDataModule(ImageDataModuleBase):
         return self._loader(self.val_set, self.val_batch_size, train=False) if len(self.val_set) else []
 
 
-# --------------------------------------------------------------------------- the digits demo set
-FORMATS = ("folder", "shards")
-
-
-def digits_caption(label: int) -> str:
-    return f"a handwritten digit {label}"
-
-
-class _AlreadyBuilt(Exception):
-    """Another process wrote the same demo folder while this one was writing."""
-
-
-def make_digits(root: str | os.PathLike, num_images: int | None = 256, image_size: int = 64,
-                invert: bool = True) -> Path:
-    """Write sklearn's 8×8 digits (1797, bundled with scikit-learn: no download) as an image folder.
-
-    ``root/<variant>/NNNN.png`` (grey upscaled to ``image_size`` px, bicubic, saved as RGB; ``invert`` gives
-    dark ink on white) and ``metadata.jsonl`` captions "a handwritten digit 3". The first ``num_images``
-    images are used (all when None). Written once, atomically (a whole directory renamed into place), and
-    reused: an existing complete folder is returned untouched.
-    """
-    if num_images is not None:
-        _positive_int(num_images, "data.num_images")
-    _positive_int(image_size, "data.image_size")
-    folder = Path(root).expanduser().resolve() / f"n{num_images or 'all'}_s{image_size}_{'inv' if invert else 'raw'}"
-    if (folder / METADATA_FILE).is_file():
-        return folder
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
-        raise UserError("data=digits needs scikit-learn (pip install scikit-learn)") from None
-    digits = load_digits()
-    count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
-    try:
-        with atomic_directory(folder) as tmp:
-            _write_digits(tmp, digits, count, image_size, invert)
-            if (folder / METADATA_FILE).is_file():  # another process finished first: keep its copy
-                raise _AlreadyBuilt
-    except _AlreadyBuilt:
-        pass
-    return folder
-
-
-def _write_digits(tmp: Path, digits: Any, count: int, image_size: int, invert: bool) -> None:
-    """The PNGs and metadata.jsonl of the first ``count`` digits into ``tmp``."""
-    lines = []
-    for i in range(count):
-        grey = np.clip(digits.images[i] / 16.0 * 255.0, 0, 255).astype(np.uint8)
-        if invert:
-            grey = 255 - grey
-        image = Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
-        name = f"{i:04d}.png"
-        image.convert("RGB").save(tmp / name, format="PNG")
-        lines.append(json.dumps({"file_name": name, "text": digits_caption(int(digits.target[i])),
-                                 "label": int(digits.target[i])}))
-    (tmp / METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def make_digit_shards(folder: Path, val_fraction: float = 0.1, per_shard: int = 64) -> tuple[str, str | None]:
-    """The digits folder as tar shards (``png`` + ``txt`` per sample), split as the folder module splits it.
-
-    Returns the brace patterns of the train and validation shards; written once next to the folder.
-    """
-    from lightning_lora.data.shards import shard_pattern, write_shards
-
-    records = read_image_folder(folder)
-    train, val = split_records(records, val_fraction)
-    out = folder.with_name(f"{folder.name}-shards-v{val_fraction:g}-p{per_shard}")
-    patterns = {}
-    for split, chosen in (("train", train), ("validation", val)):
-        if not chosen:
-            patterns[split] = None
-            continue
-        count = -(-len(chosen) // per_shard)
-        pattern = str(out / f"{split}-%04d.tar")
-        if all((out / (f"{split}-%04d.tar" % i)).is_file() for i in range(count)):
-            patterns[split] = shard_pattern(pattern, count)
-            continue
-        samples = ({"__key__": r.path.stem, "png": r.path.read_bytes(), "txt": r.caption} for r in chosen)
-        patterns[split] = write_shards(samples, pattern, per_shard)
-    return patterns["train"], patterns["validation"]
-
-
-class DigitsDataModule(pl.LightningDataModule):
-    """The digits demo (``data=digits``): sklearn's handwritten digits as captioned images, no download.
-
-    Built once under ``root`` by :func:`make_digits`, then read through the same code as user data:
-    ``format="folder"`` via :class:`ImageFolderDataModule`, ``format="shards"`` writes tar shards once and
-    reads them via :class:`~lightning_lora.data.shards.WebDatasetDataModule` (``samples_per_epoch`` applies
-    only there). Other keyword arguments (batch size, workers, transforms, ...) go to that module.
-    """
-
-    def __init__(self, root: str, format: str = "folder", num_images: int | None = 256, image_size: int = 64,
-                 invert: bool = True, resolution: int = 32, val_fraction: float = 0.1, per_shard: int = 64,
-                 samples_per_epoch: int | None = None, **kwargs: Any) -> None:
-        super().__init__()
-        if format not in FORMATS:
-            raise UserError(f"data.format={format!r} is unknown; valid: {', '.join(FORMATS)}")
-        self.format = format
-        self.folder = make_digits(root, num_images=num_images, image_size=image_size, invert=invert)
-        self.inner: pl.LightningDataModule
-        if format == "folder":
-            self.inner = ImageFolderDataModule(str(self.folder), val_fraction=val_fraction, resolution=resolution,
-                                               **kwargs)
-        else:
-            from lightning_lora.data.shards import WebDatasetDataModule
-
-            _positive_int(per_shard, "data.per_shard")
-            train, val = make_digit_shards(self.folder, val_fraction, per_shard)
-            self.inner = WebDatasetDataModule(train, val, image_key="png", caption_key="txt", resolution=resolution,
-                                              samples_per_epoch=samples_per_epoch, **kwargs)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.inner.trainer = self.trainer
-        self.inner.setup(stage)
-
-    def train_dataloader(self) -> DataLoader:
-        self.inner.trainer = self.trainer
-        return self.inner.train_dataloader()
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.inner.trainer = self.trainer
-        return self.inner.val_dataloader()
-
-
 __all__ = [
     "IMAGE_EXTENSIONS",
     "INTERPOLATIONS",
-    "DigitsDataModule",
     "ImageCaptionDataset",
     "ImageDataModuleBase",
     "ImageFolderDataModule",
@@ -596,8 +469,6 @@ __all__ = [
     "collate_images",
     "describe_error",
     "load_rgb",
-    "make_digit_shards",
-    "make_digits",
     "pick_caption",
     "read_image_folder",
     "split_records",

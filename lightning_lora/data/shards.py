@@ -1,5 +1,5 @@
-"""WebDataset-style tar shards of captioned images (``data=webdataset``) or of image pairs (``data=paired_shards``,
-``data=digits_pairs``), and a writer for them.
+"""WebDataset-style tar shards of captioned images (``data=webdataset``) or of image pairs (``data=paired_shards``),
+and a writer for them (the digits demos in ``digits.py`` write theirs with it).
 
 A shard is a plain tar whose members are grouped into samples by key: ``0001.jpg`` + ``0001.txt`` is one
 sample with the fields ``jpg`` and ``txt``. Patterns use brace expansion (``data/shard-{000..009}.tar``;
@@ -31,7 +31,6 @@ one resize/crop/flip is drawn per sample and applied to all of them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -43,7 +42,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -503,102 +501,15 @@ class PairedShardsDataModule(WebDatasetDataModule):
         return [decode, PairedImages(self.train_transform if train else self.val_transform, self.size)]
 
 
-# --------------------------------------------------------------------------- the digit pairs demo
-PAIR_TRANSFORMS = ("invert", "blur", "relight")
-
-
-def pair_target(source: Image.Image, transform: str) -> Image.Image:
-    """The demo's target for a source digit: inverted, blurred, or relit (a warm light from the left)."""
-    from PIL import ImageFilter, ImageOps
-
-    if transform == "invert":
-        return ImageOps.invert(source)
-    if transform == "blur":
-        return source.filter(ImageFilter.GaussianBlur(radius=max(1.0, source.width / 16)))
-    array = np.asarray(source, dtype=np.float32) / 255.0
-    ramp = np.linspace(1.0, 0.35, source.width, dtype=np.float32)[None, :, None]
-    tint = np.array([1.0, 0.85, 0.6], dtype=np.float32)
-    return Image.fromarray(np.clip(array * ramp * tint * 255.0, 0, 255).round().astype(np.uint8))
-
-
-def make_digit_pairs(root: str | os.PathLike, num_images: int | None = 256, image_size: int = 64,
-                     transform: str = "invert", val_fraction: float = 0.1, per_shard: int = 64
-                     ) -> tuple[str, str | None]:
-    """sklearn's digits (bundled: no download) as paired tar shards: ``NNNN.source.png`` (dark ink on white,
-    upscaled to ``image_size``, bicubic) + ``NNNN.target.png`` (``pair_target``). Validation is the
-    ``val_fraction`` of samples with the smallest hash of their key. Written once under ``root`` (the whole
-    folder renamed into place) and reused. Returns the train and validation brace patterns."""
-    from lightning_lora.data.images import _positive_int
-    from lightning_lora.fileio import atomic_directory
-
-    if transform not in PAIR_TRANSFORMS:
-        raise UserError(f"data.transform={transform!r} is unknown; valid: {', '.join(PAIR_TRANSFORMS)}")
-    if num_images is not None:
-        _positive_int(num_images, "data.num_images")
-    _positive_int(image_size, "data.image_size")
-    _positive_int(per_shard, "data.per_shard")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
-        raise UserError("data=digits_pairs needs scikit-learn (pip install scikit-learn)") from None
-    digits = load_digits()
-    count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
-    keys = [f"{i:04d}" for i in range(count)]
-    k = round(count * val_fraction)
-    if val_fraction > 0 and count >= 2:
-        k = min(max(k, 1), count - 1)
-    val = set(sorted(keys, key=lambda key: hashlib.sha1(key.encode()).hexdigest())[:k])
-    splits = {"train": [key for key in keys if key not in val], "validation": [key for key in keys if key in val]}
-    folder = Path(root).expanduser().resolve() / (
-        f"pairs_n{num_images or 'all'}_s{image_size}_{transform}_v{val_fraction:g}_p{per_shard}")
-    counts = {split: -(-len(chosen) // per_shard) for split, chosen in splits.items()}
-    patterns = {split: shard_pattern(str(folder / f"{split}-%04d.tar"), n) if n else None
-                for split, n in counts.items()}
-    if (folder / "done").is_file():
-        return patterns["train"], patterns["validation"]
-
-    def samples(chosen: list[str]) -> Iterator[dict[str, Any]]:
-        for key in chosen:
-            grey = 255 - np.clip(digits.images[int(key)] / 16.0 * 255.0, 0, 255).astype(np.uint8)
-            source = Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
-            source = source.convert("RGB")
-            yield {"__key__": key, "source.png": source, "target.png": pair_target(source, transform),
-                   "json": {"label": int(digits.target[int(key)])}}
-
-    with atomic_directory(folder) as tmp:
-        for split, chosen in splits.items():
-            if chosen:
-                write_shards(samples(chosen), str(tmp / f"{split}-%04d.tar"), per_shard)
-        (tmp / "done").write_text("ok\n")
-    return patterns["train"], patterns["validation"]
-
-
-class DigitPairsDataModule(PairedShardsDataModule):
-    """The paired demo (``data=digits_pairs``): digit → inverted/blurred/relit digit, built once by
-    :func:`make_digit_pairs` under ``root`` and read as ``data=paired_shards`` reads user shards."""
-
-    def __init__(self, root: str, num_images: int | None = 256, image_size: int = 64, transform: str = "invert",
-                 val_fraction: float = 0.1, per_shard: int = 64, **kwargs: Any) -> None:
-        train, val = make_digit_pairs(root, num_images, image_size, transform, val_fraction, per_shard)
-        kwargs.setdefault("source_key", "source.png")
-        kwargs.setdefault("target_key", "target.png")
-        super().__init__(train, val, **kwargs)
-
-
 __all__ = [
     "SHARD_STRIDE",
     "CaptionedImage",
     "DecodeSample",
-    "DigitPairsDataModule",
     "PairedImages",
     "PairedShardsDataModule",
     "WebDatasetDataModule",
     "check_field_keys",
     "expand_shards",
-    "make_digit_pairs",
-    "pair_target",
     "shard_pattern",
     "shard_pipeline",
     "write_shards",
