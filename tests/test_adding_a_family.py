@@ -58,8 +58,9 @@ def test_the_fsdp_policy_wraps_the_toy_blocks(cache_dir) -> None:
 def test_lightning_lora_sample_finds_the_toy_command_through_an_entry_point(tmp_path, cache_dir) -> None:
     """A subprocess that never imports the toy module itself: the entry point of an installed distribution (a
     dist-info folder on the path) is how ``registered_heads`` finds it."""
-    from lightning_lora.adapters import AdapterSpec, inject_adapter, save_lora_weights
     from toy_family.head import ToyHead
+
+    from lightning_lora.adapters import AdapterSpec, inject_adapter, save_lora_weights
 
     plugin = tmp_path / "site"
     dist = plugin / "toy_family_plugin-0.1.dist-info"

@@ -263,12 +263,11 @@ class EmbeddingHead(TaskHead):
     @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
         """The tiny folder of the preset's embedder class (``embedder._target_``: CLIP, Qwen3-VL)."""
-        from hydra.utils import get_class
+        from lightning_lora.models.tiny_embedders import TINY_BUILDERS
 
-        target = (preset.get("embedder") or {}).get("_target_")
-        if not target:
-            return super().build_tiny(path, preset)
-        return get_class(str(target)).build_tiny(path)
+        target = str((preset.get("embedder") or {}).get("_target_") or "")
+        build = TINY_BUILDERS.get(target.rsplit(".", 1)[-1])
+        return super().build_tiny(path, preset) if build is None else build(path)
 
     # ------------------------------------------------------------------ encoding
     @property

@@ -285,11 +285,6 @@ class Embedder(nn.Module):
     vision_names: ClassVar[tuple[str, ...]] = ()
     logit_scale: nn.Parameter | None
 
-    @classmethod
-    def build_tiny(cls, path: Path) -> str:
-        """Write a tiny stand-in folder of this embedder's model type at ``path`` once; returns the folder."""
-        raise UserError(f"{cls.__name__} has no tiny stand-in; give a model folder (model.pretrained=...)")
-
     def __init__(self) -> None:
         super().__init__()
         self.register_parameter("logit_scale", None)
@@ -460,12 +455,6 @@ class ClipEmbedder(Embedder):
     family = "clip"
     vision_names = ("vision",)
 
-    @classmethod
-    def build_tiny(cls, path: Path) -> str:
-        from lightning_lora.models.tiny_embedders import ensure_tiny_clip
-
-        return ensure_tiny_clip(path)
-
     def __init__(
         self,
         pretrained: str,
@@ -615,12 +604,6 @@ class Qwen3VLEmbedder(Embedder):
 
     family = "qwen3_vl"
     vision_names = ("vision",)
-
-    @classmethod
-    def build_tiny(cls, path: Path) -> str:
-        from lightning_lora.models.tiny_embedders import ensure_tiny_qwen3_vl
-
-        return ensure_tiny_qwen3_vl(path)
 
     def __init__(
         self,

@@ -122,7 +122,11 @@ def ensure_tiny_qwen3_vl(path: str | os.PathLike, seed: int = 0) -> str:
     return _write_once(path, lambda tmp: build_tiny_qwen3_vl(tmp, seed))
 
 
+#: the tiny folder builder of each embedder class that has one (by class name), for ``EmbeddingHead.build_tiny``
+TINY_BUILDERS = {"ClipEmbedder": ensure_tiny_clip, "Qwen3VLEmbedder": ensure_tiny_qwen3_vl}
+
 __all__ = [
+    "TINY_BUILDERS",
     "build_qwen_tokenizer",
     "build_tiny_clip",
     "build_tiny_qwen3_vl",
