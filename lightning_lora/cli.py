@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lightning_lora import options
+from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import path_bytes
 
@@ -73,7 +74,7 @@ def _write_formats(out: Path, modules, fmt: str | None, all_modules, base_name: 
 def cmd_extract(args: argparse.Namespace) -> int:
     from lightning_lora.adapters import formats
     from lightning_lora.adapters.checkpoints import module_weights
-    from lightning_lora.adapters.extract import extract_lora, parse_rank
+    from lightning_lora.adapters.extract import check_clamp_quantile, extract_lora, parse_rank
 
     rank = parse_rank(args.rank, "--rank")
     conv_rank = parse_rank(args.conv_rank, "--conv-rank") if args.conv_rank is not None else rank
@@ -81,13 +82,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.threads is not None:
         import torch
 
-        if args.threads <= 0:
-            raise UserError(f"--threads={args.threads} must be a positive integer")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(positive_int(args.threads, "--threads"))
     if args.min_diff < 0:
         raise UserError(f"--min-diff={args.min_diff} must be >= 0")
-    if args.clamp_quantile is not None and not 0.0 < args.clamp_quantile <= 1.0:
-        raise UserError(f"--clamp-quantile={args.clamp_quantile} must be in (0, 1], e.g. 0.99")
+    if args.clamp_quantile is not None:
+        check_clamp_quantile(args.clamp_quantile)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the LoRA file is written as .safetensors")
