@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import pickle
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from lightning_lora import options
 from lightning_lora.checks import positive_int
-from lightning_lora.errors import UserError
+from lightning_lora.errors import UserError, user_message
 from lightning_lora.fileio import path_bytes
 
 EXIT_USAGE = 2
@@ -363,33 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(samplers=argv[:1] == ["sample"])
         args = parser.parse_args(argv)
-        try:
-            return int(args.func(args) or 0)
-        except Exception as e:  # Hydra's instantiate wraps a UserError raised while a model is built
-            cause, seen = e.__cause__, 0
-            while type(e).__name__ == "InstantiationException" and cause is not None and seen < 8:
-                if isinstance(cause, (UserError, OSError, pickle.UnpicklingError)):
-                    raise cause from None
-                cause, seen = cause.__cause__, seen + 1
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        message = user_message(exc)  # None: a bug, whose traceback is the message
+        if message is None or debug:
             raise
-    except UserError as e:
-        if debug:
-            raise
-        message = " ".join(str(e).split())  # always one line
         print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except pickle.UnpicklingError as e:  # a torch file that needs code to load: never unpickled
-        if debug:
-            raise
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: refused a file holding pickled objects that would run code when loaded (only tensors are "
-              f"read, weights_only=True){where}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # unreadable input, unwritable output, full disk: the system's words, one line
-        if debug:
-            raise
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {' '.join((e.strerror or str(e)).split())}{where}", file=sys.stderr)
         return EXIT_USAGE
 
 

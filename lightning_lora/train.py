@@ -18,7 +18,6 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
 from lightning_lora.config import CONFIG_NAME, config_dir
-from lightning_lora.errors import UserError
+from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
 
@@ -242,15 +241,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
-def _user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc`` (Hydra's instantiate wraps errors raised in constructors)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+#: the UserError behind an exception (Hydra's instantiate wraps errors raised in constructors); tests use it
+_user_error = find_user_error
 
 
 def _debug() -> bool:
@@ -279,13 +271,11 @@ def main(cfg: DictConfig) -> float | None:
         trainer = _LAST_TRAINER
         print(f"error: {_preempted_message(trainer)}", file=sys.stderr, flush=True)
         sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a terminated job
-    except (UserError, InstantiationException, OSError) as exc:
-        err = _user_error(exc)
-        if err is None and isinstance(exc, OSError) and exc.filename is not None:
-            err = UserError(f"{' '.join((exc.strerror or str(exc)).split())}: {exc.filename}")
-        if err is None or _debug():
+    except Exception as exc:
+        message = user_message(exc)  # None: a bug, whose traceback is the message
+        if message is None or _debug():
             raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
     value = metrics["after"].get(metrics["monitor"])
     return None if value is None else float(value)
