@@ -22,41 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_lora.adapters.factors import Factors, is_spatial
 from lightning_lora.checks import choice, fraction, positive_int
 from lightning_lora.errors import UserError
 
 METHODS = ("full", "randomized")
-
-
-@dataclass
-class Factors:
-    """One module's LoRA: ``down`` [r, in, *k], ``up`` [out, r, 1...]; the update is scale·up@down."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def alpha(self) -> float:
-        """The alpha that gives ``scale`` with plain (non-rs) LoRA: alpha/r = scale."""
-        return float(self.scale * self.rank)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (int(self.up.shape[0]), *self.down.shape[1:])
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔŴ = scale·B·A in the weight's shape (convs reshaped)."""
-        up = self.up.reshape(self.up.shape[0], self.rank).to(dtype)
-        down = self.down.reshape(self.rank, -1).to(dtype)
-        return (self.scale * (up @ down)).reshape(self.weight_shape)
-
-    def numel(self) -> int:
-        return self.down.numel() + self.up.numel()
 
 
 @dataclass
@@ -210,11 +180,6 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
     if norm == 0.0:
         return 0.0 if _sq_norm(approx) == 0.0 else float("inf")
     return math.sqrt(_sq_norm(delta - approx)) / norm
-
-
-def is_spatial(shape: Sequence[int]) -> bool:
-    """A conv with a kernel bigger than 1 (uses the conv rank); 1×1 convs count as linear."""
-    return len(shape) > 2 and math.prod(shape[2:]) > 1
 
 
 # ---------------------------------------------------------------------------- whole models

@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save
 
-from lightning_lora.adapters.extract import Factors
+from lightning_lora.adapters.factors import Factors, is_spatial
 from lightning_lora.adapters.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -332,8 +332,6 @@ def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: 
                 metadata: Mapping[str, str] | None = None) -> Path:
     """``lora_unet_…``/``lora_te_…`` keys with each module's true alpha; ``ss_network_dim/alpha`` describe the
     linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``)."""
-    from lightning_lora.adapters.extract import is_spatial
-
     tensors = {}
     for m, f in modules.items():
         name = kohya_name(m)

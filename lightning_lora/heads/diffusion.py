@@ -363,7 +363,7 @@ class DiffusionHead(LatentHead):
     def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
                         run_dir: Path | None = None) -> list[Path]:
         """diffusers ``pytorch_lora_weights.safetensors`` and a kohya-style file next to the PEFT directories."""
-        from lightning_lora.adapters.extract import is_spatial
+        from lightning_lora.adapters.factors import is_spatial
         from lightning_lora.adapters.formats import write_diffusers, write_kohya
 
         modules = self.snapshot_modules(snapshot, adapters)
