@@ -45,7 +45,7 @@ def _meta_sd15():
 def _file_sizes(rank: int, text_encoder: bool) -> dict[str, int]:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from lightning_lora.adapters.extract import Factors
+    from lightning_lora.adapters.factors import Factors
     from lightning_lora.adapters.formats import write_diffusers, write_kohya, write_peft_dir
     from lightning_lora.fileio import path_bytes
     from lightning_lora.heads.diffusion import TEXT_ENCODER_TARGETS, UNET_TARGETS, canonical_name

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import pickle
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lightning_lora import options
-from lightning_lora.errors import UserError
+from lightning_lora.checks import positive_int
+from lightning_lora.errors import UserError, user_message
 from lightning_lora.fileio import path_bytes
 
 EXIT_USAGE = 2
@@ -73,7 +73,7 @@ def _write_formats(out: Path, modules, fmt: str | None, all_modules, base_name: 
 def cmd_extract(args: argparse.Namespace) -> int:
     from lightning_lora.adapters import formats
     from lightning_lora.adapters.checkpoints import module_weights
-    from lightning_lora.adapters.extract import extract_lora, parse_rank
+    from lightning_lora.adapters.extract import check_clamp_quantile, extract_lora, parse_rank
 
     rank = parse_rank(args.rank, "--rank")
     conv_rank = parse_rank(args.conv_rank, "--conv-rank") if args.conv_rank is not None else rank
@@ -81,13 +81,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.threads is not None:
         import torch
 
-        if args.threads <= 0:
-            raise UserError(f"--threads={args.threads} must be a positive integer")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(positive_int(args.threads, "--threads"))
     if args.min_diff < 0:
         raise UserError(f"--min-diff={args.min_diff} must be >= 0")
-    if args.clamp_quantile is not None and not 0.0 < args.clamp_quantile <= 1.0:
-        raise UserError(f"--clamp-quantile={args.clamp_quantile} must be in (0, 1], e.g. 0.99")
+    if args.clamp_quantile is not None:
+        check_clamp_quantile(args.clamp_quantile)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the LoRA file is written as .safetensors")
@@ -364,33 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(samplers=argv[:1] == ["sample"])
         args = parser.parse_args(argv)
-        try:
-            return int(args.func(args) or 0)
-        except Exception as e:  # Hydra's instantiate wraps a UserError raised while a model is built
-            cause, seen = e.__cause__, 0
-            while type(e).__name__ == "InstantiationException" and cause is not None and seen < 8:
-                if isinstance(cause, (UserError, OSError, pickle.UnpicklingError)):
-                    raise cause from None
-                cause, seen = cause.__cause__, seen + 1
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        message = user_message(exc)  # None: a bug, whose traceback is the message
+        if message is None or debug:
             raise
-    except UserError as e:
-        if debug:
-            raise
-        message = " ".join(str(e).split())  # always one line
         print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except pickle.UnpicklingError as e:  # a torch file that needs code to load: never unpickled
-        if debug:
-            raise
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: refused a file holding pickled objects that would run code when loaded (only tensors are "
-              f"read, weights_only=True){where}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # unreadable input, unwritable output, full disk: the system's words, one line
-        if debug:
-            raise
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {' '.join((e.strerror or str(e)).split())}{where}", file=sys.stderr)
         return EXIT_USAGE
 
 

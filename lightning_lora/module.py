@@ -33,6 +33,7 @@ from lightning_lora.adapters import (
     save_peft_dir,
     spatial_conv_targets,
 )
+from lightning_lora.checks import choice
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
 from lightning_lora.heads.base import TaskHead
@@ -53,8 +54,7 @@ class ScheduleSpec:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise UserError(f"scheduler.name={self.name!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        choice(self.name, "scheduler.name", SCHEDULES)
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(
                 f"scheduler: warmup_steps={self.warmup_steps} must be >= 0, warmup_ratio={self.warmup_ratio} "

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
 from lightning_lora.models.embedders import Embedder, Item, build_embedder, detect_family, quiet_transformers
@@ -170,8 +171,7 @@ class Predictor:
         (Matryoshka) and re-normalises. A single item gives one row."""
         if isinstance(items, (str, Mapping)):
             items = [items]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise UserError(f"batch_size={batch_size!r} must be a positive integer")
+        positive_int(batch_size, "batch_size")
         full = self.embedder.embedding_dim
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= full):
             raise UserError(f"dim={dim!r} must be an integer from 1 to the embedding size {full}")

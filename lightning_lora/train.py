@@ -18,19 +18,29 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
 from lightning_lora.config import CONFIG_NAME, config_dir
-from lightning_lora.errors import UserError
+from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
 
-_LAST_TRAINER: pl.Trainer | None = None
+
+class Preempted(SIGTERMException):
+    """SIGTERM ended the run (Lightning's ``SIGTERMException``); ``message`` is the one line for the user:
+    the step and whether a checkpoint was written. Still a ``SIGTERMException`` for callers of ``run``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()  # no exit code: a SystemExit nobody handles ends the process as Lightning's does
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _print(*args: Any) -> None:
@@ -211,14 +221,15 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
     )
-    global _LAST_TRAINER
-    _LAST_TRAINER = trainer  # for main's one-line message when SIGTERM ends fit
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)
-    before = _validate(trainer, module, datamodule) if cfg.validate_before else {}
-    fit_started = time.time()
-    trainer.fit(module, datamodule, ckpt_path=ckpt_path)
-    fit_seconds = time.time() - fit_started
-    after = _validate(trainer, module, datamodule) if cfg.validate_after else {}
+    try:  # Lightning's loops raise SIGTERMException at the end of a batch once SIGTERM arrived
+        before = _validate(trainer, module, datamodule) if cfg.validate_before else {}
+        fit_started = time.time()
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.time() - fit_started
+        after = _validate(trainer, module, datamodule) if cfg.validate_after else {}
+    except SIGTERMException as exc:
+        raise Preempted(_preempted_message(trainer)) from exc
 
     adapter_dir = _adapter_dir(trainer)
     metrics = {
@@ -242,15 +253,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
-def _user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc`` (Hydra's instantiate wraps errors raised in constructors)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+#: the UserError behind an exception (Hydra's instantiate wraps errors raised in constructors); tests use it
+_user_error = find_user_error
 
 
 def _debug() -> bool:
@@ -258,10 +262,10 @@ def _debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
 
-def _preempted_message(trainer: pl.Trainer | None) -> str:
-    saved = next((cb.saved for cb in (trainer.callbacks if trainer else []) if isinstance(cb, PreemptionCheckpoint)
+def _preempted_message(trainer: pl.Trainer) -> str:
+    saved = next((cb.saved for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)
                   and cb.saved is not None), None)
-    step = trainer.global_step if trainer else "?"
+    step = trainer.global_step
     if saved is None:
         return f"stopped by SIGTERM at step {step}; no checkpoint was written (no preemption_checkpoint callback)"
     return f"stopped by SIGTERM at step {step}; checkpoint written to {saved}; continue with resume=last"
@@ -269,23 +273,18 @@ def _preempted_message(trainer: pl.Trainer | None) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> float | None:
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         metrics, _ = run(cfg)
-    except SIGTERMException:
+    except Preempted as exc:
         if _debug():
             raise
-        trainer = _LAST_TRAINER
-        print(f"error: {_preempted_message(trainer)}", file=sys.stderr, flush=True)
+        print(f"error: {exc.message}", file=sys.stderr, flush=True)
         sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a terminated job
-    except (UserError, InstantiationException, OSError) as exc:
-        err = _user_error(exc)
-        if err is None and isinstance(exc, OSError) and exc.filename is not None:
-            err = UserError(f"{' '.join((exc.strerror or str(exc)).split())}: {exc.filename}")
-        if err is None or _debug():
+    except Exception as exc:
+        message = user_message(exc)  # None: a bug, whose traceback is the message
+        if message is None or _debug():
             raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
     value = metrics["after"].get(metrics["monitor"])
     return None if value is None else float(value)

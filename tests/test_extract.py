@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_lora.adapters import load_lora_weights
 from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
-from lightning_lora.adapters.extract import Factors, extract_lora, factorize, parse_rank, select_modules
+from lightning_lora.adapters.extract import extract_lora, factorize, parse_rank, select_modules
+from lightning_lora.adapters.factors import Factors
 from lightning_lora.adapters.formats import (
     kohya_name,
     lora_config_for,

@@ -11,7 +11,8 @@ from lightning_lora.adapters.api import (
     save_lora_weights,
 )
 from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
-from lightning_lora.adapters.extract import Factors, extract_lora, factorize, validate_lora
+from lightning_lora.adapters.extract import extract_lora, factorize, validate_lora
+from lightning_lora.adapters.factors import Factors
 from lightning_lora.adapters.formats import LoraSet, read_lora, write_lora_file
 from lightning_lora.adapters.inject import (
     ParamCount,

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_lora.adapters.inject import count_parameters, inject_adapter
 from lightning_lora.adapters.io import (
+    describes_itself,
     load_adapter_state,
     load_peft_dir,
     read_adapter_file,
@@ -57,7 +58,7 @@ def load_lora_weights(model: nn.Module, lora_path: str | os.PathLike, r: int | N
     if path.is_dir():
         return load_peft_dir(model, path, trainable=trainable, strict=strict)
     tensors, metadata = read_tensor_file(path)
-    if metadata.get("lightning_lora.format"):
+    if describes_itself(metadata):
         configs, states, _ = read_adapter_file(path)
         if len(configs) != 1:
             raise UserError(f"{path} holds adapters for {sorted(configs)}; load it into the head, not one module")

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lightning_lora.adapters.extract import Factors, factorize
+from lightning_lora.adapters.extract import factorize
+from lightning_lora.adapters.factors import Factors, is_spatial
 from lightning_lora.errors import UserError
 
 COMBINE_METHODS = ("concat", "svd")
@@ -46,8 +47,6 @@ def combine_concat(inputs: Sequence[tuple[Mapping[str, Factors], float]]) -> dic
 def combine_svd(inputs: Sequence[tuple[Mapping[str, Factors], float]], rank: int | None,
                 conv_rank: int | None = None, device: str = "cpu") -> dict[str, Factors]:
     """The exact weighted sum per module, re-factorised by truncated SVD at ``rank`` (``None``: exact rank)."""
-    from lightning_lora.adapters.extract import is_spatial
-
     shapes = _check_shapes(inputs)
     out = {}
     for name, shape in shapes.items():

@@ -22,40 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_lora.adapters.factors import Factors, is_spatial
+from lightning_lora.checks import choice, fraction, positive_int
 from lightning_lora.errors import UserError
 
 METHODS = ("full", "randomized")
-
-
-@dataclass
-class Factors:
-    """One module's LoRA: ``down`` [r, in, *k], ``up`` [out, r, 1...]; the update is scale·up@down."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def alpha(self) -> float:
-        """The alpha that gives ``scale`` with plain (non-rs) LoRA: alpha/r = scale."""
-        return float(self.scale * self.rank)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (int(self.up.shape[0]), *self.down.shape[1:])
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔŴ = scale·B·A in the weight's shape (convs reshaped)."""
-        up = self.up.reshape(self.up.shape[0], self.rank).to(dtype)
-        down = self.down.reshape(self.rank, -1).to(dtype)
-        return (self.scale * (up @ down)).reshape(self.weight_shape)
-
-    def numel(self) -> int:
-        return self.down.numel() + self.up.numel()
 
 
 @dataclass
@@ -90,9 +61,7 @@ def parse_rank(value: str | int | None, flag: str = "--rank") -> int | None:
         number = int(value) if isinstance(value, int) else int(str(value).strip())
     except ValueError:
         raise UserError(f"{flag}={value!r} is not a rank; give a positive integer (e.g. 32) or 'full'") from None
-    if number <= 0:
-        raise UserError(f"{flag}={number} must be a positive integer (e.g. 32) or 'full'")
-    return number
+    return positive_int(number, flag, hint=" (e.g. 32) or 'full'")
 
 
 def select_modules(names: Iterable[str], patterns: Sequence[str] | None) -> list[str]:
@@ -143,8 +112,7 @@ def factorize(delta: torch.Tensor, rank: int | None, *, method: str = "full", de
     ``rel_error`` is exact (from the kept singular values or the residual), ``optimum`` the
     Eckart–Young error (exact for ``full``, estimated for ``randomized``).
     """
-    if method not in METHODS:
-        raise UserError(f"--method={method!r} is unknown; valid: {', '.join(METHODS)}")
+    choice(method, "--method", METHODS)
     shape = tuple(delta.shape)
     out = shape[0]
     mat = delta.to(device=device, dtype=torch.float32).reshape(out, -1)
@@ -187,10 +155,14 @@ def factorize(delta: torch.Tensor, rank: int | None, *, method: str = "full", de
     return factors, ModuleResult("", shape, r, rel, energy, optimum, used)
 
 
+def check_clamp_quantile(quantile: float) -> float:
+    """``--clamp-quantile`` is in (0, 1]; the command line checks it before any weight is read."""
+    return fraction(quantile, "--clamp-quantile", interval="(0, 1]", hint=", e.g. 0.99")
+
+
 def _clamp(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """kohya's optional clamp of both factors at a quantile of their absolute values (hurts accuracy)."""
-    if not 0.0 < quantile <= 1.0:
-        raise UserError(f"--clamp-quantile={quantile} must be in (0, 1], e.g. 0.99")
+    check_clamp_quantile(quantile)
     values = torch.cat([up.flatten(), down.flatten()]).abs()
     kth = max(1, min(values.numel(), math.ceil(quantile * values.numel())))
     hi = values.kthvalue(kth).values
@@ -208,11 +180,6 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
     if norm == 0.0:
         return 0.0 if _sq_norm(approx) == 0.0 else float("inf")
     return math.sqrt(_sq_norm(delta - approx)) / norm
-
-
-def is_spatial(shape: Sequence[int]) -> bool:
-    """A conv with a kernel bigger than 1 (uses the conv rank); 1×1 convs count as linear."""
-    return len(shape) > 2 and math.prod(shape[2:]) > 1
 
 
 # ---------------------------------------------------------------------------- whole models

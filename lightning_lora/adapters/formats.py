@@ -26,13 +26,13 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save
 
-from lightning_lora.adapters.extract import Factors
+from lightning_lora.adapters.factors import Factors, is_spatial
 from lightning_lora.adapters.io import (
     CONFIG_NAME,
-    FORMAT_KEY,
-    FORMAT_VERSION,
     WEIGHTS_NAME,
+    adapter_file_metadata,
     config_dict,
+    describes_itself,
     read_adapter_file,
     read_peft_dir,
     read_tensor_file,
@@ -139,7 +139,7 @@ def _flag_ignored(lora: LoraSet, tensors: Mapping[str, torch.Tensor]) -> LoraSet
 
 def _read_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> LoraSet:
     src = str(path)
-    if metadata.get(FORMAT_KEY):
+    if describes_itself(metadata):
         configs, states, extra = read_adapter_file(path)
         mods = {}
         for sub, state in states.items():
@@ -315,13 +315,7 @@ def write_lora_file(path: str | os.PathLike, modules: Mapping[str, Factors], *, 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"--out {path}: a LoRA file is written as .safetensors")
-    config = lora_config_for(modules, all_modules)
-    metadata = {
-        FORMAT_KEY: FORMAT_VERSION,
-        "family": family,
-        "adapters": json.dumps({"": config_dict(config)}, sort_keys=True),
-        "base_model": json.dumps(dict(base_model or {}), sort_keys=True),
-    }
+    metadata = adapter_file_metadata({"": lora_config_for(modules, all_modules)}, family=family, base_model=base_model)
     return atomic_write_bytes(path, save(_peft_state(modules, dtype), metadata=metadata))
 
 
@@ -338,8 +332,6 @@ def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: 
                 metadata: Mapping[str, str] | None = None) -> Path:
     """``lora_unet_…``/``lora_te_…`` keys with each module's true alpha; ``ss_network_dim/alpha`` describe the
     linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``)."""
-    from lightning_lora.adapters.extract import is_spatial
-
     tensors = {}
     for m, f in modules.items():
         name = kohya_name(m)

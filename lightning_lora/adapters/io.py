@@ -197,27 +197,40 @@ def save_adapter_file(path: str | os.PathLike, adapters: Mapping[str, PeftModel]
     targets) and the base model's identity, so tools need no side files.
     """
     tensors: Tensors = {}
-    configs: dict[str, Any] = {}
+    configs: dict[str, LoraConfig] = {}
     for sub, peft_model in adapters.items():
         prefix = f"{sub}." if sub else ""
         tensors.update({prefix + k: v for k, v in adapter_state(peft_model).items()})
-        configs[sub] = config_dict(peft_model.peft_config[adapter_name])
-    metadata = {
-        FORMAT_KEY: FORMAT_VERSION,
-        "family": family,
-        "adapters": json.dumps(configs, sort_keys=True),
-        "base_model": json.dumps(dict(base_model or {}), sort_keys=True),
-    }
+        configs[sub] = peft_model.peft_config[adapter_name]
+    metadata = adapter_file_metadata(configs, family=family, base_model=base_model)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file adapter is written as .safetensors")
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def adapter_file_metadata(configs: Mapping[str, LoraConfig], *, family: str = "",
+                          base_model: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The metadata that makes a single ``.safetensors`` adapter describe itself (the only writer of it):
+    the format version, the family, each submodule's LoRA config (rank and alpha, per-module patterns,
+    targets) by submodule name (``""``: plain PEFT keys) and the base model's identity."""
+    return {
+        FORMAT_KEY: FORMAT_VERSION,
+        "family": family,
+        "adapters": json.dumps({sub: config_dict(config) for sub, config in configs.items()}, sort_keys=True),
+        "base_model": json.dumps(dict(base_model or {}), sort_keys=True),
+    }
+
+
+def describes_itself(metadata: Mapping[str, str]) -> bool:
+    """Whether a tensor file's metadata is ``adapter_file_metadata``'s (else: another layout, or bare)."""
+    return bool(metadata.get(FORMAT_KEY))
+
+
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, LoraConfig], dict[str, Tensors], dict[str, Any]]:
     """(config per submodule, tensors per submodule, other metadata) from a file written by ``save_adapter_file``."""
     tensors, metadata = read_tensor_file(path)
-    if metadata.get(FORMAT_KEY) is None:
+    if not describes_itself(metadata):
         raise UserError(
             f"{path} carries no lightning_lora metadata; give r, alpha and targets explicitly to load it"
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 from peft import LoraConfig
 
+from lightning_lora.checks import choice, positive_int
 from lightning_lora.errors import UserError
 
 # Our names for PEFT's `init_lora_weights` values. "random" gives a non-zero B (outputs change at once),
@@ -23,6 +24,7 @@ INITS: dict[str, bool | str] = {
     "random": False,
 }
 BIASES = ("none", "all", "lora_only")
+RANK_HINT = " (e.g. 4, 8, 16)"  # a LoRA rank: also for adapter.conv_rank
 
 
 @dataclass
@@ -55,15 +57,13 @@ class AdapterSpec:
     per_submodule: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        self.r = _positive_int("adapter.r", self.r)
+        self.r = positive_int(self.r, "adapter.r", hint=RANK_HINT, whole_floats=True)
         self.alpha = _positive_float("adapter.alpha", self.alpha)
         self.dropout = _float("adapter.dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"adapter.dropout={self.dropout} is outside [0, 1); use e.g. 0.0 or 0.05")
-        if self.init not in INITS:
-            raise UserError(f"adapter.init={self.init!r} is unknown; valid: {', '.join(INITS)}")
-        if self.bias not in BIASES:
-            raise UserError(f"adapter.bias={self.bias!r} is unknown; valid: {', '.join(BIASES)}")
+        choice(self.init, "adapter.init", INITS)
+        choice(self.bias, "adapter.bias", BIASES)
         for flag in ("rslora", "dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise UserError(f"adapter.{flag}={getattr(self, flag)!r} must be true or false")
@@ -72,7 +72,7 @@ class AdapterSpec:
         self.modules_to_save = _names("adapter.modules_to_save", self.modules_to_save)
         self.trainable = _names("adapter.trainable", self.trainable)
         if self.conv_rank is not None:
-            self.conv_rank = _positive_int("adapter.conv_rank", self.conv_rank)
+            self.conv_rank = positive_int(self.conv_rank, "adapter.conv_rank", hint=RANK_HINT, whole_floats=True)
         if self.conv_alpha is not None:
             self.conv_alpha = _positive_float("adapter.conv_alpha", self.conv_alpha)
         self.per_submodule = _per_submodule(self.per_submodule)
@@ -159,14 +159,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise UserError(f"{key}={value!r} must be a positive integer (e.g. 4, 8, 16)")
-    if value <= 0:
-        raise UserError(f"{key}={value} must be a positive integer (e.g. 4, 8, 16)")
-    return int(value)
 
 
 def _float(key: str, value: Any) -> float:

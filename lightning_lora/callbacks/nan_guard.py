@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_lora.checks import choice
 from lightning_lora.errors import UserError
 
 ACTIONS = ("stop", "skip")
@@ -35,8 +36,7 @@ def _describe(value: float) -> str:
 
 class NanGuard(Callback):
     def __init__(self, action: str = "stop", check_gradients: bool = True, max_skips: int = 10) -> None:
-        if action not in ACTIONS:
-            raise UserError(f"callbacks.nan_guard.action={action!r} is unknown; valid: {', '.join(ACTIONS)}")
+        choice(action, "callbacks.nan_guard.action", ACTIONS)
         if max_skips < 1:
             raise UserError(f"callbacks.nan_guard.max_skips={max_skips} must be >= 1")
         self.action = action

@@ -17,6 +17,7 @@ import sysconfig
 import tokenize
 from pathlib import Path
 
+from lightning_lora.checks import fraction, non_negative_int, positive_int
 from lightning_lora.data.pairs import PairsDataModule
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_text
@@ -249,12 +250,9 @@ def _load_cache(path: Path) -> tuple[list[dict], list[dict]] | None:
 
 
 def check_build_args(val_fraction: float, max_code_lines: int, min_summary_words: int) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise UserError(f"data.val_fraction: must be a number in [0, 1), got {val_fraction!r}")
-    if isinstance(max_code_lines, bool) or not isinstance(max_code_lines, int) or max_code_lines < 1:
-        raise UserError(f"data.max_code_lines: must be a positive integer, got {max_code_lines!r}")
-    if isinstance(min_summary_words, bool) or not isinstance(min_summary_words, int) or min_summary_words < 0:
-        raise UserError(f"data.min_summary_words: must be a non-negative integer, got {min_summary_words!r}")
+    fraction(val_fraction, "data.val_fraction", got=True)
+    positive_int(max_code_lines, "data.max_code_lines", got=True)
+    non_negative_int(min_summary_words, "data.min_summary_words", got=True)
 
 
 def build_code_search_pairs(

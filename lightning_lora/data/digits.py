@@ -27,15 +27,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from lightning_lora.checks import choice, fraction, optional_positive_int, positive_int
 from lightning_lora.data.image_pairs import ImagePairsDataModule
 from lightning_lora.data.images import (
     METADATA_FILE,
     ImageFolderDataModule,
-    _positive_int,
     read_image_folder,
     split_records,
 )
-from lightning_lora.data.pairs import _check_positive_int
 from lightning_lora.data.shards import PairedShardsDataModule, WebDatasetDataModule, shard_pattern, write_shards
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
@@ -93,9 +92,8 @@ def write_digit_captions(root: str | os.PathLike, num_images: int | None = 256, 
     images are used (all when None). Written once, atomically (a whole directory renamed into place), and
     reused: an existing complete folder is returned untouched.
     """
-    if num_images is not None:
-        _positive_int(num_images, "data.num_images")
-    _positive_int(image_size, "data.image_size")
+    optional_positive_int(num_images, "data.num_images", got=True)
+    positive_int(image_size, "data.image_size", got=True)
     folder = Path(root).expanduser().resolve() / f"n{num_images or 'all'}_s{image_size}_{'inv' if invert else 'raw'}"
     if (folder / METADATA_FILE).is_file():
         return folder
@@ -158,8 +156,7 @@ class DigitCaptionsDataModule(pl.LightningDataModule):
                  invert: bool = True, resolution: int = 32, val_fraction: float = 0.1, per_shard: int = 64,
                  samples_per_epoch: int | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if format not in CAPTION_FORMATS:
-            raise UserError(f"data.format={format!r} is unknown; valid: {', '.join(CAPTION_FORMATS)}")
+        choice(format, "data.format", CAPTION_FORMATS)
         self.format = format
         self.folder = write_digit_captions(root, num_images=num_images, image_size=image_size, invert=invert)
         self.inner: pl.LightningDataModule
@@ -167,7 +164,7 @@ class DigitCaptionsDataModule(pl.LightningDataModule):
             self.inner = ImageFolderDataModule(str(self.folder), val_fraction=val_fraction, resolution=resolution,
                                                **kwargs)
         else:
-            _positive_int(per_shard, "data.per_shard")
+            positive_int(per_shard, "data.per_shard", got=True)
             train, val = write_digit_caption_shards(self.folder, val_fraction, per_shard)
             self.inner = WebDatasetDataModule(train, val, image_key="png", caption_key="txt", resolution=resolution,
                                               samples_per_epoch=samples_per_epoch, **kwargs)
@@ -221,14 +218,11 @@ def write_digit_translation_shards(root: str | os.PathLike, num_images: int | No
     upscaled to ``image_size``, bicubic) + ``NNNN.target.png`` (``translation_target``). Validation is the
     ``val_fraction`` of samples with the smallest hash of their key. Written once under ``root`` (the whole
     folder renamed into place) and reused. Returns the train and validation brace patterns."""
-    if transform not in TRANSLATION_TRANSFORMS:
-        raise UserError(f"data.transform={transform!r} is unknown; valid: {', '.join(TRANSLATION_TRANSFORMS)}")
-    if num_images is not None:
-        _positive_int(num_images, "data.num_images")
-    _positive_int(image_size, "data.image_size")
-    _positive_int(per_shard, "data.per_shard")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    choice(transform, "data.transform", TRANSLATION_TRANSFORMS)
+    optional_positive_int(num_images, "data.num_images", got=True)
+    positive_int(image_size, "data.image_size", got=True)
+    positive_int(per_shard, "data.per_shard", got=True)
+    fraction(val_fraction, "data.val_fraction")
     digits = SklearnDigits(num_images, "digits_pairs")  # loaded even when built: the count names the shards
     splits = _split_keys([f"{i:04d}" for i in range(len(digits))], val_fraction)
     folder = Path(root).expanduser().resolve() / (
@@ -290,8 +284,7 @@ def write_digit_retrieval_pairs(root: str | os.PathLike, num_images: int | None 
     masking handles); ``text_to_image`` the reverse. ``num_negatives`` hard negatives per pair: captions of the
     next digits (image_to_text) or images of other digits (text_to_image).
     """
-    if direction not in RETRIEVAL_DIRECTIONS:
-        raise UserError(f"data.direction={direction!r} is unknown; valid: {', '.join(RETRIEVAL_DIRECTIONS)}")
+    choice(direction, "data.direction", RETRIEVAL_DIRECTIONS)
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or not 0 <= num_negatives <= 9:
         raise UserError(f"data.num_negatives={num_negatives!r} must be an integer from 0 to 9")
     images = write_digit_captions(root, num_images=num_images, image_size=image_size, invert=invert)
@@ -329,8 +322,7 @@ class DigitRetrievalDataModule(ImagePairsDataModule):
     def __init__(self, root: str, num_images: int | None = 256, image_size: int = 64, invert: bool = True,
                  direction: str = "image_to_text", num_negatives: int = 0, val_fraction: float = 0.1,
                  **kwargs: Any) -> None:
-        if num_images is not None:
-            _check_positive_int(num_images, "data.num_images")
+        optional_positive_int(num_images, "data.num_images", got=True)
         train, val = write_digit_retrieval_pairs(root, num_images=num_images, image_size=image_size, invert=invert,
                                                  direction=direction, num_negatives=num_negatives,
                                                  val_fraction=val_fraction)

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lora.checks import choice, fraction, non_negative_int, optional_positive_int, positive_int
 from lightning_lora.data.pairs import jsonl_values
 from lightning_lora.errors import UserError
 
@@ -112,12 +113,8 @@ class ImageTransform:
 
     def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False,
                  interpolation: str = "lanczos", train: bool = True) -> None:
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
-            raise UserError(f"data.resolution: must be a positive integer, got {resolution!r}")
-        if interpolation not in INTERPOLATIONS:
-            raise UserError(
-                f"data.interpolation={interpolation!r} is unknown; valid: {', '.join(INTERPOLATIONS)}"
-            )
+        positive_int(resolution, "data.resolution", got=True)
+        choice(interpolation, "data.interpolation", INTERPOLATIONS)
         self.resolution, self.interpolation = resolution, interpolation
         self.center_crop = center_crop or not train
         self.random_flip = random_flip and train
@@ -269,8 +266,7 @@ def split_records(records: Sequence[ImageRecord], val_fraction: float) -> tuple[
     """Deterministic train/val split: the ``round(n * val_fraction)`` records (at least one when the fraction
     is positive and there are two or more) with the smallest hash of their file name go to validation, so
     the split depends only on the names, not on the machine or the order files were listed."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    fraction(val_fraction, "data.val_fraction")
     n = len(records)
     k = round(n * val_fraction)
     if val_fraction > 0 and n >= 2:
@@ -355,16 +351,6 @@ class ImageCaptionDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- data modules
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{key}: must be a positive integer, got {value!r}")
-    return value
-
-
-def _optional_limit(value: Any, key: str) -> int | None:
-    return None if value is None else _positive_int(value, key)
-
-
 class ImageDataModuleBase(pl.LightningDataModule):
     """Options every image-caption module shares: the transforms, batch sizes, workers, unreadable policy."""
 
@@ -375,11 +361,9 @@ class ImageDataModuleBase(pl.LightningDataModule):
         self.train_transform = ImageTransform(resolution, center_crop, random_flip, interpolation, train=True)
         self.val_transform = ImageTransform(resolution, center_crop, random_flip, interpolation, train=False)
         self.resolution = resolution
-        self.batch_size = _positive_int(batch_size, "data.batch_size")
-        self.val_batch_size = _positive_int(val_batch_size or batch_size, "data.val_batch_size")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise UserError(f"data.num_workers: must be a non-negative integer, got {num_workers!r}")
-        self.num_workers = num_workers
+        self.batch_size = positive_int(batch_size, "data.batch_size", got=True)
+        self.val_batch_size = positive_int(val_batch_size or batch_size, "data.val_batch_size", got=True)
+        self.num_workers = non_negative_int(num_workers, "data.num_workers", got=True)
         self.skip_unreadable = bool(skip_unreadable)
 
     def _world_size(self) -> int:
@@ -407,11 +391,10 @@ class ImageFolderDataModule(ImageDataModuleBase):
         super().__init__(**kwargs)
         self.train_dir = self._dir(train_dir, "data.train_dir")
         self.validation_dir = self._dir(validation_dir, "data.validation_dir") if validation_dir else None
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        fraction(val_fraction, "data.val_fraction")
         self.caption_column, self.val_fraction = caption_column, val_fraction
-        self.max_train_samples = _optional_limit(max_train_samples, "data.max_train_samples")
-        self.max_val_samples = _optional_limit(max_val_samples, "data.max_val_samples")
+        self.max_train_samples = optional_positive_int(max_train_samples, "data.max_train_samples", got=True)
+        self.max_val_samples = optional_positive_int(max_val_samples, "data.max_val_samples", got=True)
         self.train_set: ImageCaptionDataset | None = None
         self.val_set: ImageCaptionDataset | None = None
 

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lora.checks import non_negative_int, optional_positive_int, positive_int
 from lightning_lora.errors import UserError
 
 FIELDS_HINT = "each line needs 'query' and 'positive', optionally 'negatives'"
@@ -99,17 +100,6 @@ class ListDataset(Dataset):
         return {**self.items[index], "index": index}
 
 
-def _check_positive_int(value: Any, key: str) -> None:
-    # bool is an int subclass; "batch_size: true" is a config mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{key}: must be a positive integer, got {value!r}")
-
-
-def _check_optional_limit(value: Any, key: str) -> None:
-    if value is not None:
-        _check_positive_int(value, key)
-
-
 class PairsDataModule(pl.LightningDataModule):
     """Train/val pairs from JSONL files; subclasses build pairs elsewhere by overriding ``load_pairs``."""
 
@@ -129,12 +119,11 @@ class PairsDataModule(pl.LightningDataModule):
         # Fail at construction, before a model is loaded, so a typo costs seconds rather than minutes.
         self.train_path = self._check_path(train_path, "data.train_path")
         self.val_path = self._check_path(val_path, "data.val_path")
-        _check_positive_int(batch_size, "data.batch_size")
-        _check_positive_int(val_batch_size, "data.val_batch_size")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise UserError(f"data.num_workers: must be a non-negative integer, got {num_workers!r}")
-        _check_optional_limit(max_train_samples, "data.max_train_samples")
-        _check_optional_limit(max_val_samples, "data.max_val_samples")
+        positive_int(batch_size, "data.batch_size", got=True)
+        positive_int(val_batch_size, "data.val_batch_size", got=True)
+        non_negative_int(num_workers, "data.num_workers", got=True)
+        optional_positive_int(max_train_samples, "data.max_train_samples", got=True)
+        optional_positive_int(max_val_samples, "data.max_val_samples", got=True)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers

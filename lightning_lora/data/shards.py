@@ -47,6 +47,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from lightning_lora.checks import non_negative_int, optional_positive_int, positive_int
 from lightning_lora.data.images import (
     INTERPOLATIONS,
     ImageDataModuleBase,
@@ -115,8 +116,7 @@ def write_shards(samples: Iterable[Mapping[str, Any]], pattern: str, per_shard: 
     renamed, so a reader never sees half a shard; tars are reproducible (fixed mtime). Returns the brace
     pattern of the written shards, ready for ``train_shards``.
     """
-    if isinstance(per_shard, bool) or not isinstance(per_shard, int) or per_shard <= 0:
-        raise UserError(f"per_shard: must be a positive integer, got {per_shard!r}")
+    positive_int(per_shard, "per_shard", got=True)
     shard_pattern(pattern, 1)  # checks the printf field
     iterator = iter(samples)
     count = 0
@@ -368,12 +368,8 @@ class WebDatasetDataModule(ImageDataModuleBase):
         self.train_urls = expand_shards(train_shards, "data.train_shards")
         self.val_urls = expand_shards(validation_shards, "data.validation_shards") if validation_shards else []
         check_field_keys(image_key=image_key, caption_key=caption_key)
-        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
-            raise UserError(f"data.shuffle_buffer: must be a non-negative integer, got {shuffle_buffer!r}")
-        if samples_per_epoch is not None and (
-            isinstance(samples_per_epoch, bool) or not isinstance(samples_per_epoch, int) or samples_per_epoch <= 0
-        ):
-            raise UserError(f"data.samples_per_epoch: must be a positive integer or null, got {samples_per_epoch!r}")
+        non_negative_int(shuffle_buffer, "data.shuffle_buffer", got=True)
+        optional_positive_int(samples_per_epoch, "data.samples_per_epoch", hint=" or null", got=True)
         self.image_key, self.caption_key, self.caption_column = image_key, caption_key, caption_column
         self.shardshuffle, self.shuffle_buffer, self.samples_per_epoch = shardshuffle, shuffle_buffer, samples_per_epoch
 

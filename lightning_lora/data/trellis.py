@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes, atomic_write_text
 
@@ -217,10 +218,8 @@ class TrellisDataModule(pl.LightningDataModule):
                  max_num_voxels: int = 32768, batch_size: int = 4, val_batch_size: int | None = None,
                  val_fraction: float = 0.1, num_workers: int = 0, cond: str = "tokens", image_size: int = 518) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise UserError(f"data.kind={kind!r} is unknown; valid: {', '.join(KINDS)}")
-        if cond not in CONDS:
-            raise UserError(f"data.cond={cond!r} is unknown; valid: {', '.join(CONDS)}")
+        choice(kind, "data.kind", KINDS)
+        choice(cond, "data.cond", CONDS)
         if not image_size > 0:
             raise UserError(f"data.image_size={image_size} must be a positive number of pixels (518 for DINOv2-L)")
         if isinstance(roots, str):
@@ -229,8 +228,7 @@ class TrellisDataModule(pl.LightningDataModule):
         for root in self.roots:
             if not root.is_dir():
                 raise UserError(f"data.roots: no such directory: {root}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        fraction(val_fraction, "data.val_fraction")
         self.kind = kind
         self.latent_model = latent_model or (SS_MODEL if kind == "ss" else SLAT_MODEL)
         self.resolution, self.normalization, self.max_num_voxels = resolution, normalization, max_num_voxels

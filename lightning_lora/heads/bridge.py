@@ -20,6 +20,7 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_lora import options
+from lightning_lora.checks import choice, positive_int
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput
 from lightning_lora.heads.diffusion import (
@@ -50,8 +51,7 @@ def _check_bridge_settings(settings: dict[str, Any], prefix: str) -> None:
                "pixel_loss_type": PIXEL_LOSSES}
     for key, value in settings.items():
         if key in choices:
-            if value not in choices[key]:
-                raise UserError(f"{prefix}{key}={value!r} is unknown; valid: {', '.join(choices[key])}")
+            choice(value, f"{prefix}{key}", choices[key])
             continue
         try:
             number = float(value)
@@ -148,8 +148,7 @@ class BridgeHead(LatentHead):
         super().__init__()
         from lightning_lora.models.lbm import load_lbm
 
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise UserError(f"model.num_inference_steps={num_inference_steps!r} must be a positive integer (LBM: 1)")
+        positive_int(num_inference_steps, "model.num_inference_steps", hint=" (LBM: 1)")
         if pixel_loss_max_size < 8:
             raise UserError(f"model.pixel_loss_max_size={pixel_loss_max_size} must be at least 8 pixels")
         parse_frozen_dtype(frozen_dtype)

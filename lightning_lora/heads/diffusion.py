@@ -31,6 +31,7 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_lora import options
+from lightning_lora.checks import choice
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput, TaskHead
 
@@ -82,9 +83,7 @@ def parse_frozen_dtype(name: str | None) -> torch.dtype | None:
     valid = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name is None:
         return None
-    if name not in valid:
-        raise UserError(f"model.frozen_dtype={name!r} is unknown; valid: null, {', '.join(valid)}")
-    return valid[name]
+    return valid[choice(name, "model.frozen_dtype", valid, also=["null"])]
 
 
 # --------------------------------------------------------------------------- objective pieces
@@ -210,9 +209,8 @@ class DiffusionHead(LatentHead):
     ) -> None:
         super().__init__()
         path = check_pipeline_folder(pretrained)
-        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-            raise UserError(f"model.prediction_type={prediction_type!r} is unknown; valid: null, "
-                            f"{', '.join(PREDICTION_TYPES)}")
+        if prediction_type is not None:
+            choice(prediction_type, "model.prediction_type", PREDICTION_TYPES, also=["null"])
         if snr_gamma is not None and snr_gamma <= 0:
             raise UserError(f"model.snr_gamma={snr_gamma} must be > 0 (5.0 is the paper's value) or null")
         parts = load_pipeline_parts(path, revision, variant)
@@ -365,7 +363,7 @@ class DiffusionHead(LatentHead):
     def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
                         run_dir: Path | None = None) -> list[Path]:
         """diffusers ``pytorch_lora_weights.safetensors`` and a kohya-style file next to the PEFT directories."""
-        from lightning_lora.adapters.extract import is_spatial
+        from lightning_lora.adapters.factors import is_spatial
         from lightning_lora.adapters.formats import write_diffusers, write_kohya
 
         modules = self.snapshot_modules(snapshot, adapters)

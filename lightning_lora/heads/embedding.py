@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, RetrievalRecall
 
+from lightning_lora.checks import optional_positive_int
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput, TaskHead
 from lightning_lora.models.embedders import Embedder, TextEmbedder, item_key, pool  # noqa: F401 (pool: re-export)
@@ -176,11 +177,7 @@ def _matryoshka(dims: Any, weights: Any) -> tuple[list[int] | None, list[float] 
 
 def _chunk_size(cfg: Any) -> int | None:
     size = (cfg or {}).get("chunk_size") if hasattr(cfg or {}, "get") else cfg
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise UserError(f"model.gradient_cache.chunk_size={size!r} must be a positive integer (e.g. 8) or null")
-    return size
+    return optional_positive_int(size, "model.gradient_cache.chunk_size", hint=" (e.g. 8) or null")
 
 
 class EmbeddingHead(TaskHead):

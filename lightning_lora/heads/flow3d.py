@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file
+from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput, TaskHead
 
@@ -252,13 +253,9 @@ class FlowMatching3DHead(TaskHead):
         image_encoder: Any = None,
     ) -> None:
         super().__init__()
-        if t_schedule not in T_SCHEDULES:
-            raise UserError(f"model.t_schedule={t_schedule!r} is unknown; valid: {', '.join(T_SCHEDULES)}")
-        if cond_noise_schedule not in COND_NOISE_SCHEDULES:
-            valid = ", ".join(COND_NOISE_SCHEDULES)
-            raise UserError(f"model.cond_noise_schedule={cond_noise_schedule!r} is unknown; valid: {valid}")
-        if not 0.0 <= p_uncond < 1.0:
-            raise UserError(f"model.p_uncond={p_uncond} must be in [0, 1)")
+        choice(t_schedule, "model.t_schedule", T_SCHEDULES)
+        choice(cond_noise_schedule, "model.cond_noise_schedule", COND_NOISE_SCHEDULES)
+        fraction(p_uncond, "model.p_uncond")
         self.denoiser = denoiser
         self.ckpt = str(ckpt) if ckpt else None
         if self.ckpt:

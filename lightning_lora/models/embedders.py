@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora.checks import choice, positive_int
 from lightning_lora.errors import UserError
 
 POOLINGS = ("mean", "cls", "last")
@@ -156,8 +157,7 @@ def _to_rgb(image):
 
 
 def _check_role(role: str) -> None:
-    if role not in ROLES:
-        raise UserError(f"role={role!r} is unknown; valid: {', '.join(ROLES)}")
+    choice(role, "role", ROLES)
 
 
 # --------------------------------------------------------------------------- folders
@@ -246,9 +246,7 @@ def checkpoint_activations(model: nn.Module) -> None:
 def _dtype_kwargs(dtype: str | None) -> dict[str, Any]:
     if dtype is None:
         return {}
-    valid = ("float32", "bfloat16", "float16", "auto")
-    if dtype not in valid:
-        raise UserError(f"dtype={dtype!r} is unknown; valid: {', '.join(valid)} (or null for the default)")
+    choice(dtype, "dtype", ("float32", "bfloat16", "float16", "auto"), hint=" (or null for the default)")
     return {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
 
 
@@ -365,11 +363,9 @@ class TextEmbedder(Embedder):
         dtype: str | None = None,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise UserError(f"pooling={pooling!r} is unknown; valid: {', '.join(POOLINGS)}")
-        for key, value in (("query_max_length", query_max_length), ("doc_max_length", doc_max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{key}={value!r} must be a positive integer")
+        choice(pooling, "pooling", POOLINGS)
+        positive_int(query_max_length, "query_max_length")
+        positive_int(doc_max_length, "doc_max_length")
         path = model_folder(pretrained)
         model_type = read_model_type(path)
         if model_type in VISION_MODEL_TYPES:
@@ -468,8 +464,7 @@ class ClipEmbedder(Embedder):
         dtype: str | None = None,
     ) -> None:
         super().__init__()
-        if multimodal not in CLIP_MULTIMODAL:
-            raise UserError(f"multimodal={multimodal!r} is unknown; valid: {', '.join(CLIP_MULTIMODAL)}")
+        choice(multimodal, "multimodal", CLIP_MULTIMODAL)
         path = model_folder(pretrained)
         _expect_model_type(path, "clip", "the CLIP embedder")
         from transformers import (
@@ -619,8 +614,7 @@ class Qwen3VLEmbedder(Embedder):
         attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
-            raise UserError(f"max_length={max_length!r} must be a positive integer")
+        positive_int(max_length, "max_length")
         path = model_folder(pretrained)
         _expect_model_type(path, "qwen3_vl", "the Qwen3-VL embedder")
         from transformers import AutoModel, AutoTokenizer, Qwen2VLImageProcessorPil
@@ -739,8 +733,7 @@ def build_embedder(pretrained: str | os.PathLike, family: str = "auto", **kwargs
     """The embedder of ``family`` (``auto``: from ``config.json``'s model type) for a local model folder."""
     if family == "auto":
         family = detect_family(pretrained)
-    if family not in EMBEDDERS:
-        raise UserError(f"family={family!r} is unknown; valid: auto, {', '.join(EMBEDDERS)}")
+    choice(family, "family", EMBEDDERS, also=["auto"])
     return EMBEDDERS[family](str(pretrained), **kwargs)
 
 

@@ -1,0 +1,72 @@
+"""One spelling per rule for checking a value the user gave (a config key, a flag, a function argument).
+
+Each check returns the value or raises ``UserError`` with one line naming the key, the value and what is
+valid. Messages come in the house's two layouts, both kept as users and tests know them:
+``key=value must be ...`` (the default) and ``key: must be ..., got value`` (``got=True``, the data modules').
+A bool is never a number here: ``batch_size: true`` is a config mistake, not 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from lightning_lora.errors import UserError
+
+INTERVALS = ("[0, 1)", "(0, 1]", "[0, 1]", "(0, 1)")
+
+
+def _fail(key: str, value: Any, rule: str, got: bool) -> UserError:
+    if got:
+        return UserError(f"{key}: must be {rule}, got {value!r}")
+    return UserError(f"{key}={value!r} must be {rule}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(value: Any, key: str, *, hint: str = "", got: bool = False, whole_floats: bool = False) -> int:
+    """``value`` as an int > 0. ``hint`` follows the rule as written (``" (e.g. 8)"``, ``" or null"``);
+    ``whole_floats`` also takes a whole float (``4.0`` -> 4), as adapter ranks from YAML may come."""
+    whole = _is_int(value) or (whole_floats and isinstance(value, float) and value.is_integer())
+    if not whole or value <= 0:
+        raise _fail(key, value, "a positive integer" + hint, got)
+    return int(value)
+
+
+def optional_positive_int(value: Any, key: str, *, hint: str = "", got: bool = False) -> int | None:
+    """None (not set), or ``value`` checked by :func:`positive_int`."""
+    return None if value is None else positive_int(value, key, hint=hint, got=got)
+
+
+def non_negative_int(value: Any, key: str, *, got: bool = False) -> int:
+    """``value``, an int >= 0."""
+    if not _is_int(value) or value < 0:
+        raise _fail(key, value, "a non-negative integer", got)
+    return value
+
+
+def fraction(value: Any, key: str, *, interval: str = "[0, 1)", hint: str = "", got: bool = False) -> float:
+    """``value``, a number in ``interval`` (one of ``INTERVALS``: a square bracket includes its end)."""
+    if interval not in INTERVALS:
+        raise ValueError(f"interval {interval!r} is not one of {INTERVALS}")  # a caller's bug, not the user's
+    low_open, high_open = interval.startswith("("), interval.endswith(")")
+    inside = _is_number(value) and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not inside:  # NaN is never inside
+        # the ``got`` layout names the kind of value before the interval ("a number in [0, 1)")
+        raise _fail(key, value, ("a number in " if got else "in ") + interval + hint, got)
+    return value
+
+
+def choice(value: Any, key: str, valid: Iterable[str], *, also: Iterable[str] = (), hint: str = "") -> Any:
+    """``value`` when it is one of ``valid``. ``also`` names values the caller takes before asking (``null``,
+    ``auto``): they are listed first; ``hint`` follows the list as written."""
+    valid = tuple(valid)
+    if value not in valid:
+        raise UserError(f"{key}={value!r} is unknown; valid: {', '.join((*also, *valid))}{hint}")
+    return value
