@@ -73,7 +73,8 @@ def _write_formats(out: Path, modules, fmt: str | None, all_modules, base_name: 
 def cmd_extract(args: argparse.Namespace) -> int:
     from lightning_lora.adapters import formats
     from lightning_lora.adapters.checkpoints import module_weights
-    from lightning_lora.adapters.extract import check_clamp_quantile, extract_lora, parse_rank
+    from lightning_lora.adapters.extract import extract_lora, parse_rank
+    from lightning_lora.adapters.svd import check_clamp_quantile
 
     rank = parse_rank(args.rank, "--rank")
     conv_rank = parse_rank(args.conv_rank, "--conv-rank") if args.conv_rank is not None else rank
@@ -285,8 +286,8 @@ def sample_heads() -> list:
 def build_parser(samplers: bool = True) -> argparse.ArgumentParser:
     """The command's parser; ``samplers=False`` leaves out the heads' sample commands (finding them imports every
     family's head, which the other tools do not need)."""
-    from lightning_lora.adapters.extract import METHODS
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
+    from lightning_lora.adapters.svd import METHODS
 
     p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")

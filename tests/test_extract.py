@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_lora.adapters import load_lora_weights
 from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
-from lightning_lora.adapters.extract import extract_lora, factorize, parse_rank, select_modules
+from lightning_lora.adapters.extract import extract_lora, parse_rank, select_modules
 from lightning_lora.adapters.factors import Factors
 from lightning_lora.adapters.formats import (
     kohya_name,
@@ -23,6 +23,7 @@ from lightning_lora.adapters.formats import (
     write_lora_file,
     write_peft_dir,
 )
+from lightning_lora.adapters.svd import factorize
 from lightning_lora.errors import UserError
 
 

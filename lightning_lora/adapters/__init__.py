@@ -11,7 +11,7 @@ from lightning_lora.adapters.api import (
     save_lora_weights,
 )
 from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
-from lightning_lora.adapters.extract import extract_lora, factorize, validate_lora
+from lightning_lora.adapters.extract import extract_lora, validate_lora
 from lightning_lora.adapters.factors import Factors
 from lightning_lora.adapters.formats import LoraSet, read_lora, write_lora_file
 from lightning_lora.adapters.inject import (
@@ -36,6 +36,7 @@ from lightning_lora.adapters.io import (
 )
 from lightning_lora.adapters.merge import merge_adapter, merge_and_unload, set_adapter_scale, unmerge_adapter
 from lightning_lora.adapters.spec import AdapterSpec
+from lightning_lora.adapters.svd import factorize
 
 __all__ = [
     "AdapterSpec",

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lightning_lora.adapters.extract import factorize
 from lightning_lora.adapters.factors import Factors, is_spatial
+from lightning_lora.adapters.svd import factorize
 from lightning_lora.errors import UserError
 
 COMBINE_METHODS = ("concat", "svd")
