@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, tiny BERT / CLIP / Qwen3-VL folders, a tiny pairs file, and a CLI runner."""
+"""Shared fixtures: composed configs, tiny BERT / CLIP / Qwen3-VL folders, pictures, one intra-op thread, a tiny
+pairs file, and a CLI runner. Plain helpers (data builders, small models) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -50,6 +51,35 @@ def tiny_bert(tmp_path_factory) -> Path:
         if (source / name).exists():
             shutil.copy(source / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models gain
+    nothing from threads, and on a busy 2-core machine OpenMP waits (or a multi-threaded SVD) can make them 10-100x
+    slower. Module-scoped, so module-scoped fixtures that train or build models run under it too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> list[str]:
+    """Three small RGB PNGs of different sizes."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(32, 32), (40, 24), (64, 64)]):
+        path = folder / f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import compose_train
-from torch.utils.data import DataLoader
+from helpers import image_batches
 
 from lightning_lora.errors import UserError
 from lightning_lora.heads.diffusion import DIFFUSERS_FILE, KOHYA_FILE, DiffusionHead, apply_loras, min_snr_weights
@@ -23,18 +23,6 @@ pytest.importorskip("diffusers")
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     return Path(ensure_tiny_sd(tmp_path_factory.mktemp("sd") / "sd_tiny"))
-
-
-def image_batches(n: int = 16, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    rows = [{"pixel_values": torch.rand(3, 32, 32, generator=g) * 2 - 1, "text": f"a handwritten digit {i % 10}",
-             "index": i} for i in range(n)]
-
-    def collate(items):
-        return {"pixel_values": torch.stack([r["pixel_values"] for r in items]), "text": [r["text"] for r in items],
-                "index": torch.tensor([r["index"] for r in items])}
-
-    return DataLoader(rows, batch_size=batch_size, collate_fn=collate)
 
 
 def fit(module: LoRAAdaptationModule, steps: int, callbacks=()) -> pl.Trainer:

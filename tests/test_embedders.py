@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,19 +25,6 @@ from lightning_lora.models.embedders import (
 )
 
 CONF = Path(__file__).resolve().parents[1] / "lightning_lora" / "conf"
-
-
-@pytest.fixture(scope="session")
-def pictures(tmp_path_factory) -> list[str]:
-    """Three small RGB PNGs of different sizes."""
-    folder = tmp_path_factory.mktemp("pictures")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (h, w) in enumerate([(32, 32), (40, 24), (64, 64)]):
-        path = folder / f"p{i}.png"
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
 
 
 @pytest.fixture(scope="module")
