@@ -248,21 +248,6 @@ def test_previews_written_for_base_and_steps(tiny_sd, tmp_path):
     assert (base - final).abs().mean() > 0.5  # the (random-init) adapter changes the pictures
 
 
-def test_gradient_checkpointing_keeps_lora_gradients(tiny_sd):
-    batch = next(iter(image_batches(n=4, batch_size=4)))
-    grads = []
-    for checkpointing in (False, True):
-        head = DiffusionHead(tiny_sd, resolution=32)
-        torch.manual_seed(0)  # the same random LoRA init in both modules
-        module = LoRAAdaptationModule(head, {"r": 4, "alpha": 4, "init": "random", "dropout": 0.0},
-                                      gradient_checkpointing=checkpointing)
-        head.diffusion_loss(batch, torch.Generator().manual_seed(0)).backward()
-        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
-    assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
-    for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], atol=1e-6), name
-
-
 def test_frozen_dtype_keeps_lora_fp32(tiny_sd):
     head = DiffusionHead(tiny_sd, resolution=32, frozen_dtype="bfloat16")
     module = LoRAAdaptationModule(head, {"r": 4, "alpha": 4})
@@ -329,8 +314,7 @@ def test_train_entry_on_digits_writes_every_format_and_previews(tiny_sd, cache_d
         assert names == [DIFFUSERS_FILE, KOHYA_FILE, "unet"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["base.png", "step_0000002.png",
                                                                   "step_0000004.png"]
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # no frozen base weights
+    assert (out / "checkpoints" / "last.ckpt").is_file()  # its keys: test_families.py (sd_tiny)
     with safe_open(out / "adapters" / "final" / DIFFUSERS_FILE, "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("unet.") for k in keys)
