@@ -11,7 +11,7 @@ init: B = 0), then:
   loaded (``lightning_lora.adapters.load_lora_weights``) gives the trained module's outputs bit for bit, which
   differ from the base's;
 * on one LoRA layer, merging at scale s gives ``W + s·(alpha/r)·B·A`` computed by hand, twice is once, unmerge
-  restores W, and the merged model gives the adapted outputs;
+  restores W; with every adapter merged and unloaded, the plain model gives the adapted outputs;
 * the resumable ``last.ckpt`` holds exactly the trainable tensors (no frozen base weight, no pickled model);
 * gradient checkpointing gives the same loss and LoRA gradients (float64, 1e-6), really recomputes, and one
   AdamW step moves every lora_B;
@@ -21,6 +21,7 @@ init: B = 0), then:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from lightning_lora.adapters import AdapterSpec, load_lora_weights, merge_adapter, unmerge_adapter
+from lightning_lora.adapters import AdapterSpec, load_lora_weights, merge_adapter, merge_lora_weights, unmerge_adapter
 from lightning_lora.module import LoRAAdaptationModule
 from lightning_lora.strategies import BlockMatcher, block_names
 from lightning_lora.train import run
@@ -57,7 +58,7 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory) -> dict[str, Trained]:
+def trained_runs() -> dict[str, Trained]:
     return {}
 
 
@@ -181,12 +182,15 @@ def test_merge_equals_w_plus_scaled_delta_on_one_layer(case: FamilyCase, trained
         merge_adapter(peft, scale)
         merged = layer.get_base_layer().weight.detach().clone()
         torch.testing.assert_close(merged, w + scale * (alpha / r) * (b @ a), rtol=1e-6, atol=1e-6, msg=name)
-        merge_adapter(peft, scale)  # again: no double merge
+        with warnings.catch_warnings():  # PEFT says so: "All adapters are already merged, nothing to do."
+            warnings.simplefilter("ignore", UserWarning)
+            merge_adapter(peft, scale)  # again: no double merge
         assert torch.equal(layer.get_base_layer().weight, merged), name
         unmerge_adapter(peft)
         torch.testing.assert_close(layer.get_base_layer().weight.detach(), w, rtol=0, atol=1e-6, msg=name)
-    for other in pefts.values():  # every adapter folded in at scale 1: the adapted outputs
-        merge_adapter(other, 1.0)
+    for other in pefts.values():  # every adapter folded in and unloaded: plain layers give the adapted outputs
+        merge_lora_weights(other)
+    assert not [n for n, _ in head.named_modules() if "lora_" in n]
     merged_out = _probe(case, head, trained.fixtures)
     for got, want in zip(merged_out, adapted, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
