@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, tiny BERT / CLIP / Qwen3-VL folders, a tiny pairs file, and a CLI runner."""
+"""Shared fixtures: composed configs, tiny BERT / CLIP / Qwen3-VL folders, pictures, one intra-op thread, a tiny
+pairs file, and a CLI runner. Plain helpers (data builders, small models) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -53,6 +54,35 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models gain
+    nothing from threads, and on a busy 2-core machine OpenMP waits (or a multi-threaded SVD) can make them 10-100x
+    slower. Module-scoped, so module-scoped fixtures that train or build models run under it too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> list[str]:
+    """Three small RGB PNGs of different sizes."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(32, 32), (40, 24), (64, 64)]):
+        path = folder / f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -98,7 +128,9 @@ def write_pairs(path: Path, rows: list[dict]) -> Path:
 
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     """Run ``python -m lightning_lora.train`` as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # the test process's import path: helper modules and tests/toy_family resolve in the subprocess too
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lightning_lora.train", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

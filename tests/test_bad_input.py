@@ -18,19 +18,22 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from helpers import net_pair
 from safetensors.torch import save_file
-from test_extract import _pair, single_thread  # noqa: F401 (autouse fixture)
 
 from lightning_lora.cli import main as cli_main
 from lightning_lora.errors import UserError
 from lightning_lora.train import _user_error, run
+
+# one intra-op thread: on a busy 2-core machine torch's multi-threaded SVD can be 100x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def files(tmp_path, capsys):
     """Good base/tuned/LoRA files plus the bad ones; returns (dir, {name: path})."""
     d = tmp_path
-    base, tuned = _pair()
+    base, tuned = net_pair()
     save_file(base, d / "base.safetensors")
     save_file(tuned, d / "tuned.safetensors")
     assert cli_main(["extract", "--base", str(d / "base.safetensors"), "--tuned", str(d / "tuned.safetensors"),

@@ -11,18 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Net, low_rank, net_pair, net_with
 from safetensors.torch import load_file, save_file
-from test_extract import Net, _low_rank, _model, _pair, single_thread  # noqa: F401 (autouse fixture)
 
 from lightning_lora.adapters import load_lora_weights
 from lightning_lora.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+# one intra-op thread: on a busy 2-core machine torch's multi-threaded SVD can be 100x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def pair(tmp_path):
-    base, tuned = _pair()
+    base, tuned = net_pair()
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
     return tmp_path, base, tuned
@@ -60,9 +63,9 @@ def test_extract_low_rank_loads_and_reproduces_outputs(pair, capsys):
     tuned["norm.weight"] = base["norm.weight"]
     x = torch.randn(3, 3, 5, 5)
     with torch.no_grad():
-        want = _model(tuned)(x)
+        want = net_with(tuned)(x)
         for path in (lora, d / "lora_peft"):
-            assert torch.allclose(load_lora_weights(_model(base), path)(x), want, atol=1e-5)
+            assert torch.allclose(load_lora_weights(net_with(base), path)(x), want, atol=1e-5)
     rc, out, _ = run(capsys, "inspect", lora)
     assert rc == 0
     assert "format: lightning_lora single file" in out
@@ -122,7 +125,7 @@ def test_combine_concat_equals_applying_both(pair, capsys):
 
 
 def test_torch_checkpoint_and_folder_and_trellis_pair(tmp_path, capsys):
-    base, tuned = _pair()
+    base, tuned = net_pair()
     torch.save({"state_dict": base, "epoch": 3}, tmp_path / "base.ckpt")
     torch.save(tuned, tmp_path / "tuned.pt")
     lora = tmp_path / "l.safetensors"
@@ -165,7 +168,7 @@ def test_torch_checkpoint_and_folder_and_trellis_pair(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- bad input
 def _bad_inputs(d: Path, monkeypatch) -> dict[str, tuple[list, str]]:
-    base, tuned = _pair()
+    base, tuned = net_pair()
     extra = dict(tuned, **{"extra.weight": torch.zeros(2, 2)})
     save_file(extra, d / "extra.safetensors")
     reshaped = dict(tuned, **{"proj.weight": torch.zeros(16, 4)})
@@ -251,8 +254,8 @@ def test_inspect_as_a_subprocess(pair, capsys):
 
 def test_low_rank_file_for_real_delta(tmp_path, capsys):
     """The 3x3 conv delta here has rank 3; rank 3 reproduces it, rank 1 does not (error named in the output)."""
-    base, tuned = _pair()
-    tuned["block.conv.weight"] = base["block.conv.weight"] + _low_rank((8, 16, 3, 3), 3, 9)
+    base, tuned = net_pair()
+    tuned["block.conv.weight"] = base["block.conv.weight"] + low_rank((8, 16, 3, 3), 3, 9)
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
     rc, out, _ = run(capsys, "extract", "--base", tmp_path / "base.safetensors", "--tuned",

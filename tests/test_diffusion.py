@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import compose_train
-from torch.utils.data import DataLoader
+from helpers import image_batches
 
 from lightning_lora.errors import UserError
 from lightning_lora.heads.diffusion import DIFFUSERS_FILE, KOHYA_FILE, DiffusionHead, apply_loras, min_snr_weights
@@ -23,18 +23,6 @@ pytest.importorskip("diffusers")
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     return Path(ensure_tiny_sd(tmp_path_factory.mktemp("sd") / "sd_tiny"))
-
-
-def image_batches(n: int = 16, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    rows = [{"pixel_values": torch.rand(3, 32, 32, generator=g) * 2 - 1, "text": f"a handwritten digit {i % 10}",
-             "index": i} for i in range(n)]
-
-    def collate(items):
-        return {"pixel_values": torch.stack([r["pixel_values"] for r in items]), "text": [r["text"] for r in items],
-                "index": torch.tensor([r["index"] for r in items])}
-
-    return DataLoader(rows, batch_size=batch_size, collate_fn=collate)
 
 
 def fit(module: LoRAAdaptationModule, steps: int, callbacks=()) -> pl.Trainer:
@@ -260,21 +248,6 @@ def test_previews_written_for_base_and_steps(tiny_sd, tmp_path):
     assert (base - final).abs().mean() > 0.5  # the (random-init) adapter changes the pictures
 
 
-def test_gradient_checkpointing_keeps_lora_gradients(tiny_sd):
-    batch = next(iter(image_batches(n=4, batch_size=4)))
-    grads = []
-    for checkpointing in (False, True):
-        head = DiffusionHead(tiny_sd, resolution=32)
-        torch.manual_seed(0)  # the same random LoRA init in both modules
-        module = LoRAAdaptationModule(head, {"r": 4, "alpha": 4, "init": "random", "dropout": 0.0},
-                                      gradient_checkpointing=checkpointing)
-        head.diffusion_loss(batch, torch.Generator().manual_seed(0)).backward()
-        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
-    assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
-    for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], atol=1e-6), name
-
-
 def test_frozen_dtype_keeps_lora_fp32(tiny_sd):
     head = DiffusionHead(tiny_sd, resolution=32, frozen_dtype="bfloat16")
     module = LoRAAdaptationModule(head, {"r": 4, "alpha": 4})
@@ -341,8 +314,7 @@ def test_train_entry_on_digits_writes_every_format_and_previews(tiny_sd, cache_d
         assert names == [DIFFUSERS_FILE, KOHYA_FILE, "unet"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["base.png", "step_0000002.png",
                                                                   "step_0000004.png"]
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # no frozen base weights
+    assert (out / "checkpoints" / "last.ckpt").is_file()  # its keys: test_families.py (sd_tiny)
     with safe_open(out / "adapters" / "final" / DIFFUSERS_FILE, "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("unet.") for k in keys)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,19 +25,6 @@ from lightning_lora.models.embedders import (
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@pytest.fixture(scope="session")
-def pictures(tmp_path_factory) -> list[str]:
-    """Three small RGB PNGs of different sizes."""
-    folder = tmp_path_factory.mktemp("pictures")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (h, w) in enumerate([(32, 32), (40, 24), (64, 64)]):
-        path = folder / f"p{i}.png"
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +145,6 @@ def test_clip_text_only_lora_leaves_the_vision_tower_untouched(tiny_clip_dir, pi
     assert all(torch.equal(v, emb.vision.state_dict()[k]) for k, v in vision_before.items())
 
 
-def test_clip_gradient_checkpointing_keeps_lora_gradients(tiny_clip_dir, pictures):
-    from peft import LoraConfig, get_peft_model
-
-    emb = ClipEmbedder(str(tiny_clip_dir))
-    for name in ("text", "vision"):
-        get_peft_model(emb.adaptable_submodules()[name], LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                                    init_lora_weights=False))
-    emb.enable_gradient_checkpointing()
-    emb.train()
-    emb.embed(["a cat", {"image": pictures[0]}]).square().sum().backward()
-    grads = [p.grad for n, p in emb.named_parameters() if "lora_" in n]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-
 # --------------------------------------------------------------------------- Qwen3-VL
 def test_qwen_prompt_is_qwen3_vl_embedding_chat_format(qwen):
     x = as_input({"text": "a cat"})
@@ -241,20 +213,6 @@ def test_qwen_default_targets_scope_each_tower(tiny_qwen_dir):
     assert len([n for n in lora if n.startswith("language_model.")]) == 2 * 7
     vision = sorted(n for n in lora if n.startswith("visual."))
     assert len(vision) == 2 * 4 and all(n.startswith("visual.blocks.") for n in vision)  # no merger, no patch_embed
-
-
-def test_qwen_gradient_checkpointing_keeps_lora_gradients(tiny_qwen_dir, pictures):
-    from peft import LoraConfig, get_peft_model
-
-    emb = Qwen3VLEmbedder(str(tiny_qwen_dir))
-    subs = emb.adaptable_submodules()
-    for name, targets in (("language", ["q_proj", "v_proj"]), ("vision", ["attn.qkv"])):
-        get_peft_model(subs[name], LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
-    emb.enable_gradient_checkpointing()
-    emb.train()
-    emb.embed(["a cat", {"text": "b", "image": pictures[0]}]).square().sum().backward()
-    grads = [p.grad for n, p in emb.named_parameters() if "lora_" in n]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 # --------------------------------------------------------------------------- errors

@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TEXT_BATCH
 
 from lightning_lora.errors import UserError
 from lightning_lora.heads.embedding import EmbeddingHead, info_nce, matryoshka_info_nce
 from lightning_lora.module import HEAD_PARAMETERS, LoRAAdaptationModule
 
-BATCH = {
-    "query": ["sort a list", "open a file", "parse json", "join paths", "read csv", "hash bytes"],
-    "positive": ["def sort(xs): ...", "def open_file(p): ...", "def parse(s): ...", "def join(a, b): ...",
-                 "def read_csv(p): ...", "def digest(b): ..."],
-    "negatives": [["def shuffle(xs): ..."], ["def close(f): ..."], ["def dump(o): ..."], ["def split(p): ..."],
-                  ["def write_csv(p): ..."], ["def encode(s): ..."]],
-}
+BATCH = TEXT_BATCH  # six code-search rows, one hard negative each
 
 
 def make_head(tiny_bert: Path, dropout: float = 0.0, **kw) -> EmbeddingHead:

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from helpers import low_rank, net_pair, net_with
 from peft import PeftModel
-from torch import nn
 
 from lightning_lora.adapters import load_lora_weights
 from lightning_lora.adapters.combine import combine_concat, combine_svd, merge_into
@@ -26,20 +26,8 @@ from lightning_lora.adapters.formats import (
 from lightning_lora.adapters.svd import factorize
 from lightning_lora.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on a busy 2-core machine torch's multi-threaded SVD can be 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _low_rank(shape: tuple[int, ...], r: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out, rest = shape[0], math.prod(shape[1:])
-    return (torch.randn(out, r, generator=g) @ torch.randn(r, rest, generator=g)).reshape(shape)
+# one intra-op thread: on a busy 2-core machine torch's multi-threaded SVD can be 100x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _decaying(out: int, inn: int, seed: int = 0, noise: float = 0.05) -> torch.Tensor:
@@ -61,7 +49,7 @@ def _optimum(delta: torch.Tensor, r: int) -> float:
 @pytest.mark.parametrize("shape", [(24, 40), (24, 16, 1, 1), (24, 8, 3, 3)], ids=["linear", "conv1x1", "conv3x3"])
 @pytest.mark.parametrize("method", ["full", "randomized"])
 def test_exact_low_rank_delta_is_reconstructed(shape, method):
-    delta = _low_rank(shape, 5)
+    delta = low_rank(shape, 5)
     f, info = factorize(delta, 5, method=method)
     assert f.down.shape == (5, *shape[1:])
     assert f.up.shape == (shape[0], 5, *([1] * (len(shape) - 2)))
@@ -97,11 +85,11 @@ def test_randomized_falls_back_to_full_svd_when_the_sketch_is_poor():
 
 
 def test_rank_is_capped_and_alpha_is_the_used_rank():
-    f, info = factorize(_low_rank((6, 20), 6), 32)
+    f, info = factorize(low_rank((6, 20), 6), 32)
     assert f.rank == 6 and info.rank == 6 and f.alpha == 6.0
-    f, _ = factorize(_low_rank((16, 2, 3, 3), 4), 64)  # conv: cap at min(out, in·kh·kw) = 16 ... 18 -> 16
+    f, _ = factorize(low_rank((16, 2, 3, 3), 4), 64)  # conv: cap at min(out, in·kh·kw) = 16 ... 18 -> 16
     assert f.rank == 16 and f.alpha == 16.0
-    f, _ = factorize(_low_rank((10, 12), 3), None)  # full rank keeps every singular value
+    f, _ = factorize(low_rank((10, 12), 3), None)  # full rank keeps every singular value
     assert f.rank == 10
 
 
@@ -134,59 +122,19 @@ def test_select_modules_globs_and_substrings():
 
 
 # ---------------------------------------------------------------------------- whole models and loading
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 16)
-        self.conv = nn.Conv2d(16, 8, 3, padding=1)
-        self.pw = nn.Conv2d(8, 8, 1)
-
-
-class Net(nn.Module):
-    """`proj` and `block.proj` share a suffix: exact target names matter."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3, 16)
-        self.block = Block()
-        self.norm = nn.LayerNorm(8)
-
-    def forward(self, x):  # x [B, 3, 5, 5]
-        h = self.block.proj(self.proj(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        h = self.block.pw(self.block.conv(h))
-        return self.norm(h.permute(0, 2, 3, 1))
-
-
-def _pair(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    base = {k: v.clone() for k, v in Net().state_dict().items()}
-    tuned = {k: v.clone() for k, v in base.items()}
-    tuned["proj.weight"] += _low_rank((16, 3), 2, seed + 1)
-    tuned["block.conv.weight"] += _low_rank((8, 16, 3, 3), 3, seed + 2)
-    tuned["block.pw.weight"] += 0.1 * _low_rank((8, 8, 1, 1), 2, seed + 3)
-    tuned["norm.weight"] += 0.5  # 1-D: not a LoRA target
-    return base, tuned
-
-
-def _model(state):
-    net = Net().eval()
-    net.load_state_dict(state)
-    return net
-
-
 def test_extracted_file_loads_with_load_lora_weights_and_reproduces_outputs(tmp_path):
-    base, tuned = _pair()
+    base, tuned = net_pair()
     tuned["norm.weight"] = base["norm.weight"]
     result = extract_lora(base, tuned, rank=6, conv_rank=4, min_diff=1e-3)
     assert set(result.factors) == {"proj", "block.conv", "block.pw"}  # block.proj is unchanged
     assert {m: f.rank for m, f in result.factors.items()} == {"proj": 3, "block.conv": 4, "block.pw": 6}
     path = write_lora_file(tmp_path / "x.safetensors", result.factors, all_modules=["proj", "block.proj",
                                                                                     "block.conv", "block.pw"])
-    peft_model = load_lora_weights(_model(base), path)
+    peft_model = load_lora_weights(net_with(base), path)
     assert isinstance(peft_model, PeftModel)
     x = torch.randn(4, 3, 5, 5)
     with torch.no_grad():
-        want, got = _model(tuned)(x), peft_model(x)
+        want, got = net_with(tuned)(x), peft_model(x)
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     # only the three changed layers got LoRA (not block.proj, whose name ends like 'proj')
     lora_layers = sorted(n for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
@@ -197,14 +145,14 @@ def test_extracted_file_loads_with_load_lora_weights_and_reproduces_outputs(tmp_
 
 
 def test_peft_dir_output_loads(tmp_path):
-    base, tuned = _pair()
+    base, tuned = net_pair()
     tuned["norm.weight"] = base["norm.weight"]
     factors = extract_lora(base, tuned, rank=6, conv_rank=4).factors
     d = write_peft_dir(tmp_path / "peft", factors, all_modules=["proj", "block.proj", "block.conv", "block.pw"])
-    peft_model = PeftModel.from_pretrained(_model(base), str(d))
+    peft_model = PeftModel.from_pretrained(net_with(base), str(d))
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
-        assert torch.allclose(peft_model(x), _model(tuned)(x), atol=1e-5)
+        assert torch.allclose(peft_model(x), net_with(tuned)(x), atol=1e-5)
     assert read_lora(d).format == "peft"
 
 
@@ -268,7 +216,7 @@ def test_combine_refuses_different_shapes():
 
 
 def test_merge_of_full_rank_extraction_gives_tuned():
-    base, tuned = _pair()
+    base, tuned = net_pair()
     factors = extract_lora(base, tuned, rank=None, min_diff=0).factors
     for name, f in factors.items():
         key = f"{name}.weight"

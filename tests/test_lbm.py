@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_train
+from helpers import pairs
 from PIL import Image
 
 from lightning_lora.data.digits import DigitTranslationDataModule, write_digit_translation_shards
@@ -31,24 +32,13 @@ from lightning_lora.models.lbm_tiny import ensure_tiny_lbm, optimal_error, write
 pytest.importorskip("diffusers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (and two threads on a shared 2-core machine can be 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# models this small run fastest on one thread (and two threads on a shared 2-core machine can be 100x slower)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_lbm(tmp_path_factory) -> Path:
     return Path(ensure_tiny_lbm(tmp_path_factory.mktemp("lbm") / "lbm_tiny"))
-
-
-def pairs(n: int = 4, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    source = torch.rand(n, 3, size, size, generator=g) * 2 - 1
-    return {"source": source, "target": -source, "index": torch.arange(n)}
 
 
 def png(array: np.ndarray) -> bytes:

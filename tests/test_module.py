@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import TinyData, TinyDenoiser, TinyHead, tiny_batch
 
-from lightning_lora.adapters import AdapterSpec, load_lora_weights
+from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO
 from lightning_lora.errors import UserError
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
@@ -31,33 +31,12 @@ def _module(**spec) -> LoRAAdaptationModule:
     return LoRAAdaptationModule(TinyHead(), AdapterSpec(**{"r": 4, "alpha": 8, **spec}), optimizer=opt)
 
 
-def test_training_moves_only_lora_and_every_b(tmp_path) -> None:
-    module = _module()
-    base_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-    trainer = _trainer(tmp_path, steps=10)
-    trainer.fit(module, TinyData())
-    assert trainer.global_step == 10
-    frozen_after = {n: p for n, p in module.named_parameters() if not p.requires_grad}
-    assert frozen_after.keys() == base_before.keys()
-    for name, before in base_before.items():
-        assert torch.equal(frozen_after[name], before), name
-    lora_b = [(n, p) for n, p in module.named_parameters() if "lora_B" in n]
-    assert len(lora_b) == 10  # 2 blocks x (to_qkv, to_out of self-attention; to_q, to_kv, to_out of cross)
-    assert all(p.abs().sum() > 0 for _, p in lora_b), [n for n, p in lora_b if p.abs().sum() == 0]
-    optimizer = trainer.optimizers[0]
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert in_optimizer == {id(p) for p in module.parameters() if p.requires_grad}
-
-
-def test_checkpoint_holds_no_frozen_weights_and_resume_continues(tmp_path) -> None:
+def test_checkpoint_restores_the_adapter_and_resume_continues(tmp_path) -> None:
     module = _module()
     _trainer(tmp_path, steps=10).fit(module, TinyData())
     last = tmp_path / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
-    assert set(ckpt["state_dict"]) == module.trainable_names()
-    assert all("lora_" in k for k in ckpt["state_dict"])
-    assert set(ckpt["hyper_parameters"]) == {"adapter", "scheduler", "family"}  # no base model pickled
-    assert ckpt["hyper_parameters"]["adapter"]["r"] == 4
+    ckpt = torch.load(last, weights_only=True)  # its keys: the family matrix (test_families.py)
+    assert ckpt["hyper_parameters"]["adapter"]["r"] == 4 and ckpt["hyper_parameters"]["family"] == "tiny"
     assert ckpt["optimizer_states"] and ckpt["global_step"] == 10
 
     # Restoring at the saved step loads exactly the trained adapter (a fresh module starts from B = 0).
@@ -81,28 +60,14 @@ def test_checkpoint_from_another_adapter_is_refused(tmp_path) -> None:
         _trainer(tmp_path / "x", steps=6).fit(other, TinyData(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
 
 
-def test_adapter_snapshots_reload_to_the_same_outputs(tmp_path) -> None:
-    module = _module()
-    _trainer(tmp_path, steps=10).fit(module, TinyData())
-    names = sorted(p.name for p in (tmp_path / "adapters").iterdir())
-    assert names == ["final", "step_0000005", "step_0000010"]
-    batch = tiny_batch()
-    module.eval()
-    with torch.no_grad():
-        expected = module.head.denoiser(batch["x"], batch["context"])
-    torch.manual_seed(0)
-    fresh = TinyHead().denoiser  # same seed as the training head's base
-    reloaded = load_lora_weights(fresh, tmp_path / "adapters" / "final" / "denoiser").eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(batch["x"], batch["context"]), expected)
-
-
 def test_summary_counts_and_submodule_errors() -> None:
     module = _module()
     (count,) = module.parameter_counts()
     base = sum(p.numel() for p in TinyDenoiser().parameters())
     assert count.name == "denoiser" and count.original == base
     assert count.trainable == sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
+    lora_b = [n for n in module.trainable_names() if ".lora_B." in n]
+    assert len(lora_b) == 10  # 2 blocks x (to_qkv, to_out of self-attention; to_q, to_kv, to_out of cross)
     text = module.adapter_summary()
     assert "Applying LoRA adapters" in text and f"Original params: {base:,}" in text and "LoRA rank: 4" in text
     with pytest.raises(UserError, match=r"'vae' is not adaptable in the tiny head; choose from \['denoiser'\]"):

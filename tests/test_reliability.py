@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, REPO, compose_train, run_cli
+from families import FamilyCase, case_fixtures, params
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
@@ -491,37 +492,28 @@ def test_nonfinite_values_are_named() -> None:
     assert [_describe(v) for v in (math.nan, math.inf, -math.inf)] == ["nan", "+inf", "-inf"]
 
 
-def _family_overrides(family: str, tmp_path: Path) -> list[str]:
-    common = ["trainer.max_steps=6", "validate_before=false", "validate_after=false", "~callbacks.progress_bar",
-              "callbacks.adapter_checkpoint.every_n_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-              "trainer.precision=32-true", "scheduler.name=constant", "scheduler.warmup_ratio=0.0",
-              f"paths.cache_dir={tmp_path / 'cache'}", "adapter.dropout=0.1"]
-    if family == "flow3d":
-        return ["model=trellis_slat_tiny", "data=trellis_demo", "data.kind=slat", "data.num_shapes=24",
-                "data.val_fraction=0.2", "adapter.init=random", *common]
-    if family == "sd":
-        from lightning_lora.models.sd_tiny import ensure_tiny_sd
-
-        sd = ensure_tiny_sd(tmp_path / "sd_tiny")
-        return ["experiment=sd_tiny_digits", f"model.pretrained={sd}", "data.num_images=40", "data.batch_size=4",
-                "model.previews.every_n_steps=0", *common]
-    if family in ("clip_tiny", "qwen3_vl_tiny"):  # vision LoRA + gradient cache: chunks replay dropout RNG
-        return [f"model={family}", "data=digits_retrieval", "data.num_images=48", "data.batch_size=8",
-                "model.vision=true", "model.gradient_cache.chunk_size=4", *common]
-    from lightning_lora.models.lbm_tiny import ensure_tiny_lbm
-
-    lbm = ensure_tiny_lbm(tmp_path / "lbm_tiny")
-    return ["experiment=lbm_tiny_digits", f"model.pretrained={lbm}", "data.num_images=40", "data.batch_size=4",
-            "model.previews.every_n_steps=0", *common]
+# Each row of the family matrix but the tiny BERT (its resume tests above run in the default suite): 6 steps with
+# snapshots and checkpoints every 2, dropout on (its RNG must resume too), a constant schedule; embedding rows with
+# the gradient cache (its chunks replay the dropout RNG), TRELLIS rows with a random LoRA init.
+RESUME = ["trainer.max_steps=6", "validate_before=false", "validate_after=false", "~callbacks.progress_bar",
+          "~callbacks.sample_previews", "callbacks.adapter_checkpoint.every_n_steps=2",
+          "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.precision=32-true", "scheduler.name=constant",
+          "scheduler.warmup_ratio=0.0", "adapter.dropout=0.1"]
 
 
-FAMILIES = [pytest.param(f, marks=pytest.mark.slow) for f in ("flow3d", "sd", "lbm", "clip_tiny", "qwen3_vl_tiny")]
+def _family_overrides(case: FamilyCase, request) -> list[str]:
+    extra = {"embedding": ["model.gradient_cache.chunk_size=4"], "flow3d": ["adapter.init=random"]}
+    return [*case.run_overrides(case_fixtures(case, request)), *RESUME, *extra.get(case.family, [])]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_resumes_bit_identically(tmp_path, family) -> None:
+def _not_bert(case: FamilyCase) -> bool:
+    return case.name != "bert"
+
+
+@pytest.mark.parametrize("case", params(slow=lambda case: True, where=_not_bert))
+def test_every_family_resumes_bit_identically(tmp_path, case: FamilyCase, request) -> None:
     """Stop after 2 of 6 steps, resume=last, compare with the uninterrupted run (in process)."""
-    overrides = _family_overrides(family, tmp_path)
+    overrides = _family_overrides(case, request)
 
     def run_in(name: str, extra: list[str]):
         cfg = compose_train([*overrides, *extra])
@@ -541,11 +533,11 @@ def test_every_family_resumes_bit_identically(tmp_path, family) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["after_checkpoint", "during_write"])
-@pytest.mark.parametrize("family", ["flow3d", "sd", "lbm", "clip_tiny", "qwen3_vl_tiny"])
-def test_every_family_survives_sigkill(tmp_path, family, point) -> None:
-    """The subprocess kill test of the tiny BERT, for every other family: SIGKILL after the first checkpoint or
-    while a file is being written, then resume=last: 6 steps and the uninterrupted run's adapter bits."""
-    overrides = [*_family_overrides(family, tmp_path), "+callbacks.slow_down._target_=test_reliability.SlowDown"]
+@pytest.mark.parametrize("case", params(where=_not_bert))
+def test_every_family_survives_sigkill(tmp_path, case: FamilyCase, point, request) -> None:
+    """The subprocess kill test of the tiny BERT, for every row of the family matrix: SIGKILL after the first
+    checkpoint or while a file is being written, then resume=last: 6 steps and the uninterrupted run's adapter bits."""
+    overrides = [*_family_overrides(case, request), "+callbacks.slow_down._target_=test_reliability.SlowDown"]
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
     rc, _, err = _finish(_start([*overrides, f"hydra.run.dir={reference}"]))
     assert rc == 0, err[-3000:]
@@ -568,7 +560,7 @@ def test_every_family_survives_sigkill(tmp_path, family, point) -> None:
     assert not [p for p in run_dir.rglob(TMP_PREFIX + "*")]
     for which in ("step_0000004", "final"):
         assert _bit_identical(_adapter_tensors(run_dir, which), _adapter_tensors(reference, which)), which
-    print(f"{family} {point}: killed after step {killed_at}, resumed bit-identically")
+    print(f"{case.name} {point}: killed after step {killed_at}, resumed bit-identically")
 
 
 def _ddp_resume(tmp_path: Path, tiny_bert: Path, cache_dir: Path, extra: list[str]) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
-"""Strategies: every preset composes (after trainer/default, under command-line overrides), the FSDP policy cuts
-each family at its blocks, a 2-process CPU DDP run of each family's tiny preset writes one adapter with the keys and
-shapes of a single-process run, and under 2-process CPU FSDP the adapter snapshot and the previews see whole
-tensors."""
+"""Strategies: every preset composes (after trainer/default, under command-line overrides), the FSDP preset lists
+the module's blocks, and under 2-process CPU FSDP the adapter snapshot and the previews see whole tensors. The
+per-family checks (the FSDP policy cuts each family at its blocks; a 2-process CPU DDP run writes the files of a
+single-process run) run over the family matrix in test_families.py."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, REPO, compose_train, run_cli
+from conftest import REPO, compose_train, run_cli
+from families import BY_NAME, RUN
+from helpers import adapter_file_shapes
 from hydra.utils import instantiate
 from omegaconf import open_dict
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lightning_lora.config import compose_config
-from lightning_lora.strategies import BlockMatcher, block_names
+from lightning_lora.strategies import block_names
 from lightning_lora.train import run
 
 #: the blocks of the package's heads (TaskHead.fsdp_blocks): transformer layers of BERT, CLIP and Qwen3-VL, the
@@ -29,26 +30,6 @@ PACKAGE_BLOCKS = {"BertLayer", "CLIPEncoderLayer", "Qwen3VLTextDecoderLayer", "Q
                   "BasicTransformerBlock", "ResnetBlock2D", "ModulatedTransformerCrossBlock",
                   "ModulatedSparseTransformerCrossBlock", "SparseResBlock3d"}
 STRATEGIES = sorted(p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml"))
-
-# Each family's tiny preset, cut to a couple of steps without validation, previews or intermediate snapshots.
-COMMON = ["trainer.max_steps=2", "trainer.log_every_n_steps=1", "validate_before=false", "validate_after=false",
-          "callbacks.adapter_checkpoint.every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=2",
-          "~callbacks.progress_bar", "~callbacks.sample_previews", "trainer.precision=32-true",
-          "adapter.init=random"]
-_SET_HERE = {o.lstrip("~").split("=")[0] for o in COMMON}
-BERT_FAST = [o for o in FAST if o.lstrip("~").split("=")[0] not in _SET_HERE]
-FAMILIES = {
-    "bert": lambda bert: [f"model.pretrained={bert}", *BERT_FAST],
-    "sd_tiny": lambda _: ["model=sd_tiny", "data=digits", "data.num_images=32", "data.batch_size=4"],
-    "trellis_slat_tiny": lambda _: ["model=trellis_slat_tiny", "data=trellis_demo", "data.num_shapes=12",
-                                    "data.batch_size=2"],
-    "clip_tiny": lambda _: ["model=clip_tiny", "data=digits_retrieval", "data.num_images=48", "data.batch_size=8"],
-    "qwen3_vl_tiny": lambda _: ["model=qwen3_vl_tiny", "model.vision=true", "data=digits_retrieval",
-                                "data.num_images=48", "data.batch_size=8"],
-    # webdataset shards: DDP needs samples_per_epoch (each process streams its share)
-    "lbm_tiny": lambda _: ["model=lbm_tiny", "data=digits_pairs", "data.num_images=32", "data.batch_size=4",
-                           "data.samples_per_epoch=16"],
-}
 
 
 def test_strategy_presets_are_the_documented_ones() -> None:
@@ -112,54 +93,11 @@ def test_fsdp_policy_takes_every_heads_blocks_unless_the_config_names_them() -> 
     assert instantiate(chosen.trainer.strategy.auto_wrap_policy)._lambda_fn.names == {"BertLayer"}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_fsdp_policy_puts_every_lora_layer_inside_a_wrapped_block(family, tiny_bert, cache_dir) -> None:
-    from lightning_lora.module import LoRAAdaptationModule
-
-    cfg = compose_train([*FAMILIES[family](tiny_bert), f"paths.cache_dir={cache_dir}"])
-    module = LoRAAdaptationModule(instantiate(cfg.model), {"r": 2, "alpha": 4})
-    matcher = BlockMatcher(block_names())
-    blocks = [name for name, m in module.named_modules() if matcher(m)]
-    lora_layers = {name.rsplit(".lora_A", 1)[0] for name, _ in module.named_modules() if name.endswith(".lora_A")}
-    assert blocks and lora_layers
-    outside = [n for n in lora_layers if not any(n.startswith(b + ".") for b in blocks)]
-    assert not outside, f"LoRA layers outside any FSDP unit: {outside[:3]}"
-
-
-def _tensors(run_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Every adapter file a run wrote (snapshots and the family's own formats): relative path -> key -> shape."""
-    out = {}
-    for path in sorted(run_dir.rglob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            out[str(path.relative_to(run_dir))] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    return out
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_two_process_cpu_ddp_writes_one_adapter_like_a_single_process_run(family, tmp_path, tiny_bert,
-                                                                         cache_dir) -> None:
-    overrides = [*FAMILIES[family](tiny_bert), f"paths.cache_dir={cache_dir}", *COMMON, "trainer.accelerator=cpu"]
-    cfg = compose_train([*overrides, "strategy=single"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "single")
-    run(cfg)  # also builds the tiny model and the demo data in cache_dir before two processes look for them
-
-    ddp_dir = tmp_path / "ddp"
-    proc = run_cli([*overrides, "strategy=ddp", "trainer.devices=2", f"hydra.run.dir={ddp_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Starting with 2 processes" in proc.stdout + proc.stderr
-    assert sorted(p.name for p in (ddp_dir / "adapters").iterdir()) == ["final"]  # written once, by rank 0
-    single, ddp = _tensors(tmp_path / "single"), _tensors(ddp_dir)
-    assert single and ddp == single
-    assert not [p for p in ddp_dir.rglob("*") if p.name.startswith(".tmp-")]
-    ckpt = torch.load(ddp_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["state_dict"] and all("lora_" in k or "head_parameters" in k for k in ckpt["state_dict"])
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA in Lightning")
 def test_fsdp_on_one_gpu_writes_the_single_process_adapter(tmp_path, tiny_bert, cache_dir) -> None:
-    overrides = [*FAMILIES["bert"](tiny_bert), f"paths.cache_dir={cache_dir}", *COMMON]
+    bert = BY_NAME["bert"]
+    overrides = [*bert.run_overrides({"tiny_bert": tiny_bert, "cache_dir": cache_dir}), *RUN, "adapter.init=random"]
     cfg = compose_train([*overrides, "strategy=single", "trainer.accelerator=cpu"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "single")
@@ -168,7 +106,7 @@ def test_fsdp_on_one_gpu_writes_the_single_process_adapter(tmp_path, tiny_bert, 
     proc = run_cli([*overrides, "strategy=fsdp", f"trainer.devices={torch.cuda.device_count()}",
                     f"hydra.run.dir={fsdp_dir}"])  # norm clipping on (trainer/default): FSDP's clip_grad_norm_
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _tensors(fsdp_dir) == _tensors(tmp_path / "single")
+    assert adapter_file_shapes(fsdp_dir) == adapter_file_shapes(tmp_path / "single")
     ckpt = torch.load(fsdp_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
 

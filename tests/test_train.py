@@ -60,19 +60,12 @@ def test_run_in_process_trains_and_writes_a_loadable_adapter(fast_cfg, tiny_bert
 
     lora_b = {n: p for n, p in module.named_parameters() if "lora_B" in n}
     # 2 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense); no pooler
-    assert len(lora_b) == 2 * 6
-    assert all(p.abs().sum() > 0 for p in lora_b.values())
+    assert len(lora_b) == 2 * 6  # every one non-zero, the base bit-identical: test_families.py (bert)
 
     from transformers import AutoModel
 
+    # plain PEFT over the files' base reproduces the embeddings (pooling and normalisation written out)
     base = AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False)
-    base_params = dict(base.named_parameters())
-    encoder = module.head.embedder.encoder
-    frozen = {n.replace(".base_layer", ""): p for n, p in encoder.named_parameters() if "lora_" not in n}
-    assert frozen.keys() == base_params.keys()
-    for name, p in frozen.items():  # the frozen weights are bit-identical to the files after training
-        assert torch.equal(p, base_params[name]), name
-
     head = module.head.eval()
     texts = ["def add(a, b): return a + b", "read a file"]
     with torch.no_grad():
@@ -205,16 +198,3 @@ def test_configs_are_found_after_a_wheel_install(tmp_path) -> None:
 def test_configs_are_found_from_the_source_checkout() -> None:
     proc = run_cli(["--cfg", "job", "model=hf_encoder", "model.pretrained=/x"], cwd=REPO)
     assert proc.returncode == 0 and "pretrained: /x" in proc.stdout
-
-
-def test_gradient_checkpointing_keeps_lora_gradients(tiny_bert) -> None:
-    from lightning_lora.heads.embedding import EmbeddingHead
-    from lightning_lora.module import LoRAAdaptationModule
-
-    head = EmbeddingHead(str(tiny_bert), query_max_length=16, doc_max_length=16)
-    module = LoRAAdaptationModule(head, AdapterSpec(r=4, alpha=8, init="random"), gradient_checkpointing=True)
-    assert head.embedder.encoder.is_gradient_checkpointing
-    batch = {"query": ["open a file", "sort a list", "parse json"], "positive": ["open(p)", "sorted(x)", "loads(s)"]}
-    head.training_step(batch).loss.backward()
-    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
-    assert len(grads) == 24 and all(g is not None and g.abs().sum() > 0 for g in grads.values())

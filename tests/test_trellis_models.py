@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_coords
 
 from lightning_lora.errors import UserError
 from lightning_lora.models.trellis import (
@@ -26,14 +27,8 @@ from lightning_lora.models.trellis import (
 )
 from lightning_lora.models.trellis.sparse_structure_flow import patchify, unpatchify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core box OpenMP waits made this module 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors gain nothing from threads, and on a busy 2-core box OpenMP waits made this module 10x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- tiny configs and helpers -------------------------------------------------------------------------------------
@@ -108,19 +103,6 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
     return model
-
-
-def random_coords(batch: int, res: int, n: int, seed: int = 0, shuffle_rows: bool = True) -> torch.Tensor:
-    """``n`` distinct voxels per item, batch-major; rows inside an item in random (not raster) order."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        lin = torch.randperm(res**3, generator=g)[:n]
-        if not shuffle_rows:
-            lin = lin.sort().values
-        xyz = torch.stack([lin // res**2, (lin // res) % res, lin % res], dim=1)
-        rows.append(torch.cat([torch.full((n, 1), b), xyz], dim=1))
-    return torch.cat(rows)
 
 
 def to_dense(coords: torch.Tensor, feats: torch.Tensor, batch: int, res: int) -> torch.Tensor:

@@ -45,6 +45,9 @@ class ToyHead(TaskHead):
         loss = nn.functional.mse_loss(self.model(batch["x"]), batch["y"])
         return StepOutput(loss, batch_size=batch["x"].shape[0])
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.use_checkpoint = True
+
     def base_model_identity(self) -> dict[str, str]:
         return {"name": "toy", "path": self.pretrained}
 
