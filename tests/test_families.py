@@ -21,6 +21,7 @@ init: B = 0), then:
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,7 @@ def test_two_process_cpu_ddp_writes_one_adapter_like_a_single_process_run(case: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     assert sorted(p.name for p in (ddp_dir / "adapters").iterdir()) == ["final"]  # written once, by rank 0
+    assert json.loads((ddp_dir / "metrics.json").read_text())["global_step"] == 2
     single, ddp = adapter_file_shapes(trained.dir), adapter_file_shapes(ddp_dir)
     assert single and ddp == single
     assert not [p for p in ddp_dir.rglob("*") if p.name.startswith(".tmp-")]

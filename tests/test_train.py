@@ -165,19 +165,6 @@ def test_cli_run_directory_and_resume(tmp_path, tiny_bert, cache_dir) -> None:
     assert (run_dir / "checkpoints" / "step_0000006.ckpt").is_file()
 
 
-def test_ddp_two_cpu_processes_write_one_adapter(tmp_path, tiny_bert, cache_dir) -> None:
-    run_dir = tmp_path / "ddp"
-    proc = run_cli([
-        f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", *FAST, f"hydra.run.dir={run_dir}",
-        "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=2",
-    ])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Starting with 2 processes" in proc.stdout + proc.stderr
-    finals = list(run_dir.glob("adapters/final/*/adapter_model.safetensors"))
-    assert len(finals) == 1
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 2
-
-
 def test_configs_are_found_after_a_wheel_install(tmp_path) -> None:
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
