@@ -1,5 +1,7 @@
 """The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``, ``sample``.
 
+Model and adapter arguments are local paths or Hugging Face Hub ids (``lightning_lora.hub``).
+
 Generic over model families: it works on checkpoints (``.safetensors``, weights-only torch files, diffusers
 folders, TRELLIS json+safetensors pairs) and on LoRA files in the layouts of ``adapters.formats``.
 A bad input prints ``error: <one line>`` to stderr and exits with status 2.
@@ -126,8 +128,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     if not args.threshold > 0:
         raise UserError(f"--threshold={args.threshold} must be > 0, e.g. 0.05")
+    from lightning_lora import hub
+
     lora_path = Path(args.lora)
-    layers_out = Path(args.layers_out) if args.layers_out else lora_path.with_name(lora_path.stem + "_layers.txt")
+    if args.layers_out:
+        layers_out = Path(args.layers_out)
+    elif hub.is_hub_name(args.lora):  # beside a Hub adapter would be inside the Hub cache: here instead
+        layers_out = Path(lora_path.stem + "_layers.txt")
+    else:
+        layers_out = lora_path.with_name(lora_path.stem + "_layers.txt")
     report = Path(args.report) if args.report else None
     for p, flag in ((report, "--report"), (layers_out, "--layers-out")):
         if p is not None:
@@ -178,7 +187,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     groups = Counter((f.rank, _fmt_num(f.alpha)) for f in lora.modules.values())
     leaves = Counter(m.rsplit(".", 1)[-1] for m in lora.modules)
     params = sum(f.numel() for f in lora.modules.values())
-    print(f"file: {path} ({_human(path_bytes(path))})")
+    print(f"file: {path} ({_human(path_bytes(lora.path or path))})")
     print(f"format: {FORMAT_NAMES[lora.format]}")
     print(f"family: {lora.family or 'unknown'}")
     print(f"modules: {len(lora.modules)}")
@@ -289,12 +298,16 @@ def build_parser(samplers: bool = True) -> argparse.ArgumentParser:
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
     from lightning_lora.adapters.svd import METHODS
 
-    p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine.")
+    p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine, sample.",
+                epilog="Every model or adapter argument takes a local path or a Hugging Face Hub id: org/name, "
+                       "org/name@revision, or org/name/path/in/repo for one file (hf:// in front if a local folder "
+                       "has the same name). HF_HUB_OFFLINE=1 reads the Hub cache only.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("extract", help="extract a LoRA from a base and a fine-tuned checkpoint by truncated SVD")
-    e.add_argument("--base", required=True, help="base weights (.safetensors, .pt/.ckpt/.bin, folder, TRELLIS pair)")
+    e.add_argument("--base", required=True, help="base weights (.safetensors, .pt/.ckpt/.bin, folder, TRELLIS pair, "
+                                                         "or a Hub id)")
     e.add_argument("--tuned", required=True, help="fine-tuned weights with the same keys and shapes")
     e.add_argument("--out", required=True, help="output LoRA (.safetensors, self-describing)")
     e.add_argument("--rank", default="32", help="rank for linear and 1x1-conv weights, or 'full' (default 32)")

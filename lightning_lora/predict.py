@@ -135,6 +135,10 @@ class Predictor:
         """Load the base model folder (``family``: ``auto`` | ``text`` | ``clip`` | ``qwen3_vl``), then every
         adapter in ``adapter_dir``. The embedder gets the settings of the run that wrote ``adapter_dir`` (its
         ``config.yaml``), then ``embedder_kwargs`` (pooling, prefixes, instruction, dtype, ...) over them."""
+        if adapter_dir is not None:  # a Hub id: fetched into the cache (base_path is resolved by model_folder)
+            from lightning_lora.adapters.io import adapter_source
+
+            adapter_dir = adapter_source(adapter_dir, key="adapter_dir")
         run_base, run_family, settings = run_settings(adapter_dir) if adapter_dir is not None else (None, "auto", {})
         if base_path is None:
             if run_base is None:

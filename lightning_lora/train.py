@@ -18,11 +18,13 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_lora import hub
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
 from lightning_lora.config import CONFIG_NAME, config_dir
@@ -105,7 +107,8 @@ def git_revision(where: Path | None = None) -> dict[str, Any] | None:
 
 
 def environment(cfg: DictConfig) -> dict[str, Any]:
-    """What a rerun needs to reproduce this one: seed, library versions, git revision, platform."""
+    """What a rerun needs to reproduce this one: seed, library versions, git revision, platform, and the Hub
+    repositories resolved so far (requested revision and the commit it resolved to)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -127,6 +130,7 @@ def environment(cfg: DictConfig) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "command": command_line(),
+        "hub": hub.resolutions(),
     }
 
 
@@ -147,6 +151,17 @@ def _check_init_from(init_from: str | None) -> str:
         first = " ".join((str(exc).strip().splitlines() or [""])[0].split())[:200]
         raise UserError(f"adapter.init_from={init_from}: unreadable adapter ({type(exc).__name__}: {first})"
                         ) from None
+
+
+def _build(node: DictConfig) -> Any:
+    """``instantiate(node)``; a user error raised while building (a bad value, a model not found) comes out as
+    itself rather than wrapped in Hydra's InstantiationException, for Python callers of ``run`` too."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        if (err := find_user_error(exc)) is not None:
+            raise err from None
+        raise
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -203,9 +218,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         atomic_write_text(output_dir / "environment.json", json.dumps(environment(cfg), indent=2) + "\n")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = _build(cfg.data)
     datamodule.setup("fit")  # read (and check) the data before the model loads
-    head = instantiate(cfg.model)
+    head = _build(cfg.model)
     if init_family and init_family != head.family:
         raise UserError(f"adapter.init_from={spec.init_from} holds a {init_family} adapter, but this run's model "
                         f"is a {head.family} head ({type(head).__name__})")
@@ -216,6 +231,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     _print(module.adapter_summary())
     if rank_zero_only.rank == 0:
         write_run_files(output_dir, cfg, module)
+        if hub.resolutions():  # the Hub revisions the model (and init_from) resolved to
+            atomic_write_text(output_dir / "environment.json", json.dumps(environment(cfg), indent=2) + "\n")
 
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),

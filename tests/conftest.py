@@ -8,7 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# Tests never reach the Hugging Face Hub: offline mode, and a cache of their own that tests/test_hub.py fills with
+# tiny models (set before anything imports huggingface_hub, which reads both once; subprocesses inherit them).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="lightning-lora-hf-cache-")
 
 import pytest
 from omegaconf import DictConfig, open_dict

@@ -328,5 +328,7 @@ def test_sd15_without_a_folder_is_one_line(tmp_path):
     cfg = compose_train(["model=sd15", "data=digits"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    with pytest.raises(UserError, match="model.pretrained is required"):
+    # the released preset names SD 1.5 on the Hub; offline with an empty cache that is one line saying how to fetch it
+    with pytest.raises(UserError, match=r"model.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5: not in the "
+                                        r"Hugging Face cache .* offline .* hf download stable-diffusion-v1-5/"):
         run(cfg)

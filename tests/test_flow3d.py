@@ -114,11 +114,13 @@ def test_dense_model_on_sparse_data_is_one_line(tmp_path) -> None:
     assert err is not None and "use data.kind=ss" in str(err)
 
 
-def test_released_presets_need_a_checkpoint(tmp_path) -> None:
+def test_released_presets_fetch_their_checkpoint_by_hub_id(tmp_path) -> None:
     cfg = compose_train(["model=trellis_slat", "data=trellis_demo"])
+    assert cfg.model.ckpt == "microsoft/TRELLIS-image-large/ckpts/slat_flow_img_dit_L_64l8p2_fp16.safetensors"
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    with pytest.raises(UserError, match="model.ckpt is required: pass model.ckpt=<value>"):
+    with pytest.raises(UserError, match=r"model.ckpt=microsoft/TRELLIS-image-large/ckpts/slat_flow_img_dit_L_64l8p2_"
+                                        r"fp16.safetensors: not in the Hugging Face cache .* offline"):
         run(cfg)
 
 

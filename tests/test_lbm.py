@@ -438,7 +438,7 @@ def test_configs_compose_and_lbm_needs_a_folder(tmp_path, cache_dir):
     assert cfg.model.frozen_dtype == "bfloat16" and cfg.data.resolution == 512
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    with pytest.raises(UserError, match="model.pretrained is required"):
+    with pytest.raises(UserError, match="model.pretrained=jasperai/LBM_relighting: not in the Hugging Face cache"):
         run(cfg)
     cfg = compose_train(["experiment=lbm_tiny_digits", f"paths.cache_dir={cache_dir}", "data.num_images=16"])
     assert cfg.data.resolution == 32 and cfg.model.previews.every_n_steps == 100

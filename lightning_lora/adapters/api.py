@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_lora.adapters.inject import count_parameters, inject_adapter
 from lightning_lora.adapters.io import (
+    adapter_source,
     describes_itself,
     load_adapter_state,
     load_peft_dir,
@@ -54,7 +55,7 @@ def load_lora_weights(model: nn.Module, lora_path: str | os.PathLike, r: int | N
     ``lora_path`` is a PEFT directory, a self-describing ``.safetensors`` from ``save_lora_weights``, or a
     bare tensor file (``.safetensors``/``.pt``; ``r``, ``lora_alpha`` and ``target_modules`` required then).
     """
-    path = Path(lora_path)
+    path = adapter_source(lora_path)
     if path.is_dir():
         return load_peft_dir(model, path, trainable=trainable, strict=strict)
     tensors, metadata = read_tensor_file(path)

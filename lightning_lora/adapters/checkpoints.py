@@ -45,11 +45,19 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < n < path.stat().st_size and head[8:9] == b"{"
 
 
+#: what a whole checkpoint named by a Hub repository needs: weights and the configs beside them
+WEIGHT_FILES = ("*.safetensors", "*.json", "*.yaml")
+
+
 class WeightSource:
     """Named tensors of a checkpoint: ``keys()``, ``shape(key)``, ``get(key)`` (one tensor, on CPU)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        from lightning_lora import hub
+
+        # a Hub repository (its safetensors and configs) or one file of it (with a TRELLIS .json beside, if any)
+        self.path = hub.resolve(path, allow_patterns=WEIGHT_FILES, optional_companions=(".json",),
+                                fallback_patterns=("*.bin", "*.pt", "*.ckpt"))
         self.kind = ""  # "safetensors", "torch", "folder" or "trellis"
         self.metadata: dict[str, dict[str, str]] = {}  # per file (relative name) for safetensors
         self._where: dict[str, tuple[str, str]] = {}  # key -> (file, key in that file)

@@ -32,7 +32,10 @@ def named_layers(parts: Mapping[str, nn.Module], rename: Callable[[str], str] | 
 
 def lora_source(path: Path, inside: Sequence[str] = ()) -> Path:
     """A run's adapter snapshot (``adapters/final``) holds a file every tool reads (``inside``, the first one
-    present); anything else is read as is."""
+    present); anything else is read as is (a Hub id is fetched first)."""
+    from lightning_lora.adapters.io import adapter_source
+
+    path = adapter_source(path, key="--lora")
     if path.is_dir():
         for name in inside:
             if (path / name).exists():

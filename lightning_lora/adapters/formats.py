@@ -31,6 +31,7 @@ from lightning_lora.adapters.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_file_metadata,
+    adapter_source,
     config_dict,
     describes_itself,
     read_adapter_file,
@@ -113,8 +114,9 @@ def _factors(down: torch.Tensor, up: torch.Tensor, scale: float, module: str, so
 
 
 def read_lora(path: str | os.PathLike) -> LoraSet:
-    """Any supported LoRA file or PEFT directory, as {module: Factors} (scale = alpha/r folded in)."""
-    path = Path(path)
+    """Any supported LoRA file or PEFT directory (local, or by Hub id), as {module: Factors} (scale = alpha/r
+    folded in)."""
+    path = adapter_source(path)
     src = str(path)
     if path.is_dir():
         config, state = read_peft_dir(path)

@@ -253,13 +253,34 @@ def _config_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in known}
 
 
+#: the files of an adapter repository on the Hub (PEFT directories, single-file adapters)
+ADAPTER_FILES = ("*.json", "*.safetensors")
+
+
+def adapter_source(path: str | os.PathLike, key: str = "") -> Path:
+    """The local path of an adapter named by a local path or a Hub id (a repository or one file of it, fetched into
+    the cache). A folder with no PEFT config and exactly one ``.safetensors`` (a diffusers or kohya LoRA
+    repository) stands for that file; one holding PEFT's weights file without its config stays a (broken) PEFT
+    directory, so the error says what is missing."""
+    from lightning_lora import hub
+
+    resolved = hub.resolve(path, key=key, allow_patterns=ADAPTER_FILES)
+    if resolved.is_dir() and not (resolved / CONFIG_NAME).is_file():
+        files = sorted(resolved.glob("*.safetensors"))
+        subdirs = [d for d in resolved.iterdir() if (d / CONFIG_NAME).is_file()]
+        if len(files) == 1 and not subdirs and files[0].name != WEIGHTS_NAME:
+            return files[0]
+    return resolved
+
+
 def read_adapters(path: str | os.PathLike) -> tuple[dict[str, tuple[LoraConfig, Tensors]], str]:
     """(config and weights per submodule, family or "") from any adapter source this project writes or reads.
 
     ``path`` is a self-describing ``.safetensors``, one PEFT directory (submodule name ``""``: the head's
-    only adapted submodule), or a directory of PEFT directories named by submodule (``adapters/final``).
+    only adapted submodule), or a directory of PEFT directories named by submodule (``adapters/final``); any of
+    these by Hub id too.
     """
-    path = Path(path)
+    path = adapter_source(path)
     if path.is_file():
         configs, states, meta = read_adapter_file(path)
         return {sub: (configs[sub], states[sub]) for sub in configs}, meta["family"]

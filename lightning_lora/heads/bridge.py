@@ -146,6 +146,7 @@ class BridgeHead(LatentHead):
         previews: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        from lightning_lora import hub
         from lightning_lora.models.lbm import load_lbm
 
         positive_int(num_inference_steps, "model.num_inference_steps", hint=" (LBM: 1)")
@@ -181,8 +182,9 @@ class BridgeHead(LatentHead):
             if self.lpips is None:  # skipped, with the warning
                 self.pixel_loss_weight = 0.0
         self.pixel_loss_max_size, self.num_inference_steps = pixel_loss_max_size, num_inference_steps
-        self.pretrained = str(parts.path)
-        self.name = name or (parts.path.name if parts.path else "lbm")
+        # a Hub id is what other tools (and the adapter's metadata) should name, not this machine's cache path
+        self.pretrained = str(pretrained) if hub.is_hub_name(pretrained) else str(parts.path)
+        self.name = name or (Path(str(pretrained).split("@")[0]).name if pretrained else "lbm")
         self.targets = {"denoiser": list(BRIDGE_TARGETS), **(targets or {})}
         self.denoiser_conv_targets = list(conv_targets)
         self.previews = dict(previews or {})

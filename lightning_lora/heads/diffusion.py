@@ -43,19 +43,36 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+#: Stable Diffusion 1.5 on the Hub (its home since runwayml/stable-diffusion-v1-5 was taken down)
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 # --------------------------------------------------------------------------- loading
-def check_pipeline_folder(pretrained: str | Path | None) -> Path:
-    """The folder of a diffusers Stable Diffusion pipeline, with every part the head loads."""
+def pipeline_files(variant: str | None = None) -> tuple[str, ...]:
+    """The files of a Stable Diffusion repository the head (and ``sample sd``) reads: configs, tokenizer, and one
+    weights file per network in the chosen ``variant`` (not every variant, EMA copy and ``.bin`` of the repo)."""
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    return ("model_index.json", "*/*.json", "tokenizer/*", f"unet/diffusion_pytorch_model{suffix}",
+            f"vae/diffusion_pytorch_model{suffix}", f"text_encoder/model{suffix}")
+
+
+def check_pipeline_folder(pretrained: str | Path | None, revision: str | None = None, variant: str | None = None,
+                          key: str = "model.pretrained") -> Path:
+    """The folder of a diffusers Stable Diffusion pipeline (local, or a Hub id fetched into the cache), with every
+    part the head loads."""
+    from lightning_lora import hub
+
     if not pretrained:
-        raise UserError("model.pretrained is required: pass model.pretrained=<local diffusers SD folder>")
-    path = Path(pretrained).expanduser()
+        raise UserError(f"{key} is required: pass {key}=<diffusers SD folder or Hub id, e.g. {SD15_HUB_ID}>")
+    if revision and hub.is_hub_name(pretrained) and "@" not in str(pretrained):
+        pretrained = f"{pretrained}@{revision}"
+    path = hub.resolve(pretrained, key=key, allow_patterns=pipeline_files(variant))
     if not path.is_dir():
-        raise UserError(f"model.pretrained: no folder at {path} (give a local diffusers Stable Diffusion folder)")
+        raise UserError(f"{key}: no folder at {path} (give a diffusers Stable Diffusion folder or a Hub id such as "
+                        f"{SD15_HUB_ID})")
     for part in PIPELINE_PARTS:
         if not (path / part).is_dir():
-            raise UserError(f"model.pretrained={path} has no {part}/ folder; a Stable Diffusion pipeline folder "
+            raise UserError(f"{key}={path} has no {part}/ folder; a Stable Diffusion pipeline folder "
                             f"holds {', '.join(p + '/' for p in PIPELINE_PARTS)}")
     return path
 
@@ -208,12 +225,14 @@ class DiffusionHead(LatentHead):
         previews: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        path = check_pipeline_folder(pretrained)
+        from lightning_lora import hub
+
+        path = check_pipeline_folder(pretrained, revision, variant)
         if prediction_type is not None:
             choice(prediction_type, "model.prediction_type", PREDICTION_TYPES, also=["null"])
         if snr_gamma is not None and snr_gamma <= 0:
             raise UserError(f"model.snr_gamma={snr_gamma} must be > 0 (5.0 is the paper's value) or null")
-        parts = load_pipeline_parts(path, revision, variant)
+        parts = load_pipeline_parts(path, None, variant)  # the revision, if any, chose the cached snapshot
         self.unet, self.text_encoder = parts["unet"], parts["text_encoder"]
         self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["scheduler"]
         if prediction_type is not None:
@@ -223,7 +242,9 @@ class DiffusionHead(LatentHead):
                             f"model.prediction_type to one of {', '.join(PREDICTION_TYPES)}")
         cast_frozen(frozen_dtype, self.unet, parts["vae"], self.text_encoder)
         self._init_vae(parts["vae"], resolution, cache_latents)
-        self.pretrained, self.revision, self.name = str(path), revision, name or path.name
+        # a Hub id is what other tools (and the adapter's metadata) should name, not this machine's cache path
+        self.pretrained = str(pretrained) if hub.is_hub_name(pretrained) else str(path)
+        self.revision, self.name = revision, name or Path(str(pretrained).split("@")[0]).name
         self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
         self.train_text_encoder = train_text_encoder
         self.targets = {"unet": list(UNET_TARGETS), "text_encoder": list(TEXT_ENCODER_TARGETS), **(targets or {})}
@@ -380,7 +401,8 @@ class DiffusionHead(LatentHead):
     # ------------------------------------------------------------------ lightning-lora sample sd
     @classmethod
     def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--pretrained", required=True, help="local diffusers Stable Diffusion folder")
+        parser.add_argument("--pretrained", required=True,
+                            help=f"diffusers Stable Diffusion folder or Hub id (e.g. {SD15_HUB_ID}[@revision])")
         options.add_lora_folding(parser, "diffusers/kohya/PEFT/lightning_lora file, or a run's adapters/final")
         parser.add_argument("--prompt", required=True)
         parser.add_argument("--steps", type=int, default=25)
@@ -397,7 +419,7 @@ class DiffusionHead(LatentHead):
         from lightning_lora.fileio import atomic_write_bytes
 
         out = options.png_out(args)
-        folder = check_pipeline_folder(args.pretrained)
+        folder = check_pipeline_folder(args.pretrained, key="--pretrained")
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 

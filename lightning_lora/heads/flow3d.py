@@ -39,6 +39,8 @@ COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 T_SCHEDULES = ("logit_normal", "uniform")
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")
 DINO_MODEL_TYPES = ("dinov2_with_registers", "dinov2")
+#: the released TRELLIS models' condition encoder (torch.hub's dinov2_vitl14_reg) as a transformers model
+DINO_HUB_ID = "facebook/dinov2-with-registers-large"
 #: a tiny stand-in base fills the layers TRELLIS initialises to zero with N(0, this²) (see ``build_tiny``)
 TINY_BASE_STD = 0.05
 #: what ``sample flow3d --cond`` reads as an image (anything else: a .npz of tokens)
@@ -49,13 +51,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # --------------------------------------------------------------------------- checkpoints
 def load_checkpoint_strict(model: nn.Module, path: str | Path) -> None:
-    """Load released weights (``<name>.safetensors``, its ``.json``, or a ``.pt`` state dict) into ``model``,
-    naming the first key or shape that does not fit."""
+    """Load released weights (``<name>.safetensors``, its ``.json``, or a ``.pt`` state dict; local, or a Hub file
+    such as ``microsoft/TRELLIS-image-large/ckpts/<name>.safetensors`` with its ``.json``) into ``model``, naming
+    the first key or shape that does not fit."""
+    from lightning_lora import hub
     from lightning_lora.models.trellis.loading import check_state_dict, read_state_dict
 
-    path = Path(path).expanduser()
-    if path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
+    spec = str(path)
+    if spec.endswith(".json"):
+        spec = spec[: -len(".json")] + ".safetensors"
+    elif hub.is_hub_name(spec) and not Path(spec).suffix:  # a TRELLIS stem, as its from_pretrained takes
+        spec += ".safetensors"
+    path = hub.resolve(spec, key="model.ckpt", companions=(".json",) if spec.endswith(".safetensors") else ())
     if not path.is_file():
         raise UserError(f"model.ckpt: checkpoint not found: {path}")
     state = read_state_dict(path)
@@ -140,7 +147,7 @@ class DinoImageEncoder(nn.Module):
         if not int(image_size) > 0:
             raise UserError(f"model.image_encoder.image_size={image_size} must be a positive number of pixels")
         self.image_size = int(image_size)
-        self.pretrained = str(Path(pretrained).expanduser()) if pretrained else None
+        self.pretrained = str(pretrained) if pretrained else None
         self.model = model if model is not None else self._load(self.pretrained)
         config = getattr(self.model, "config", None)
         if getattr(config, "model_type", None) not in DINO_MODEL_TYPES:
@@ -153,10 +160,12 @@ class DinoImageEncoder(nn.Module):
 
     @staticmethod
     def _load(path: str | None) -> nn.Module:
+        from lightning_lora import hub
+
         if not path:
-            raise UserError("model.image_encoder.pretrained is required: a local DINOv2-with-registers folder "
-                            "(e.g. a download of facebook/dinov2-with-registers-large)")
-        folder = Path(path)
+            raise UserError("model.image_encoder.pretrained is required: a DINOv2-with-registers folder or Hub id "
+                            f"(e.g. {DINO_HUB_ID})")
+        folder = hub.resolve(path, key="model.image_encoder.pretrained", allow_patterns=("*.json", "*.safetensors"))
         if not (folder / "config.json").is_file():
             what = "no such directory" if not folder.is_dir() else "no Hugging Face model folder (config.json) at"
             raise UserError(f"model.image_encoder.pretrained: {what} {folder}")

@@ -162,13 +162,21 @@ def _check_role(role: str) -> None:
 
 # --------------------------------------------------------------------------- folders
 def model_folder(pretrained: str | os.PathLike, key: str = "model.pretrained") -> Path:
-    """The local Hugging Face model folder, or a one-line UserError when it (or its config.json) is missing."""
-    path = Path(os.path.expanduser(str(pretrained)))
+    """The Hugging Face model folder ``pretrained`` names (a local folder or a Hub id, fetched into the cache), or
+    a one-line UserError when it (or its config.json) is missing."""
+    from lightning_lora import hub
+
+    path = hub.resolve(pretrained, key=key, allow_patterns=MODEL_FILES, fallback_patterns=("*.bin",))
     if not path.is_dir():
-        raise UserError(f"{key}: no such model folder: {path} (models load from local folders only)")
+        raise UserError(f"{key}: no such model folder: {path} (a local folder, or a Hub id such as org/name)")
     if not (path / "config.json").is_file():
         raise UserError(f"{key}: no Hugging Face model folder (config.json) at {path}")
     return path
+
+
+#: what a transformers model folder needs from a Hub repository: configs, tokenizer and processor files, and
+#: safetensors weights (not the ONNX/TF/Flax copies many repositories also hold)
+MODEL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors")
 
 
 def read_model_type(path: Path) -> str:

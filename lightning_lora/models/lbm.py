@@ -97,15 +97,23 @@ class LBMParts:
     config_file: Path | None = None
 
 
+#: what an LBM repository on the Hub holds that the loader reads: its config and weights
+LBM_FILES = ("*.yaml", "*.yml", "*.json", "*.safetensors")
+
+
 # --------------------------------------------------------------------------- the folder
 def check_lbm_folder(pretrained: str | os.PathLike | None, key: str = "model.pretrained") -> tuple[Path, Path, Path]:
-    """(folder, config file, weights file) of an LBM folder; a missing part is a one-line error."""
+    """(folder, config file, weights file) of an LBM folder (local, or a Hub id such as jasperai/LBM_relighting,
+    fetched into the cache); a missing part is a one-line error."""
+    from lightning_lora import hub
+
     if not pretrained:
-        raise UserError(f"{key} is required: pass {key}=<local LBM folder with a .yaml config and {WEIGHTS_FILE}>")
-    path = Path(pretrained).expanduser()
+        raise UserError(f"{key} is required: pass {key}=<LBM folder with a .yaml config and {WEIGHTS_FILE}, or a Hub "
+                        "id such as jasperai/LBM_relighting>")
+    path = hub.resolve(pretrained, key=key, allow_patterns=LBM_FILES)
     if not path.is_dir():
-        raise UserError(f"{key}: no folder at {path} (give a local LBM folder: a .yaml config + {WEIGHTS_FILE}, "
-                        "as jasperai/LBM_relighting ships)")
+        raise UserError(f"{key}: no folder at {path} (give an LBM folder: a .yaml config + {WEIGHTS_FILE}, "
+                        "as jasperai/LBM_relighting ships, or its Hub id)")
     configs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CONFIG_SUFFIXES)
     if not configs and (path / CONFIG_JSON).is_file():
         configs = [path / CONFIG_JSON]
