@@ -80,6 +80,15 @@ def is_hub_name(name: str | os.PathLike | None) -> bool:
     return bool(name) and parse(name) is not None  # type: ignore[arg-type]
 
 
+def identity(name: str | os.PathLike, local: Path) -> tuple[str, str]:
+    """(what names the model, its short name) for adapter metadata: a Hub id and its repository name rather than
+    this machine's cache path, a local path and its folder name otherwise."""
+    ref = parse(name) if name else None
+    if ref is None:
+        return str(local), local.name
+    return str(name).removeprefix(HF_PREFIX), ref.repo_id.rsplit("/", 1)[-1]
+
+
 def offline() -> bool:
     """Offline mode, read from the environment at each call (tests and users may set it after import)."""
     from huggingface_hub import is_offline_mode

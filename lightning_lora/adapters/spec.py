@@ -77,9 +77,13 @@ class AdapterSpec:
             self.conv_alpha = _positive_float("adapter.conv_alpha", self.conv_alpha)
         self.per_submodule = _per_submodule(self.per_submodule)
         if self.init_from is not None:
-            self.init_from = os.path.expanduser(str(self.init_from))
-            if not os.path.exists(self.init_from):
-                raise UserError(f"adapter.init_from: no adapter file or directory at {self.init_from}")
+            from lightning_lora import hub
+
+            if not hub.is_hub_name(self.init_from):  # a Hub id is fetched (and checked) when the adapter is read
+                self.init_from = os.path.expanduser(str(self.init_from))
+                if not os.path.exists(self.init_from):
+                    raise UserError(f"adapter.init_from: no adapter file or directory at {self.init_from} (a local "
+                                    "path, or a Hub id such as org/name)")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> AdapterSpec:

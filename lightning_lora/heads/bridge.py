@@ -183,8 +183,8 @@ class BridgeHead(LatentHead):
                 self.pixel_loss_weight = 0.0
         self.pixel_loss_max_size, self.num_inference_steps = pixel_loss_max_size, num_inference_steps
         # a Hub id is what other tools (and the adapter's metadata) should name, not this machine's cache path
-        self.pretrained = str(pretrained) if hub.is_hub_name(pretrained) else str(parts.path)
-        self.name = name or (Path(str(pretrained).split("@")[0]).name if pretrained else "lbm")
+        self.pretrained, short = hub.identity(pretrained, parts.path)
+        self.name = name or short
         self.targets = {"denoiser": list(BRIDGE_TARGETS), **(targets or {})}
         self.denoiser_conv_targets = list(conv_targets)
         self.previews = dict(previews or {})

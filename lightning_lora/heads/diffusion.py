@@ -243,8 +243,8 @@ class DiffusionHead(LatentHead):
         cast_frozen(frozen_dtype, self.unet, parts["vae"], self.text_encoder)
         self._init_vae(parts["vae"], resolution, cache_latents)
         # a Hub id is what other tools (and the adapter's metadata) should name, not this machine's cache path
-        self.pretrained = str(pretrained) if hub.is_hub_name(pretrained) else str(path)
-        self.revision, self.name = revision, name or Path(str(pretrained).split("@")[0]).name
+        self.pretrained, short = hub.identity(pretrained, path)
+        self.revision, self.name = revision, name or short
         self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
         self.train_text_encoder = train_text_encoder
         self.targets = {"unet": list(UNET_TARGETS), "text_encoder": list(TEXT_ENCODER_TARGETS), **(targets or {})}

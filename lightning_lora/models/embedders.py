@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora import hub
 from lightning_lora.checks import choice, positive_int
 from lightning_lora.errors import UserError
 
@@ -164,8 +165,6 @@ def _check_role(role: str) -> None:
 def model_folder(pretrained: str | os.PathLike, key: str = "model.pretrained") -> Path:
     """The Hugging Face model folder ``pretrained`` names (a local folder or a Hub id, fetched into the cache), or
     a one-line UserError when it (or its config.json) is missing."""
-    from lightning_lora import hub
-
     path = hub.resolve(pretrained, key=key, allow_patterns=MODEL_FILES, fallback_patterns=("*.bin",))
     if not path.is_dir():
         raise UserError(f"{key}: no such model folder: {path} (a local folder, or a Hub id such as org/name)")
@@ -294,7 +293,8 @@ class Embedder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_parameter("logit_scale", None)
-        self.pretrained: Path = Path()
+        self.pretrained: Path = Path()  # the local folder (a Hub id's cached snapshot)
+        self.source = ""  # what names it: the Hub id, or the local path
         self.name: str = ""
         self.embedding_dim: int = 0
         self.targets: dict[str, list[str]] = {}
@@ -320,7 +320,7 @@ class Embedder(nn.Module):
         raise NotImplementedError
 
     def identity(self) -> dict[str, str]:
-        return {"name": self.name, "path": str(self.pretrained), "family": self.family}
+        return {"name": self.name, "path": self.source, "family": self.family}
 
     @property
     def device(self) -> torch.device:
@@ -388,7 +388,8 @@ class TextEmbedder(Embedder):
         with quiet_transformers():
             self.encoder = AutoModel.from_pretrained(path, config=config, **extra, **_dtype_kwargs(dtype))
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.pretrained, self.name = path, name or path.name
+        self.pretrained, (self.source, short) = path, hub.identity(pretrained, path)
+        self.name = name or short
         self.pooling = pooling
         self.prefixes = {"query": query_prefix, "document": doc_prefix}
         self.max_lengths = {"query": query_max_length, "document": doc_max_length}
@@ -499,7 +500,8 @@ class ClipEmbedder(Embedder):
         self.text, self.vision = text.eval(), vision.eval()
         if learnable_logit_scale:
             self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone().float())
-        self.pretrained, self.name = path, name or path.name
+        self.pretrained, (self.source, short) = path, hub.identity(pretrained, path)
+        self.name = name or short
         self.prefixes = {"query": query_prefix, "document": doc_prefix}
         limit = int(clip.config.text_config.max_position_embeddings)
         self.max_length = min(int(max_length or limit), limit)
@@ -654,7 +656,8 @@ class Qwen3VLEmbedder(Embedder):
         self.merge_size = int(self.image_processor.merge_size)
         self.instructions = {"query": instruction, "document": doc_instruction}
         self.max_length = max_length
-        self.pretrained, self.name = path, name or path.name
+        self.pretrained, (self.source, short) = path, hub.identity(pretrained, path)
+        self.name = name or short
         self.embedding_dim = int(config.text_config.hidden_size)
         self.targets = _targets({"language": QWEN_LANGUAGE_TARGETS, "vision": QWEN_VISION_TARGETS}, targets,
                                 ["language", "vision"], "targets")
