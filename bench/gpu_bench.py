@@ -20,9 +20,12 @@ fine-tuning trains every weight of the adapted submodule (the UNet, the denoiser
 On CUDA each configuration runs in its own child process (a clean CUDA allocator and an OOM that cannot leak into
 the next row; ``--isolate none`` runs all in this process, the default on a CPU): warm-up steps, then the median of
 the timed steps (forward, backward, AdamW step), ``torch.cuda.synchronize()`` around each; the peak is
-``torch.cuda.max_memory_allocated()`` of the whole child (weights, gradients, optimizer state, activations). An
-out-of-memory configuration is recorded as OOM. Weights are fp32 (the presets' ``use_fp16`` is only recorded by the
-TRELLIS models, as in training); steps run under bf16 autocast.
+``torch.cuda.max_memory_allocated()`` of the whole child (weights, gradients, optimizer state, activations); on a
+CPU it is the process's peak RSS (``VmHWM``). An out-of-memory configuration is recorded as OOM. Weights are fp32
+(the presets' ``use_fp16`` is only recorded by the TRELLIS models, as in training); steps run under bf16 autocast.
+
+``real_size_bench.py`` runs these builders (plus CLIP ViT-B/32) at real size on a CPU, with small inputs, a bf16
+frozen base where asked (``build``), and the peak RSS of each child.
 
     python bench/gpu_bench.py                                       # everything, on cuda
     python bench/gpu_bench.py --models sd15 qwen3_vl_2b --modes lora --steps 5
@@ -310,8 +313,8 @@ def time_steps(head: TaskHead, module: nn.Module, batch: dict[str, Any], device:
                steps: int, slow: float | None = None) -> tuple[list[float], float]:
     """Seconds of each timed step (forward + backward + AdamW step + zero_grad) and the last loss.
 
-    ``slow``: a step that takes at least this many seconds is the last one, and is timed even when it is a warm-up
-    step (what a warm-up step adds is small next to such a step)."""
+    ``slow`` (seconds): a warm-up step at least this long is timed and is the last step (what a warm-up saves is
+    small next to such a step); otherwise timing stops once the timed steps add up to this long."""
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     times: list[float] = []
     for step in range(warmup + steps):
@@ -326,7 +329,7 @@ def time_steps(head: TaskHead, module: nn.Module, batch: dict[str, Any], device:
         seconds = time.perf_counter() - start
         if step >= warmup or (slow is not None and seconds >= slow):
             times.append(seconds)
-        if slow is not None and seconds >= slow:
+        if slow is not None and sum(times) >= slow:
             break
     return times, float(loss.detach())
 

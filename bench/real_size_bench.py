@@ -21,9 +21,9 @@ no autocast: a bf16 frozen base computes in bf16, the LoRA branch in fp32. Gradi
 the TRELLIS models also on (``--checkpointing``): without it their activations dominate the memory.
 
 Per child: the parameters, the trainable parameters, the median seconds of the timed steps (forward + backward +
-AdamW step) after the warm-up (a step of ``--slow`` seconds or more is the only one timed), and the peak RSS:
-the child's ``VmHWM`` (imports, building, every step; not ``ru_maxrss``, which on Linux carries the parent's
-resident set across exec). A Markdown table is appended to ``bench/results.md`` (or ``--out``).
+AdamW step) after the warm-up, up to ``--slow`` seconds of them (a warm-up step that long is the one timed step),
+and the peak RSS: the child's ``VmHWM`` (imports, building, every step; not ``ru_maxrss``, which on Linux carries
+the parent's resident set across exec). A Markdown table is appended to ``bench/results.md`` (or ``--out``).
 
 The machine is never let to swap or OOM-kill: full fine-tuning is not started when its estimate exceeds
 ``--max-gib`` (default 85% of the RAM), and is recorded as "does not fit (~N GiB needed)". The estimate is the LoRA
@@ -31,7 +31,7 @@ run's peak with the weights made fp32, plus 12 bytes (gradient, AdamW's two mome
 least 4 bytes per parameter + 12 per trained parameter. The parent also polls each child's RSS and stops the child
 above ``--max-gib``, or when the machine has under 1 GiB available.
 
-    python bench/real_size_bench.py                                   # every preset (about 25 min on 2 cores)
+    python bench/real_size_bench.py --threads 1                       # every preset: 31 min on a 2-core VM
     python bench/real_size_bench.py --models clip_vit_b32 sd15 --modes lora
     python bench/real_size_bench.py --scale tiny --out /tmp/t.md      # smoke run: tiny models, seconds
 """
@@ -292,7 +292,7 @@ def row(entry: dict[str, Any]) -> str:
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
-def report(entries: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> str:
+def report(entries: list[dict[str, Any]], args: argparse.Namespace, wall: float, load: float) -> str:
     import diffusers
     import lightning
     import peft
@@ -302,7 +302,9 @@ def report(entries: list[dict[str, Any]], args: argparse.Namespace, wall: float)
     lines = [
         f"\n## real_size_bench {dt.datetime.now().isoformat(timespec='seconds')}",
         f"machine: {platform.node() or 'vm'} {platform.machine()} cpus={os.cpu_count()} "
-        f"RAM {meminfo('MemTotal') / GIB:.1f} GiB device=cpu torch threads={args.threads or torch.get_num_threads()}",
+        f"RAM {meminfo('MemTotal') / GIB:.1f} GiB device=cpu torch threads={args.threads or torch.get_num_threads()}; "
+        f"load average (1 min) {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a shared machine: other "
+        "processes slow the steps down)",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}, lightning {lightning.__version__}",
         f"command: {command}  ({wall:.0f} s)",
@@ -310,8 +312,10 @@ def report(entries: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         f"Scale {args.scale}, random weights from the released configs (no download). LoRA r={gb.ADAPTER['r']} "
         f"alpha={gb.ADAPTER['alpha']} on the presets' default targets via `LoRAAdaptationModule` (LoRA weights fp32) "
         "vs full fine-tuning of the same submodule(s) in fp32; AdamW, no autocast (a bf16 frozen base computes in "
-        f"bf16), gradient checkpointing off. Step = forward + backward + AdamW step; {args.warmup} warm-up + median "
-        f"of up to {args.steps} steps, a step of {args.slow:.0f} s or more being the only one timed. Peak RSS = the "
+        "bf16), gradient checkpointing as the grad ckpt column says (on: the head's own). Step = forward + backward + "
+        f"AdamW step; {args.warmup} warm-up + median "
+        f"of up to {args.steps} steps or {args.slow:.0f} s of them (a warm-up step that long is the one timed step). "
+        "Peak RSS = the "
         "child process's VmHWM (interpreter, libraries, building, steps), each configuration in its own child. "
         "Full fine-tuning is not run when its estimate exceeds the memory limit of "
         f"{args.max_gib:.1f} GiB: the LoRA run's peak with fp32 weights + 12 B (gradient, AdamW's two moments) per "
@@ -335,10 +339,12 @@ def main() -> int:
                         help="gradient checkpointing (auto: off, and on too for the TRELLIS models)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps at most (median)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--slow", type=float, default=60.0,
-                        help="seconds: a step this long or longer is the only one timed (warm-up or not)")
+    parser.add_argument("--slow", type=float, default=120.0,
+                        help="seconds of timed steps at most; a warm-up step this long is the one timed step")
     parser.add_argument("--scale", choices=("real", "tiny"), default="real", help="tiny: smoke-test in seconds")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per child (0: torch's default); 1 on a shared machine, where OpenMP "
+                        "threads waiting for a busy core made small steps up to 40x slower")
     parser.add_argument("--max-gib", type=float, default=None,
                         help="memory limit of one child (default: 85%% of the RAM)")
     parser.add_argument("--out", default=str(HERE / "results.md"), help="file the table is appended to")
@@ -353,13 +359,13 @@ def main() -> int:
         parser.error("--frozen-dtype bfloat16: not for the TRELLIS models (their torso alone is cast); use auto")
     args.max_gib = args.max_gib or 0.85 * meminfo("MemTotal") / GIB
     limit = int(args.max_gib * GIB)
-    start, entries = time.perf_counter(), []
+    start, load, entries = time.perf_counter(), os.getloadavg()[0], []
     for model in args.models:
         for ckpt in checkpointing(model, args.checkpointing):
             for entry in run_setting(args, model, ckpt, limit):
                 print(row(entry), flush=True)
                 entries.append(entry)
-    text = report(entries, args, time.perf_counter() - start)
+    text = report(entries, args, time.perf_counter() - start, load)
     print(text)
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(text)
