@@ -2,8 +2,8 @@
 download), takes one LoRA r=16 step on small inputs through ``LoRAAdaptationModule``: the loss is finite, every
 ``lora_B`` moved, no frozen weight changed. Builders, inputs and the frozen dtype (bf16 for the Qwen3-VL-2B shape)
 are ``bench/real_size_bench.py``'s; its table in ``bench/results.md`` has the memory and step times (none asserted
-here). Gradient checkpointing is on for the TRELLIS models, whose activations alone would take 8-16 GiB. Slow: up
-to several minutes per case on 2 cores (TRELLIS-L sparse structure: 4096 tokens through a 24-block DiT)."""
+here). Gradient checkpointing is on for the TRELLIS models, whose activations alone would take 8-16 GiB. Slow: about
+4 minutes for all on 2 cores, 2 of them TRELLIS-L sparse structure (4096 tokens through a 24-block DiT)."""
 
 from __future__ import annotations
 
