@@ -20,9 +20,12 @@ fine-tuning trains every weight of the adapted submodule (the UNet, the denoiser
 On CUDA each configuration runs in its own child process (a clean CUDA allocator and an OOM that cannot leak into
 the next row; ``--isolate none`` runs all in this process, the default on a CPU): warm-up steps, then the median of
 the timed steps (forward, backward, AdamW step), ``torch.cuda.synchronize()`` around each; the peak is
-``torch.cuda.max_memory_allocated()`` of the whole child (weights, gradients, optimizer state, activations). An
-out-of-memory configuration is recorded as OOM. Weights are fp32 (the presets' ``use_fp16`` is only recorded by the
-TRELLIS models, as in training); steps run under bf16 autocast.
+``torch.cuda.max_memory_allocated()`` of the whole child (weights, gradients, optimizer state, activations); on a
+CPU it is the process's peak RSS (``VmHWM``). An out-of-memory configuration is recorded as OOM. Weights are fp32
+(the presets' ``use_fp16`` is only recorded by the TRELLIS models, as in training); steps run under bf16 autocast.
+
+``real_size_bench.py`` runs these builders (plus CLIP ViT-B/32) at real size on a CPU, with small inputs, a bf16
+frozen base where asked (``build``), and the peak RSS of each child.
 
     python bench/gpu_bench.py                                       # everything, on cuda
     python bench/gpu_bench.py --models sd15 qwen3_vl_2b --modes lora --steps 5
@@ -32,6 +35,7 @@ TRELLIS models, as in training); steps run under bf16 autocast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -41,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -128,7 +132,10 @@ class UNetEpsilonHead(TaskHead):
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           device=latents.device)
-        pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if not torch.is_autocast_enabled():  # a frozen bf16 UNet takes its own dtype, as in DiffusionHead
+            noisy, hidden = noisy.to(self.unet.dtype), hidden.to(self.unet.dtype)
+        pred = self.unet(noisy, t, hidden).sample
         return StepOutput(F.mse_loss(pred.float(), noise.float()), batch_size=latents.shape[0])
 
 
@@ -188,14 +195,16 @@ def shell_coords(batch: int, res: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def build_sd15(tiny: bool, batch: int, device: str) -> tuple[TaskHead, dict[str, Any], str]:
+def build_sd15(tiny: bool, batch: int, device: str, latent_size: int | None = None
+               ) -> tuple[TaskHead, dict[str, Any], str]:
+    """``latent_size``: the latents' side (default: the config's sample size, 64 = 512 px for SD 1.5)."""
     from diffusers import UNet2DConditionModel
-    from sd_bench import SD15_UNET  # bench/ is on sys.path: this file runs as a script
+    from sd_bench import SD15_UNET  # bench/ is on sys.path (this file runs as a script; tests add it)
 
     config = SD_TINY_UNET if tiny else SD15_UNET
     with torch.device(device):
         head = UNetEpsilonHead(UNet2DConditionModel(**config))
-    size, ctx = config["sample_size"], config["cross_attention_dim"]
+    size, ctx = latent_size or config["sample_size"], config["cross_attention_dim"]
     batch_ = {"latents": torch.randn(batch, 4, size, size, device=device),
               "hidden": torch.randn(batch, 77, ctx, device=device)}
     return head, batch_, f"latents 4x{size}x{size}, context 77x{ctx}"
@@ -222,13 +231,15 @@ def build_trellis(kind: str, tiny: bool, batch: int, device: str) -> tuple[TaskH
     return head, {"coords": coords, "feats": feats, "cond": cond}, what
 
 
-def build_qwen(tiny: bool, batch: int, device: str) -> tuple[TaskHead, dict[str, Any], str]:
+def build_qwen(tiny: bool, batch: int, device: str, length: int | None = None
+               ) -> tuple[TaskHead, dict[str, Any], str]:
+    """``length``: tokens per item (default 512; 32 with ``tiny``)."""
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
     config = Qwen3VLConfig(**(QWEN_TINY if tiny else QWEN_2B), attn_implementation="sdpa")
     with torch.device(device):
         head = LastTokenHead(Qwen3VLModel(config))
-    length = 32 if tiny else 512
+    length = length or (32 if tiny else 512)
     high = min(config.text_config.vocab_size, QWEN_SPECIAL_START)  # ordinary text tokens only
     ids = torch.randint(0, high, (batch, length), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
@@ -236,7 +247,8 @@ def build_qwen(tiny: bool, batch: int, device: str) -> tuple[TaskHead, dict[str,
     return head, inputs, f"{length} tokens (text only), last-token pooling, InfoNCE"
 
 
-BUILDERS: dict[str, Callable[[bool, int, str], tuple[TaskHead, dict[str, Any], str]]] = {
+Builder = Callable[[bool, int, str], tuple[TaskHead, dict[str, Any], str]]  # (tiny, batch, device) -> head, batch, what
+BUILDERS: dict[str, Builder] = {
     "sd15": build_sd15,
     "trellis_ss": lambda tiny, batch, device: build_trellis("ss", tiny, batch, device),
     "trellis_slat": lambda tiny, batch, device: build_trellis("slat", tiny, batch, device),
@@ -245,6 +257,38 @@ BUILDERS: dict[str, Callable[[bool, int, str], tuple[TaskHead, dict[str, Any], s
 
 
 # ---------------------------------------------------------------------------------------------- one configuration
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(model: str, tiny: bool, batch: int, device: str, frozen_dtype: str | None = None,
+          builders: Mapping[str, Builder] | None = None) -> tuple[TaskHead, dict[str, Any], str]:
+    """The model's head (random weights) and one batch from ``builders`` (default ``BUILDERS``).
+
+    ``frozen_dtype`` (``float32``/``bfloat16``, default fp32) is the dtype the weights are created in, as loading
+    a bf16 checkpoint gives them: no fp32 copy ever exists, so the peak memory is that of a real bf16 run. LoRA
+    weights become fp32 again in ``LoRAAdaptationModule``; the batch's floating tensors stay fp32, as a data loader
+    gives them (the heads cast what enters the frozen model). TRELLIS keeps its norms and embedders fp32 and
+    casts only the torso (``convert_to_fp16``), so a bf16 default dtype does not describe it: refused here.
+    """
+    dtype = getattr(torch, frozen_dtype or "float32")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"frozen dtype {frozen_dtype!r}: float32 or bfloat16")
+    if dtype != torch.float32 and model.startswith("trellis"):
+        raise ValueError(f"{model}: a {frozen_dtype} frozen base is not supported here (TRELLIS casts only its "
+                         "torso); use float32")
+    with default_dtype(dtype):
+        head, inputs, what = (builders or BUILDERS)[model](tiny, batch, device)
+    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    return head, inputs, what
+
+
 def prepare(head: TaskHead, mode: str, checkpointing: bool) -> nn.Module:
     """The module whose trainable parameters the optimizer steps: LoRA via the project's module, or full."""
     if mode == "lora":
@@ -266,8 +310,11 @@ def synchronize(device: str) -> None:
 
 
 def time_steps(head: TaskHead, module: nn.Module, batch: dict[str, Any], device: str, bf16: bool, warmup: int,
-               steps: int) -> tuple[list[float], float]:
-    """Seconds of each timed step (forward + backward + AdamW step + zero_grad) and the last loss."""
+               steps: int, slow: float | None = None) -> tuple[list[float], float]:
+    """Seconds of each timed step (forward + backward + AdamW step + zero_grad) and the last loss.
+
+    ``slow`` (seconds): a warm-up step at least this long is timed and is the last step (what a warm-up saves is
+    small next to such a step); otherwise timing stops once the timed steps add up to this long."""
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     times: list[float] = []
     for step in range(warmup + steps):
@@ -279,29 +326,69 @@ def time_steps(head: TaskHead, module: nn.Module, batch: dict[str, Any], device:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if step >= warmup or (slow is not None and seconds >= slow):
+            times.append(seconds)
+        if slow is not None and sum(times) >= slow:
+            break
     return times, float(loss.detach())
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Build, adapt and time one configuration; OOM comes back as a result, anything else raises."""
+def proc_status_bytes(key: str, pid: int | str = "self") -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in bytes; None where there is none."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith(f"{key}:")), None)
+    except OSError:
+        return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM``, else ``ru_maxrss``.
+
+    ``ru_maxrss`` is not per child on Linux: exec keeps the high-water mark of the memory the process had before
+    (the parent's, copied at fork or shared through vfork), so a child of a 1 GiB parent reports at least 1 GiB.
+    """
+    hwm = proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def current_rss() -> int:
+    """This process's resident set now, in bytes (0 where there is no ``/proc``)."""
+    return proc_status_bytes("VmRSS") or 0
+
+
+def parameter_counts(head: TaskHead) -> tuple[int, int]:
+    """(every parameter of the base, those of the submodules full fine-tuning trains), before any LoRA."""
+    subs = head.adaptable_submodules()
+    full = {id(p): p.numel() for name in head.default_submodules() for p in subs[name].parameters()}
+    return sum(p.numel() for p in head.parameters()), sum(full.values())
+
+
+def run_job(job: dict[str, Any], builders: Mapping[str, Builder] | None = None) -> dict[str, Any]:
+    """Build, adapt and time one configuration; OOM comes back as a result, anything else raises.
+
+    Optional keys: ``frozen_dtype`` (LoRA only, see ``build``) and ``slow`` (see ``time_steps``)."""
     device, cuda = job["device"], job["device"].startswith("cuda")
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
+    frozen = job.get("frozen_dtype") if job["mode"] == "lora" else None
     try:
-        head, batch, inputs = BUILDERS[job["model"]](job["scale"] == "tiny", job["batch"], device)
+        head, batch, inputs = build(job["model"], job["scale"] == "tiny", job["batch"], device, frozen, builders)
+        params, full_trainable = parameter_counts(head)
         module = prepare(head, job["mode"], job["checkpointing"]).to(device)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
-        times, loss = time_steps(head, module, batch, device, job["bf16"], job["warmup"], job["steps"])
+        rss_built = current_rss()
+        times, loss = time_steps(head, module, batch, device, job["bf16"], job["warmup"], job["steps"],
+                                 job.get("slow"))
     except torch.OutOfMemoryError:
         return {**job, "status": "OOM"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    peak = torch.cuda.max_memory_allocated(device) if cuda else rss
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
     return {**job, "status": "ok", "inputs": inputs, "s_per_step": statistics.median(times), "loss": loss,
-            "trainable": trainable, "total": total, "peak_mib": peak / 2**20,
+            "timed_steps": len(times), "trainable": trainable, "total": total, "params": params,
+            "full_trainable": full_trainable, "rss_built_mib": rss_built / 2**20, "peak_mib": peak / 2**20,
             **({"gpu": torch.cuda.get_device_name(device),
                 "gpu_gib": torch.cuda.get_device_properties(device).total_memory / 2**30} if cuda else {})}
 
