@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.adapters import AdapterSpec
-from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
+from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
@@ -217,6 +217,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if rank_zero_only.rank == 0:
         write_run_files(output_dir, cfg, module)
 
+    quiet_lightning()  # no product tips or known third-party deprecations between the progress bars
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
@@ -245,10 +246,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        if after:
-            _print(comparison_table(before, after))
         _print(f"Adapter: {adapter_dir}")
         _print(f"Run directory: {output_dir}")
+        if after:  # last, after every progress bar: the run's result is the last thing on the console
+            _print(comparison_table(before, after))
     objects = {"cfg": cfg, "datamodule": datamodule, "head": head, "module": module, "trainer": trainer}
     return metrics, objects
 
