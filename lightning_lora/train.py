@@ -6,6 +6,7 @@ Hydra wrapper that turns user errors into one line and returns the monitored met
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -13,15 +14,16 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
@@ -149,6 +151,92 @@ def _check_init_from(init_from: str | None) -> str:
                         ) from None
 
 
+def missing_values(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """The keys set to ``???``, without resolving interpolations (OmegaConf's ``missing_keys`` resolves them and
+    fails on ``pretrained: ${..pretrained}`` pointing at a ``???``: the target is reported instead)."""
+    found = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        full = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(full)
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(child := node[key], DictConfig | ListConfig):
+            found += missing_values(child, full)
+    return found
+
+
+# ---------------------------------------------------------------------------- does the data fit the model?
+def _class_of(node: Mapping[str, Any]) -> type | None:
+    """The class a config node's ``_target_`` names (imported, never instantiated); None when it names none."""
+    try:
+        return get_class(str(node["_target_"]))
+    except Exception:  # no or a broken _target_: instantiate reports it, as it always has
+        return None
+
+
+def batch_kind_of(data_cls: type, data_cfg: Mapping[str, Any]) -> str | None:
+    """What a data module class yields for ``data_cfg``: its ``batch_kind``, a string or a classmethod of the
+    config; None when it declares none."""
+    kind = getattr(data_cls, "batch_kind", None)
+    return kind(data_cfg) if callable(kind) else kind
+
+
+def shipped_data_options() -> Iterator[tuple[str, DictConfig]]:
+    """``(name, raw config)`` of every ``data=<name>`` option in the shipped ``conf/data/``."""
+    for path in sorted((config_dir() / "data").glob("*.yaml")):
+        if not path.stem.startswith("_"):
+            yield path.stem, OmegaConf.load(path)
+
+
+def _data_options_taking(cfg: DictConfig, kinds: tuple[str, ...]) -> list[str]:
+    """The shipped data options whose batches are one of ``kinds``, each read beside this run's other settings
+    (a data preset's interpolations, e.g. ``kind: ${oc.select:model.latent,slat}``, follow the model)."""
+    trial = copy.deepcopy(cfg)
+    found = []
+    for name, raw in shipped_data_options():
+        with open_dict(trial):
+            trial.data = raw
+        data_cls = _class_of(raw)
+        try:
+            kind = batch_kind_of(data_cls, trial.data) if data_cls else None
+        except UserError:
+            kind = None
+        if kind in kinds:
+            found.append(name)
+    return found
+
+
+def _described(group: str, node: Mapping[str, Any], cls: type) -> str:
+    """``model=trellis_slat (FlowMatching3DHead)``: the option from Hydra's record of this run, else (a config
+    composed in Python) the shipped data option with the node's ``_target_`` or the preset's ``name``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    chosen = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    if chosen is None and group == "data":
+        chosen = next((n for n, raw in shipped_data_options() if raw.get("_target_") == node.get("_target_")), None)
+    if chosen is not None:
+        return f"{group}={chosen} ({cls.__name__})"
+    name = node.get("name") if group == "model" else None
+    return f"the {group}{f' {name}' if isinstance(name, str) and name else ''} ({cls.__name__})"
+
+
+def check_model_takes_data(cfg: DictConfig) -> None:
+    """Stop with one line when the head of ``cfg.model`` cannot train on the batches of ``cfg.data``, comparing the
+    head class's ``batch_kinds`` with the data module class's ``batch_kind``: before any weight, corpus or file is
+    read. Either side declaring nothing passes."""
+    head_cls, data_cls = _class_of(cfg.model), _class_of(cfg.data)
+    if head_cls is None or data_cls is None or not hasattr(head_cls, "batch_kinds"):
+        return
+    kinds = tuple(head_cls.batch_kinds(cfg.model))
+    kind = batch_kind_of(data_cls, cfg.data)
+    if not kinds or kind is None or kind in kinds:
+        return
+    options = ", ".join(f"data={name}" for name in _data_options_taking(cfg, kinds)) or "none shipped"
+    model, data = _described("model", cfg.model, head_cls), _described("data", cfg.data, data_cls)
+    raise UserError(f"{model} cannot train on {data}: the model takes {' or '.join(kinds)}, the data yields {kind}; "
+                    f"data options it takes: {options}")
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -187,7 +275,9 @@ def comparison_table(before: dict[str, float], after: dict[str, float]) -> str:
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter as ``cfg`` says; returns (metrics, the objects built)."""
     started = time.time()
-    if missing := sorted(OmegaConf.missing_keys(cfg)):  # `???` in a preset: a value only the user can give
+    # First: with data the model cannot train on, the values still missing (the data's paths) do not matter.
+    check_model_takes_data(cfg)
+    if missing := sorted(missing_values(cfg)):  # `???` in a preset: a value only the user can give
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))

@@ -20,7 +20,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,14 @@ RENDERS_DIR = "renders_cond"
 KINDS = ("ss", "slat")
 CONDS = ("tokens", "images")
 CROP_RATIO = 1.2  # TRELLIS crops condition renders to 1.2x the alpha bounding box
+
+
+def trellis_batch_kind(kind: str, cond: str) -> str:
+    """The batches of ``data.kind`` latents with ``data.cond`` conditions (as heads name them in ``batch_kinds``)."""
+    choice(kind, "data.kind", KINDS)
+    choice(cond, "data.cond", CONDS)
+    how = " (encoded by model.image_encoder)" if cond == "images" else ""
+    return f"TRELLIS {kind} latents with condition {cond}{how}"
 
 
 # --------------------------------------------------------------------------- reading
@@ -212,6 +220,11 @@ class TrellisDataModule(pl.LightningDataModule):
     condition renders (batch key ``cond_image``, float [B, 3, image_size, image_size]) for a head with an
     image encoder (``model.image_encoder``).
     """
+
+    @classmethod
+    def batch_kind(cls, cfg: Mapping[str, Any]) -> str:
+        """What the module built from ``cfg`` yields (``train.run`` checks it against the head's ``batch_kinds``)."""
+        return trellis_batch_kind(cfg.get("kind", "slat"), cfg.get("cond", "tokens"))
 
     def __init__(self, roots: str | Sequence[str], kind: str = "slat", latent_model: str | None = None,
                  resolution: int = 64, normalization: dict[str, Sequence[float]] | None = None,

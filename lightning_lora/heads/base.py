@@ -6,9 +6,10 @@ tensors during validation that it collects (across processes too) and hands back
 
 A head class is also the one registry of its family: everything shared code needs to know about a family
 comes from class attributes and hooks here, each with a neutral default: the FSDP block classes
-(``fsdp_blocks``, read by ``strategies``), the ``lightning-lora sample <name>`` command (``sample_command``,
-``add_sample_arguments``, ``run_sample``, found by ``cli``) and how a tiny stand-in base is made
-(``build_tiny``, the ``${tiny:PATH}`` resolver of ``config``). Adding a family means writing one head; the
+(``fsdp_blocks``, read by ``strategies``), the kinds of batch it trains on (``batch_kinds``, checked against the
+data by ``train``), the ``lightning-lora sample <name>`` command (``sample_command``, ``add_sample_arguments``,
+``run_sample``, found by ``cli``) and how a tiny stand-in base is made (``build_tiny``, the ``${tiny:PATH}``
+resolver of ``config``). Adding a family means writing one head; the
 module, the trainer entry, the strategies, the callbacks, the CLI and the adapters room do not change.
 """
 
@@ -111,6 +112,13 @@ class TaskHead(nn.Module, abc.ABC):
         return []
 
     # ------------------------------------------------------------------ class-level hooks for shared tools
+    @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        """The kinds of batch a head built from ``preset`` (its model config, not instantiated) trains on, named as
+        the data modules name what they yield (their ``batch_kind``). ``train.run`` compares the two before any
+        weight or data is loaded; ``()`` (the default) declares nothing, and any data is tried."""
+        return ()
+
     @classmethod
     def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Declare the options of ``lightning-lora sample <sample_command>``."""

@@ -38,6 +38,7 @@ from lightning_lora.heads.base import StepOutput, TaskHead
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 T_SCHEDULES = ("logit_normal", "uniform")
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")
+LATENTS = ("ss", "slat")
 DINO_MODEL_TYPES = ("dinov2_with_registers", "dinov2")
 #: a tiny stand-in base fills the layers TRELLIS initialises to zero with N(0, this²) (see ``build_tiny``)
 TINY_BASE_STD = 0.05
@@ -78,6 +79,11 @@ def takes_sparse_voxels(denoiser: type[nn.Module] | nn.Module) -> bool:
 
     cls = denoiser if isinstance(denoiser, type) else type(denoiser)
     return not issubclass(cls, SparseStructureFlowModel)
+
+
+def latent_of(denoiser: type[nn.Module] | nn.Module) -> str:
+    """The latent a denoiser trains on, as ``data.kind`` names it: ``slat`` (sparse) or ``ss`` (dense)."""
+    return "slat" if takes_sparse_voxels(denoiser) else "ss"
 
 
 # --------------------------------------------------------------------------- flow matching pieces
@@ -220,6 +226,8 @@ class FlowMatching3DHead(TaskHead):
 
     ``denoiser`` is the model (built by Hydra from the preset's class and args); ``ckpt`` loads released
     weights into it with every key and shape checked (the tiny presets' is a random stand-in, ``build_tiny``).
+    ``latent`` (``ss`` | ``slat``) says which latent that denoiser trains on; the data presets' ``kind`` follows
+    it, and a value that does not fit the denoiser is an error.
 
     ``image_encoder`` (``{pretrained: PATH, image_size: 518}``, see ``DinoImageEncoder``) encodes batches that
     carry condition images (``cond_image``, from ``data.cond=images``) on the fly; batches with precomputed
@@ -251,11 +259,15 @@ class FlowMatching3DHead(TaskHead):
         cond_noise_std_max: float = 0.2,
         name: str | None = None,
         image_encoder: Any = None,
+        latent: str | None = None,
     ) -> None:
         super().__init__()
         choice(t_schedule, "model.t_schedule", T_SCHEDULES)
         choice(cond_noise_schedule, "model.cond_noise_schedule", COND_NOISE_SCHEDULES)
         fraction(p_uncond, "model.p_uncond")
+        if latent is not None and choice(latent, "model.latent", LATENTS) != latent_of(denoiser):
+            raise UserError(f"model.latent={latent} but model.denoiser is a {type(denoiser).__name__}, which trains "
+                            f"on {latent_of(denoiser)} latents")
         self.denoiser = denoiser
         self.ckpt = str(ckpt) if ckpt else None
         if self.ckpt:
@@ -293,6 +305,19 @@ class FlowMatching3DHead(TaskHead):
         for block in self.denoiser.modules():
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
+
+    @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        """The preset's latent (from its denoiser class) with condition tokens; with condition images too when the
+        preset has an image encoder (``image_encoder.pretrained``) to encode them."""
+        from hydra.utils import get_class
+
+        from lightning_lora.data.trellis import trellis_batch_kind
+
+        latent = latent_of(get_class(str(preset["denoiser"]["_target_"])))
+        encoder = preset.get("image_encoder")
+        encodes = bool(encoder.get("pretrained") if isinstance(encoder, Mapping) else encoder)
+        return tuple(trellis_batch_kind(latent, cond) for cond in (("tokens", "images") if encodes else ("tokens",)))
 
     @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
