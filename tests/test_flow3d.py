@@ -320,3 +320,61 @@ def test_cli_sample_draws_the_sampled_voxels(tmp_path, capsys, tiny_dino) -> Non
                  "--out", str(tmp_path / "img.npz")]) == 0
     feats = np.load(tmp_path / "img.npz")["feats"]
     assert feats.shape == (len(np.load(xyz)["coords"]), 8) and np.isfinite(feats).all()
+
+# --------------------------------------------------------------------------- lightning-lora encode-cond
+def _rendered_root(tmp_path):
+    """A demo data root with its condition renders and no condition tokens yet."""
+    import shutil
+
+    from lightning_lora.data.trellis import COND_DIR, make_trellis_demo
+
+    root = make_trellis_demo(tmp_path / "root", n=4, resolution=16, cond_dim=64)
+    shutil.rmtree(root / COND_DIR)
+    return root
+
+
+def test_encode_cond_writes_the_tokens_training_would_compute(tmp_path, tiny_dino, capsys) -> None:
+    import numpy as np
+
+    from lightning_lora.cli import main
+    from lightning_lora.data.trellis import COND_DIR, TrellisDataModule, cond_views, read_cond_image, rendered_objects
+
+    root = _rendered_root(tmp_path)
+    command = ["encode-cond", str(root), "--image-encoder", str(tiny_dino), "--image-size", "32"]
+    assert main([*command, "--dtype", "float32"]) == 0
+    assert "encoded 4 objects of tokens [21, 64] (float32), skipped 0" in capsys.readouterr().out
+    head = _dino_head(tiny_dino)
+    shas = rendered_objects(root)
+    for sha in shas:  # the first view, prepared and encoded as data.cond=images does in validation
+        view = cond_views(root / "renders_cond" / sha)[0]
+        expected = head.encode_images(read_cond_image(view, 32)[None])[0]
+        got = torch.from_numpy(np.load(root / COND_DIR / f"{sha}.npz")["tokens"])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+    # resumable: what exists is skipped (the encoder is not even loaded), a missing file is written again
+    stamps = {p.name: p.stat().st_mtime_ns for p in (root / COND_DIR).iterdir()}
+    (root / COND_DIR / f"{shas[0]}.npz").unlink()
+    assert main(["encode-cond", str(root), "--image-encoder", str(tmp_path / "nowhere")]) == 2  # needs it now
+    assert main(command) == 0
+    assert "encoded 1 objects of tokens [21, 64] (float16), skipped 3 already encoded" in capsys.readouterr().out
+    after = {p.name: p.stat().st_mtime_ns for p in (root / COND_DIR).iterdir()}
+    assert {n for n in after if after[n] != stamps.get(n)} == {f"{shas[0]}.npz"}
+    assert not [p for p in root.rglob("*") if p.name.startswith(".tmp")]  # each file was written atomically
+    assert main([*command, "--overwrite"]) == 0 and "encoded 4 objects" in capsys.readouterr().out
+
+    data = TrellisDataModule(str(root), kind="slat", resolution=16, val_fraction=0.0, cond="tokens", batch_size=4)
+    data.setup("fit")
+    assert data.train_dataloader().dataset[0]["cond"].shape == (21, 64)
+
+
+def test_encode_cond_errors_are_one_line(tmp_path, capsys) -> None:
+    from lightning_lora.cli import main
+
+    assert main(["encode-cond", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: encode-cond: no such directory: {tmp_path / 'none'}"
+    assert main(["encode-cond", str(tmp_path)]) == 2
+    assert "has no metadata.csv" in capsys.readouterr().err
+    root = _rendered_root(tmp_path)  # the released preset has no image encoder here: one must be named
+    assert main(["encode-cond", str(root)]) == 2
+    assert "encode-cond: --image-encoder is required" in capsys.readouterr().err
+

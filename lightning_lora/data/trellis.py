@@ -76,6 +76,19 @@ def read_metadata(root: Path, column: str, max_num_voxels: int | None = None, al
         ]
 
 
+def rendered_objects(root: Path) -> list[str]:
+    """sha256 of every object of ``root``'s metadata.csv that has condition renders (``cond_rendered`` true, when the
+    metadata has that column), in metadata order."""
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise UserError(f"{root} has no metadata.csv (a TRELLIS dataset root holds metadata.csv and {RENDERS_DIR}/)")
+    with meta.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "sha256" not in (reader.fieldnames or []):
+            raise UserError(f"{meta}: needs a 'sha256' column; found {', '.join(reader.fieldnames or []) or 'none'}")
+        return [row["sha256"] for row in reader if "cond_rendered" not in row or _truthy(row["cond_rendered"])]
+
+
 def _npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UserError(f"missing data file: {path}")

@@ -11,7 +11,9 @@ images (``cond_image``) by a frozen DINOv2-with-registers model loaded from a lo
 (``image_encoder``), as TRELLIS's image-conditioned trainers do.
 
 ``lightning-lora sample flow3d`` samples latents (and, for the demo's tiny presets, a picture of the voxels)
-from condition tokens or an image, with an optional LoRA at a scale.
+from condition tokens or an image, with an optional LoRA at a scale; ``lightning-lora encode-cond ROOT``
+precomputes a data root's condition tokens (``cond_tokens/<sha256>.npz``) so that training reads them
+(``data.cond=tokens``) instead of running DINOv2 on a render every step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,7 +36,7 @@ from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file
 from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
-from lightning_lora.heads.base import StepOutput, TaskHead
+from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead
 
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 T_SCHEDULES = ("logit_normal", "uniform")
@@ -44,6 +47,8 @@ DINO_MODEL_TYPES = ("dinov2_with_registers", "dinov2")
 TINY_BASE_STD = 0.05
 #: what ``sample flow3d --cond`` reads as an image (anything else: a .npz of tokens)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: the preset whose image encoder ``encode-cond`` uses when none is given (the released models' DINOv2)
+ENCODE_COND_PRESET = "trellis_slat"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -548,6 +553,75 @@ class FlowMatching3DHead(TaskHead):
             print(f"wrote {png} ({picture.width}x{picture.height}: front, side and top views of "
                   f"{', '.join(str(int(g.sum())) for g in grids)} voxels)")
         return 0
+
+    # ------------------------------------------------------------------ lightning-lora encode-cond
+    @classmethod
+    def commands(cls) -> tuple[HeadCommand, ...]:
+        return (HeadCommand("encode-cond", "precompute a TRELLIS data root's DINOv2 condition tokens "
+                            "(cond_tokens/<sha256>.npz, read with data.cond=tokens)", cls.add_encode_cond_arguments,
+                            cls.run_encode_cond),)
+
+    @classmethod
+    def add_encode_cond_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("root", help="a TRELLIS data root: metadata.csv and renders_cond/<sha256>/")
+        parser.add_argument("--image-encoder", metavar="ID_OR_DIR",
+                            help="DINOv2 with registers: a Hugging Face Hub id or a local folder (default: the "
+                                 f"{ENCODE_COND_PRESET} preset's model.image_encoder.pretrained)")
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="pixels each view is resized to (default: the preset's, 518)")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda (the encoder's forward)")
+        parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                            help="the stored tokens' type (float16 halves the disk; training reads either)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="encode objects whose tokens exist too (default: skip them, so a run resumes)")
+
+    @classmethod
+    def run_encode_cond(cls, args: argparse.Namespace) -> int:
+        """Encode the first condition render of every rendered object of ``args.root`` (the view validation reads;
+        ``data.cond=images`` draws a random one per step instead) as ``data.cond=images`` would, and write its
+        tokens [T, D] to ``cond_tokens/<sha256>.npz``, each file atomically; objects already written are skipped."""
+        from tqdm.auto import tqdm
+
+        from lightning_lora.data.trellis import (
+            COND_DIR,
+            RENDERS_DIR,
+            cond_views,
+            read_cond_image,
+            rendered_objects,
+            write_npz,
+        )
+
+        root = Path(args.root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"encode-cond: no such directory: {root}")
+        objects = rendered_objects(root)
+        if not objects:
+            raise UserError(f"encode-cond: {root / 'metadata.csv'} lists no rendered objects")
+        out = root / COND_DIR
+        todo = [sha for sha in objects if args.overwrite or not (out / f"{sha}.npz").is_file()]
+        shape = ""
+        if todo:
+            encoder = cls._encode_cond_encoder(args).to(options.device(args.device))
+            for sha in tqdm(todo, desc="encode-cond", unit="object", file=sys.stderr, disable=None):
+                view = cond_views(root / RENDERS_DIR / sha)[0]
+                image = read_cond_image(view, encoder.image_size)[None].to(encoder.mean.device)
+                tokens = encoder(image)[0].to(getattr(torch, args.dtype)).cpu().numpy()
+                write_npz(out / f"{sha}.npz", tokens=tokens)
+                shape = f" of tokens {list(tokens.shape)} ({args.dtype})"
+        print(f"encoded {len(todo)} objects{shape}, skipped {len(objects) - len(todo)} already encoded; {out}")
+        return 0
+
+    @staticmethod
+    def _encode_cond_encoder(args: argparse.Namespace) -> DinoImageEncoder:
+        """The DINOv2 of ``--image-encoder`` (else the released preset's), at ``--image-size`` (else the preset's)."""
+        from lightning_lora.config import compose_config
+
+        preset = compose_config([f"model={ENCODE_COND_PRESET}"]).model.image_encoder
+        pretrained = args.image_encoder or preset.pretrained
+        if not pretrained:
+            raise UserError("encode-cond: --image-encoder is required: a DINOv2-with-registers Hub id or local "
+                            "folder (TRELLIS uses dinov2_vitl14_reg, e.g. facebook/dinov2-with-registers-large)")
+        return DinoImageEncoder(pretrained, args.image_size or preset.image_size)
 
     @staticmethod
     def _sample_coords(args: argparse.Namespace, res: int, cond: torch.Tensor) -> torch.Tensor:
