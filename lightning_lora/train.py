@@ -24,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
@@ -237,6 +238,19 @@ def check_model_takes_data(cfg: DictConfig) -> None:
                     f"data options it takes: {options}")
 
 
+def _resolve_callbacks(cfg: DictConfig) -> None:
+    """Resolve the callbacks' values now (their instances come after the model): a resolver's one-line error
+    (``${cadence:...}``) surfaces as that line, not inside OmegaConf's traceback."""
+    if not isinstance(callbacks := cfg.get("callbacks"), DictConfig):
+        return
+    try:
+        OmegaConf.to_container(callbacks, resolve=True)
+    except InterpolationResolutionError as exc:
+        if (err := find_user_error(exc)) is None:
+            raise
+        raise err from None
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -279,6 +293,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_model_takes_data(cfg)
     if missing := sorted(missing_values(cfg)):  # `???` in a preset: a value only the user can give
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
+    _resolve_callbacks(cfg)  # e.g. a save cadence of a run with no length: before any model loads
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
     init_family = _check_init_from(spec.init_from)

@@ -121,7 +121,8 @@ def test_dense_model_on_sparse_data_is_one_line(tmp_path) -> None:
 
 
 def test_released_presets_need_a_checkpoint(tmp_path) -> None:
-    cfg = compose_train(["model=trellis_slat", "data=trellis_demo"])
+    # data.cond=tokens: the released presets condition on images, which need model.image_encoder.pretrained
+    cfg = compose_train(["model=trellis_slat", "data=trellis_demo", "data.cond=tokens"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     with pytest.raises(UserError, match="model.ckpt is required: pass model.ckpt=<value>"):
@@ -321,6 +322,7 @@ def test_cli_sample_draws_the_sampled_voxels(tmp_path, capsys, tiny_dino) -> Non
     feats = np.load(tmp_path / "img.npz")["feats"]
     assert feats.shape == (len(np.load(xyz)["coords"]), 8) and np.isfinite(feats).all()
 
+
 # --------------------------------------------------------------------------- lightning-lora encode-cond
 def _rendered_root(tmp_path):
     """A demo data root with its condition renders and no condition tokens yet."""
@@ -378,3 +380,29 @@ def test_encode_cond_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["encode-cond", str(root)]) == 2
     assert "encode-cond: --image-encoder is required" in capsys.readouterr().err
 
+
+def test_keep_last_removes_old_snapshots_their_lora_ckpts_and_checkpoints_but_never_final(tmp_path) -> None:
+    out = tmp_path / "run"
+    common = ["model=trellis_slat_tiny", "data.num_shapes=12", f"paths.cache_dir={tmp_path / 'cache'}",
+              "callbacks.adapter_checkpoint.every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+              "callbacks.keep_last=2", "validate_before=false", "validate_after=false", "~callbacks.progress_bar",
+              "~callbacks.sample_previews", "trainer.precision=32-true"]
+
+    def train(*extra: str) -> None:
+        cfg = compose_train([*common, *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+        run(cfg)
+
+    def on_disk() -> tuple[list[str], list[str], list[str]]:
+        return tuple(sorted(p.name for p in (out / d).iterdir()) for d in ("adapters", "lora_ckpts", "checkpoints"))
+
+    train("trainer.max_steps=4")
+    assert on_disk() == (["final", "step_0000003", "step_0000004"],
+                         ["denoiser_lora_step0000003.safetensors", "denoiser_lora_step0000004.safetensors"],
+                         ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"])
+    train("trainer.max_steps=6", "resume=last")  # the resumed run goes on removing what the first one wrote
+    assert on_disk() == (["final", "step_0000005", "step_0000006"],
+                         ["denoiser_lora_step0000005.safetensors", "denoiser_lora_step0000006.safetensors"],
+                         ["last.ckpt", "step_0000005.ckpt", "step_0000006.ckpt"])
+    assert (out / "adapters" / "final" / "denoiser" / "adapter_model.safetensors").is_file()

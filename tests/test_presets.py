@@ -148,3 +148,92 @@ def test_a_mismatched_pair_stops_the_cli_in_seconds_with_one_line(tmp_path) -> N
     assert not cache.exists()  # neither the tiny base nor the code-search corpus was built
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert elapsed < 60  # the interpreter and imports; the check itself is well under a second
+
+
+# ---------------------------------------------------------------------------- item: real presets, real defaults
+# The numbers of each real preset's sources (the recipes' comments cite them); a run bounded by epochs saves 10 times
+# per run, one bounded by steps as often as its source.
+REAL = {
+    # model: (lr, weight decay, schedule, warmup steps, max_steps, max_epochs, accumulation, batch, r, alpha, init,
+    #         dropout, adapter snapshot every (steps, epochs))
+    "trellis_slat": (5e-6, 0.01, "constant", 0, 100000, -1, 2, 8, 64, 128, "kaiming", 0.0, (5000, 0)),
+    "trellis_ss": (5e-6, 0.01, "constant", 0, 100000, -1, 2, 2, 64, 128, "kaiming", 0.0, (10000, 0)),
+    "sd15": (1e-4, 0.01, "constant", 500, -1, 100, 1, 16, 4, 4, "gaussian", 0.0, (0, 10)),
+    "lbm": (2e-4, 0.01, "constant", 0, -1, 50, 1, 4, 32, 64, "kaiming", 0.0, (0, 5)),
+    **{m: (1e-4, 0.0, "linear", 0, -1, 3, 1, 64, 16, 32, "kaiming", 0.05, (0, 1))
+       for m in ("clip", "qwen3_vl_embedding", "hf_encoder")},
+}
+# microsoft/TRELLIS configs/generation/slat_flow_img_dit_L_64l8p2_fp16.json, dataset.args.normalization
+SLAT_MEAN = [-2.1687545776367188, -0.004347046371549368, -0.13352349400520325, -0.08418072760105133,
+             -0.5271206498146057, 0.7238689064979553, -1.1414450407028198, 1.2039363384246826]
+SLAT_STD = [2.377650737762451, 2.386378288269043, 2.124418020248413, 2.1748552322387695, 2.663944721221924,
+            2.371192216873169, 2.6217446327209473, 2.684523105621338]
+
+
+@pytest.mark.parametrize("model", sorted(REAL))
+def test_real_presets_train_with_their_sources_numbers(model: str) -> None:
+    cfg = compose_train([f"model={model}"])
+    lr, wd, schedule, warmup, steps, epochs, accumulate, batch, r, alpha, init, dropout, every = REAL[model]
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (lr, wd)
+    assert (cfg.scheduler.name, cfg.scheduler.warmup_steps) == (schedule, warmup)
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs, cfg.trainer.accumulate_grad_batches) == (
+        steps, epochs, accumulate)
+    assert cfg.data.batch_size == batch
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.init, cfg.adapter.dropout) == (r, alpha, init, dropout)
+    snapshots, checkpoints = cfg.callbacks.adapter_checkpoint, cfg.callbacks.model_checkpoint
+    assert (snapshots.every_n_steps, snapshots.every_n_epochs) == every
+    assert (checkpoints.every_n_train_steps, checkpoints.every_n_epochs or 0) == every  # the same cadence
+    assert snapshots.keep_last == checkpoints.save_top_k == cfg.callbacks.keep_last == 3
+    assert (checkpoints.monitor, checkpoints.mode, checkpoints.save_last) == ("step", "max", True)
+
+
+def test_the_default_job_keeps_its_numbers() -> None:
+    cfg = compose_train([])
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.scheduler.name, cfg.scheduler.warmup_ratio) == (
+        1e-3, 0.0, "linear", 0.1)
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs, cfg.trainer.precision) == (180, -1, "bf16-mixed")
+    assert (cfg.data.batch_size, cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.init) == (32, 8, 16, "kaiming")
+    callbacks = cfg.callbacks
+    assert (callbacks.adapter_checkpoint.every_n_steps, callbacks.model_checkpoint.every_n_train_steps) == (50, 50)
+    assert callbacks.adapter_checkpoint.keep_last == callbacks.model_checkpoint.save_top_k == -1  # every snapshot
+    # and so do the tiny presets (they bring their data, nothing else)
+    for tiny in SMALL:
+        other = compose_train([f"model={tiny}"])
+        assert (other.optimizer.lr, other.trainer.max_steps, other.callbacks.keep_last) == (1e-3, 180, -1), tiny
+
+
+def test_command_line_values_win_over_a_recipe_and_the_cadence_follows_the_run() -> None:
+    cfg = compose_train(["model=trellis_slat", "optimizer.lr=1e-5", "adapter=r16", "trainer.max_steps=1000",
+                         "callbacks.keep_last=5"])
+    assert (cfg.optimizer.lr, cfg.adapter.r, cfg.adapter.alpha) == (1e-5, 16, 32)
+    assert cfg.callbacks.adapter_checkpoint.every_n_steps == cfg.callbacks.model_checkpoint.every_n_train_steps == 50
+    assert cfg.callbacks.adapter_checkpoint.keep_last == cfg.callbacks.model_checkpoint.save_top_k == 5
+    # the SD recipe keeps alpha = rank for any rank, as diffusers' script does
+    assert compose_train(["model=sd15", "adapter=r16"]).adapter.alpha == 16
+    assert compose_train(["model=sd15", "trainer.max_epochs=30"]).callbacks.adapter_checkpoint.every_n_epochs == 3
+    # debug overlays still win over a recipe
+    assert compose_train(["model=trellis_slat", "debug=default"]).trainer.max_steps == 5
+
+
+def test_a_cadence_without_a_run_length_is_one_line(tmp_path) -> None:
+    cfg = compose_train(["model=trellis_slat", "trainer.max_steps=-1", *ENCODER["trellis_slat"], "model.ckpt=x",
+                         "data.roots=x"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^a save cadence of 20 per run needs the run's length, got -1"):
+        run(cfg)
+
+
+def test_slat_presets_normalise_with_trellis_released_values_and_condition_on_images() -> None:
+    cfg = compose_train(["model=trellis_slat"])
+    assert list(cfg.data.normalization.mean) == SLAT_MEAN and list(cfg.data.normalization.std) == SLAT_STD
+    assert cfg.data.cond == "images" and compose_train(["model=trellis_ss"]).data.cond == "images"
+    assert compose_train(["model=trellis_ss"]).data.normalization is None  # SS latents are used as they are
+    for tiny in ("trellis_slat_tiny", "trellis_ss_tiny"):  # the demo presets keep their own setting
+        data = compose_train([f"model={tiny}"]).data
+        assert (data.get("normalization"), data.cond) == (None, "tokens")
+    # images need the model's image encoder: without one the pair is refused before anything loads
+    needle = (r"the model takes TRELLIS slat latents with condition tokens, the data yields TRELLIS slat latents with "
+              r"condition images \(encoded by model.image_encoder\)")
+    with pytest.raises(UserError, match=needle):
+        check_model_takes_data(compose_train(["model=trellis_slat", "model.image_encoder.pretrained=null"]))
