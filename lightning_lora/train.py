@@ -207,15 +207,20 @@ def _data_options_taking(cfg: DictConfig, kinds: tuple[str, ...]) -> list[str]:
     return found
 
 
-def _described(group: str, node: Mapping[str, Any], cls: type) -> str:
-    """``model=trellis_slat (FlowMatching3DHead)``: the option from Hydra's record of this run, else (a config
-    composed in Python) the shipped data option with the node's ``_target_`` or the preset's ``name``."""
+def _chosen(group: str, node: Mapping[str, Any]) -> str | None:
+    """The option of ``group`` this run uses (``trellis_slat``), from Hydra's record of the run, else (a config
+    composed in Python) for data the shipped option with the node's ``_target_``."""
     from hydra.core.hydra_config import HydraConfig
 
     chosen = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
     if chosen is None and group == "data":
         chosen = next((n for n, raw in shipped_data_options() if raw.get("_target_") == node.get("_target_")), None)
-    if chosen is not None:
+    return chosen
+
+
+def _described(group: str, node: Mapping[str, Any], cls: type) -> str:
+    """``model=trellis_slat (FlowMatching3DHead)``, or ``the model <its name> (FlowMatching3DHead)``."""
+    if (chosen := _chosen(group, node)) is not None:
         return f"{group}={chosen} ({cls.__name__})"
     name = node.get("name") if group == "model" else None
     return f"the {group}{f' {name}' if isinstance(name, str) and name else ''} ({cls.__name__})"
@@ -232,7 +237,10 @@ def check_model_takes_data(cfg: DictConfig) -> None:
     kind = batch_kind_of(data_cls, cfg.data)
     if not kinds or kind is None or kind in kinds:
         return
-    options = ", ".join(f"data={name}" for name in _data_options_taking(cfg, kinds)) or "none shipped"
+    fitting = _data_options_taking(cfg, kinds)
+    options = ", ".join(f"data={name}" for name in fitting) or "none shipped"
+    if (current := _chosen("data", cfg.data)) in fitting:  # the option fits as shipped: a setting of this run not
+        options += f" (data={current} as shipped; a data or model setting of this run changes what it yields)"
     model, data = _described("model", cfg.model, head_cls), _described("data", cfg.data, data_cls)
     raise UserError(f"{model} cannot train on {data}: the model takes {' or '.join(kinds)}, the data yields {kind}; "
                     f"data options it takes: {options}")

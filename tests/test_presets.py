@@ -235,5 +235,8 @@ def test_slat_presets_normalise_with_trellis_released_values_and_condition_on_im
     # images need the model's image encoder: without one the pair is refused before anything loads
     needle = (r"the model takes TRELLIS slat latents with condition tokens, the data yields TRELLIS slat latents with "
               r"condition images \(encoded by model.image_encoder\)")
-    with pytest.raises(UserError, match=needle):
+    with pytest.raises(UserError, match=needle) as info:
         check_model_takes_data(compose_train(["model=trellis_slat", "model.image_encoder.pretrained=null"]))
+    # data=trellis itself fits as shipped: the message says a setting of this run (here data.cond) is the difference
+    assert str(info.value).endswith("data options it takes: data=trellis, data=trellis_demo (data=trellis as "
+                                    "shipped; a data or model setting of this run changes what it yields)")
