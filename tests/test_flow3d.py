@@ -369,14 +369,17 @@ def test_encode_cond_writes_the_tokens_training_would_compute(tmp_path, tiny_din
     assert data.train_dataloader().dataset[0]["cond"].shape == (21, 64)
 
 
-def test_encode_cond_errors_are_one_line(tmp_path, capsys) -> None:
+def test_encode_cond_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import lightning_lora.heads.flow3d as flow3d
     from lightning_lora.cli import main
+
+    monkeypatch.setattr(flow3d, "ENCODE_COND_PRESET", "trellis_slat_tiny")  # a preset with no image encoder
 
     assert main(["encode-cond", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip() == f"error: encode-cond: no such directory: {tmp_path / 'none'}"
     assert main(["encode-cond", str(tmp_path)]) == 2
     assert "has no metadata.csv" in capsys.readouterr().err
-    root = _rendered_root(tmp_path)  # the released preset has no image encoder here: one must be named
+    root = _rendered_root(tmp_path)  # no encoder named and none in the preset: one must be named
     assert main(["encode-cond", str(root)]) == 2
     assert "encode-cond: --image-encoder is required" in capsys.readouterr().err
 
