@@ -1,9 +1,12 @@
-"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``, ``sample``.
+"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``, ``sample``, and the
+families' own commands.
 
 Model and adapter arguments are local paths or Hugging Face Hub ids (``lightning_lora.hub``).
 
-Generic over model families: it works on checkpoints (``.safetensors``, weights-only torch files, diffusers
-folders, TRELLIS json+safetensors pairs) and on LoRA files in the layouts of ``adapters.formats``.
+The tools are generic over model families: they work on checkpoints (``.safetensors``, weights-only torch files,
+diffusers folders, TRELLIS json+safetensors pairs) and on LoRA files in the layouts of ``adapters.formats``.
+``sample <name>`` and the other family commands (e.g. ``encode-cond``) come from the heads
+(``TaskHead.sample_command`` / ``TaskHead.commands``), imported only when the command line asks for one.
 A bad input prints ``error: <one line>`` to stderr and exits with status 2.
 """
 
@@ -16,13 +19,19 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning_lora import options
 from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError, user_message
 from lightning_lora.fileio import path_bytes
 
+if TYPE_CHECKING:
+    from lightning_lora.heads import HeadCommand
+
 EXIT_USAGE = 2
+#: the commands of this module; anything else on the command line is looked for among the heads' commands
+GENERIC_COMMANDS = ("extract", "validate", "inspect", "merge", "combine")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -292,9 +301,29 @@ def sample_heads() -> list:
     return [chosen[name] for name in sorted(chosen)]
 
 
-def build_parser(samplers: bool = True) -> argparse.ArgumentParser:
-    """The command's parser; ``samplers=False`` leaves out the heads' sample commands (finding them imports every
-    family's head, which the other tools do not need)."""
+def head_commands() -> list[HeadCommand]:
+    """The families' own top-level commands (``TaskHead.commands``), one per name, in name order."""
+    from lightning_lora.heads import registered_heads
+
+    chosen: dict[str, HeadCommand] = {}
+    for head in registered_heads():
+        if "commands" in vars(head):  # declared by this class, not inherited from a family base
+            for command in head.commands():
+                if command.name in (*GENERIC_COMMANDS, "sample"):
+                    raise RuntimeError(f"{head.__name__} declares a command named {command.name!r}, which is taken")
+                chosen.setdefault(command.name, command)
+    return [chosen[name] for name in sorted(chosen)]
+
+
+def asks_for_a_head_command(argv: Sequence[str]) -> bool:
+    """Whether the command line needs the heads: ``sample``, a family command, or no command / ``--help``
+    (which lists them); a generic tool never imports them."""
+    return next((a for a in argv if not a.startswith("-")), None) not in GENERIC_COMMANDS
+
+
+def build_parser(heads: bool = True) -> argparse.ArgumentParser:
+    """The command's parser; ``heads=False`` leaves out the heads' sample and family commands (finding them imports
+    every family's head, which the generic tools do not need)."""
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
     from lightning_lora.adapters.svd import METHODS
 
@@ -362,10 +391,14 @@ def build_parser(samplers: bool = True) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="sample with a base model and an optional LoRA (per family)")
     fam = sp.add_subparsers(dest="family", required=True, parser_class=_Parser)
-    for head in sample_heads() if samplers else []:
+    for head in sample_heads() if heads else []:
         cmd = fam.add_parser(head.sample_command, help=head.sample_help)
         head.add_sample_arguments(cmd)
         cmd.set_defaults(func=head.run_sample)
+    for command in head_commands() if heads else []:
+        cmd = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(cmd)
+        cmd.set_defaults(func=command.run)
     return p
 
 
@@ -374,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv  # anywhere on the line: the traceback of an error instead of one line
     argv = [a for a in argv if a != "--debug"]
     try:
-        parser = build_parser(samplers=argv[:1] == ["sample"])
+        parser = build_parser(heads=asks_for_a_head_command(argv))
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except Exception as exc:

@@ -1,4 +1,5 @@
-"""Where the Hydra configs live, composing them from Python, and the OmegaConf resolvers they use."""
+"""Where the Hydra configs live, composing them from Python, and the OmegaConf resolvers they use
+(``${tiny:PATH}``, ``${pkg_model_path:MODULE}``, ``${cadence:TOTAL,COUNT}``)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,17 @@ def tiny_base(path: str, *, _parent_: DictConfig) -> str:
         return str(get_class(str(target)).build_tiny(Path(path).expanduser(), _parent_))
 
 
+def cadence(total: int, count: int) -> int:
+    """``${cadence:TOTAL,COUNT}``: the interval that saves ``COUNT`` times over a run of ``TOTAL`` steps (or epochs),
+    at least 1, so a preset's save cadence stays proportional when the run is made longer or shorter."""
+    if not isinstance(total, int) or total <= 0:
+        raise UserError(f"a save cadence of {count} per run needs the run's length, got {total!r} (trainer.max_steps "
+                        "for a run bounded by steps, trainer.max_epochs for one bounded by epochs); or set the "
+                        "callbacks' every_n_* values themselves")
+    return max(1, total // int(count))
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base)):
+    for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base), ("cadence", cadence)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

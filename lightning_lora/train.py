@@ -6,6 +6,7 @@ Hydra wrapper that turns user errors into one line and returns the monitored met
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -13,20 +14,22 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from lightning_lora import hub
 from lightning_lora.adapters import AdapterSpec
-from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint
+from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
@@ -164,6 +167,113 @@ def _build(node: DictConfig) -> Any:
         raise
 
 
+def missing_values(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """The keys set to ``???``, without resolving interpolations (OmegaConf's ``missing_keys`` resolves them and
+    fails on ``pretrained: ${..pretrained}`` pointing at a ``???``: the target is reported instead)."""
+    found = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        full = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(full)
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(child := node[key], DictConfig | ListConfig):
+            found += missing_values(child, full)
+    return found
+
+
+# ---------------------------------------------------------------------------- does the data fit the model?
+def _class_of(node: Mapping[str, Any]) -> type | None:
+    """The class a config node's ``_target_`` names (imported, never instantiated); None when it names none."""
+    try:
+        return get_class(str(node["_target_"]))
+    except Exception:  # no or a broken _target_: instantiate reports it, as it always has
+        return None
+
+
+def batch_kind_of(data_cls: type, data_cfg: Mapping[str, Any]) -> str | None:
+    """What a data module class yields for ``data_cfg``: its ``batch_kind``, a string or a classmethod of the
+    config; None when it declares none."""
+    kind = getattr(data_cls, "batch_kind", None)
+    return kind(data_cfg) if callable(kind) else kind
+
+
+def shipped_data_options() -> Iterator[tuple[str, DictConfig]]:
+    """``(name, raw config)`` of every ``data=<name>`` option in the shipped ``conf/data/``."""
+    for path in sorted((config_dir() / "data").glob("*.yaml")):
+        if not path.stem.startswith("_"):
+            yield path.stem, OmegaConf.load(path)
+
+
+def _data_options_taking(cfg: DictConfig, kinds: tuple[str, ...]) -> list[str]:
+    """The shipped data options whose batches are one of ``kinds``, each read beside this run's other settings
+    (a data preset's interpolations, e.g. ``kind: ${oc.select:model.latent,slat}``, follow the model)."""
+    trial = copy.deepcopy(cfg)
+    found = []
+    for name, raw in shipped_data_options():
+        with open_dict(trial):
+            trial.data = raw
+        data_cls = _class_of(raw)
+        try:
+            kind = batch_kind_of(data_cls, trial.data) if data_cls else None
+        except UserError:
+            kind = None
+        if kind in kinds:
+            found.append(name)
+    return found
+
+
+def _chosen(group: str, node: Mapping[str, Any]) -> str | None:
+    """The option of ``group`` this run uses (``trellis_slat``), from Hydra's record of the run, else (a config
+    composed in Python) for data the shipped option with the node's ``_target_``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    chosen = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    if chosen is None and group == "data":
+        chosen = next((n for n, raw in shipped_data_options() if raw.get("_target_") == node.get("_target_")), None)
+    return chosen
+
+
+def _described(group: str, node: Mapping[str, Any], cls: type) -> str:
+    """``model=trellis_slat (FlowMatching3DHead)``, or ``the model <its name> (FlowMatching3DHead)``."""
+    if (chosen := _chosen(group, node)) is not None:
+        return f"{group}={chosen} ({cls.__name__})"
+    name = node.get("name") if group == "model" else None
+    return f"the {group}{f' {name}' if isinstance(name, str) and name else ''} ({cls.__name__})"
+
+
+def check_model_takes_data(cfg: DictConfig) -> None:
+    """Stop with one line when the head of ``cfg.model`` cannot train on the batches of ``cfg.data``, comparing the
+    head class's ``batch_kinds`` with the data module class's ``batch_kind``: before any weight, corpus or file is
+    read. Either side declaring nothing passes."""
+    head_cls, data_cls = _class_of(cfg.model), _class_of(cfg.data)
+    if head_cls is None or data_cls is None or not hasattr(head_cls, "batch_kinds"):
+        return
+    kinds = tuple(head_cls.batch_kinds(cfg.model))
+    kind = batch_kind_of(data_cls, cfg.data)
+    if not kinds or kind is None or kind in kinds:
+        return
+    fitting = _data_options_taking(cfg, kinds)
+    options = ", ".join(f"data={name}" for name in fitting) or "none shipped"
+    if (current := _chosen("data", cfg.data)) in fitting:  # the option fits as shipped: a setting of this run not
+        options += f" (data={current} as shipped; a data or model setting of this run changes what it yields)"
+    model, data = _described("model", cfg.model, head_cls), _described("data", cfg.data, data_cls)
+    raise UserError(f"{model} cannot train on {data}: the model takes {' or '.join(kinds)}, the data yields {kind}; "
+                    f"data options it takes: {options}")
+
+
+def _resolve_callbacks(cfg: DictConfig) -> None:
+    """Resolve the callbacks' values now (their instances come after the model): a resolver's one-line error
+    (``${cadence:...}``) surfaces as that line, not inside OmegaConf's traceback."""
+    if not isinstance(callbacks := cfg.get("callbacks"), DictConfig):
+        return
+    try:
+        OmegaConf.to_container(callbacks, resolve=True)
+    except InterpolationResolutionError as exc:
+        if (err := find_user_error(exc)) is None:
+            raise
+        raise err from None
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -202,8 +312,11 @@ def comparison_table(before: dict[str, float], after: dict[str, float]) -> str:
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter as ``cfg`` says; returns (metrics, the objects built)."""
     started = time.time()
-    if missing := sorted(OmegaConf.missing_keys(cfg)):  # `???` in a preset: a value only the user can give
+    # First: with data the model cannot train on, the values still missing (the data's paths) do not matter.
+    check_model_takes_data(cfg)
+    if missing := sorted(missing_values(cfg)):  # `???` in a preset: a value only the user can give
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
+    _resolve_callbacks(cfg)  # e.g. a save cadence of a run with no length: before any model loads
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
     init_family = _check_init_from(spec.init_from)
@@ -234,6 +347,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if hub.resolutions():  # the Hub revisions the model (and init_from) resolved to
             atomic_write_text(output_dir / "environment.json", json.dumps(environment(cfg), indent=2) + "\n")
 
+    quiet_lightning()  # no product tips or known third-party deprecations between the progress bars
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
@@ -262,10 +376,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        if after:
-            _print(comparison_table(before, after))
         _print(f"Adapter: {adapter_dir}")
         _print(f"Run directory: {output_dir}")
+        if after:  # last, after every progress bar: the run's result is the last thing on the console
+            _print(comparison_table(before, after))
     objects = {"cfg": cfg, "datamodule": datamodule, "head": head, "module": module, "trainer": trainer}
     return metrics, objects
 

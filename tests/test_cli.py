@@ -296,3 +296,19 @@ def test_inspect_and_merge_files_from_save_lora_weights(tmp_path, capsys):
             assert torch.allclose(merged[prefix + k], v, atol=1e-6), k
         assert not torch.allclose(merged[prefix + "blocks.0.self_attn.to_qkv.weight"],
                                   plain.state_dict()["blocks.0.self_attn.to_qkv.weight"])
+
+
+def test_family_commands_come_from_the_heads_and_only_when_asked_for() -> None:
+    """``encode-cond`` is the TRELLIS head's (``TaskHead.commands``); a generic tool never imports a head."""
+    from lightning_lora.cli import asks_for_a_head_command, build_parser, head_commands
+
+    assert [c.name for c in head_commands()] == ["encode-cond"]
+    assert "encode-cond" in build_parser().format_help()
+    assert "encode-cond" not in build_parser(heads=False).format_help()
+    assert asks_for_a_head_command(["encode-cond", "root"]) and asks_for_a_head_command(["sample", "sd"])
+    assert asks_for_a_head_command(["--help"]) and not asks_for_a_head_command(["--debug", "inspect", "x"])
+    code = ("import sys; from lightning_lora import cli; "
+            "cli.build_parser(heads=cli.asks_for_a_head_command(['inspect', 'x.safetensors'])); "
+            "print(sorted(m for m in sys.modules if m.startswith('lightning_lora.heads')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"

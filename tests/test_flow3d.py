@@ -104,18 +104,25 @@ def test_tiny_run_trains_writes_lora_ckpts_reloads_and_samples(tmp_path, model: 
 
 
 def test_dense_model_on_sparse_data_is_one_line(tmp_path) -> None:
+    # through run(cfg): the data/model check stops it before the demo set or the base is built
     cfg = compose_train(["model=trellis_ss_tiny", "data=trellis_demo", "data.kind=slat", "data.num_shapes=8",
-                         f"paths.cache_dir={tmp_path}", "trainer.max_steps=1", "validate_before=false"])
+                         f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=1", "validate_before=false"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(UserError, match="the model takes TRELLIS ss latents with condition tokens, the data yields "
+                                        "TRELLIS slat latents with condition tokens"):
         run(cfg)
-    err = _user_error(info.value)
-    assert err is not None and "use data.kind=ss" in str(err)
+    assert not (tmp_path / "cache").exists()
+    # a head used from Python says it too, at the first batch
+    coords = torch.tensor([[0, 1, 2, 3], [1, 4, 5, 6]])
+    batch = {"coords": coords, "feats": torch.randn(2, 8), "cond": torch.randn(2, 8, 64)}
+    with pytest.raises(UserError, match="use data.kind=ss"):
+        _tiny("trellis_ss_tiny").training_step(batch)
 
 
 def test_released_presets_fetch_their_checkpoint_by_hub_id(tmp_path) -> None:
-    cfg = compose_train(["model=trellis_slat", "data=trellis_demo"])
+    # data.cond=tokens: the released presets condition on images, which need model.image_encoder.pretrained
+    cfg = compose_train(["model=trellis_slat", "data=trellis_demo", "data.cond=tokens"])
     assert cfg.model.ckpt == "microsoft/TRELLIS-image-large/ckpts/slat_flow_img_dit_L_64l8p2_fp16.safetensors"
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
@@ -316,3 +323,91 @@ def test_cli_sample_draws_the_sampled_voxels(tmp_path, capsys, tiny_dino) -> Non
                  "--out", str(tmp_path / "img.npz")]) == 0
     feats = np.load(tmp_path / "img.npz")["feats"]
     assert feats.shape == (len(np.load(xyz)["coords"]), 8) and np.isfinite(feats).all()
+
+
+# --------------------------------------------------------------------------- lightning-lora encode-cond
+def _rendered_root(tmp_path):
+    """A demo data root with its condition renders and no condition tokens yet."""
+    import shutil
+
+    from lightning_lora.data.trellis import COND_DIR, make_trellis_demo
+
+    root = make_trellis_demo(tmp_path / "root", n=4, resolution=16, cond_dim=64)
+    shutil.rmtree(root / COND_DIR)
+    return root
+
+
+def test_encode_cond_writes_the_tokens_training_would_compute(tmp_path, tiny_dino, capsys) -> None:
+    import numpy as np
+
+    from lightning_lora.cli import main
+    from lightning_lora.data.trellis import COND_DIR, TrellisDataModule, cond_views, read_cond_image, rendered_objects
+
+    root = _rendered_root(tmp_path)
+    command = ["encode-cond", str(root), "--image-encoder", str(tiny_dino), "--image-size", "32"]
+    assert main([*command, "--dtype", "float32"]) == 0
+    assert "encoded 4 objects of tokens [21, 64] (float32), skipped 0" in capsys.readouterr().out
+    head = _dino_head(tiny_dino)
+    shas = rendered_objects(root)
+    for sha in shas:  # the first view, prepared and encoded as data.cond=images does in validation
+        view = cond_views(root / "renders_cond" / sha)[0]
+        expected = head.encode_images(read_cond_image(view, 32)[None])[0]
+        got = torch.from_numpy(np.load(root / COND_DIR / f"{sha}.npz")["tokens"])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+    # resumable: what exists is skipped (the encoder is not even loaded), a missing file is written again
+    stamps = {p.name: p.stat().st_mtime_ns for p in (root / COND_DIR).iterdir()}
+    (root / COND_DIR / f"{shas[0]}.npz").unlink()
+    assert main(["encode-cond", str(root), "--image-encoder", str(tmp_path / "nowhere")]) == 2  # needs it now
+    assert main(command) == 0
+    assert "encoded 1 objects of tokens [21, 64] (float16), skipped 3 already encoded" in capsys.readouterr().out
+    after = {p.name: p.stat().st_mtime_ns for p in (root / COND_DIR).iterdir()}
+    assert {n for n in after if after[n] != stamps.get(n)} == {f"{shas[0]}.npz"}
+    assert not [p for p in root.rglob("*") if p.name.startswith(".tmp")]  # each file was written atomically
+    assert main([*command, "--overwrite"]) == 0 and "encoded 4 objects" in capsys.readouterr().out
+
+    data = TrellisDataModule(str(root), kind="slat", resolution=16, val_fraction=0.0, cond="tokens", batch_size=4)
+    data.setup("fit")
+    assert data.train_dataloader().dataset[0]["cond"].shape == (21, 64)
+
+
+def test_encode_cond_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import lightning_lora.heads.flow3d as flow3d
+    from lightning_lora.cli import main
+
+    monkeypatch.setattr(flow3d, "ENCODE_COND_PRESET", "trellis_slat_tiny")  # a preset with no image encoder
+
+    assert main(["encode-cond", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: encode-cond: no such directory: {tmp_path / 'none'}"
+    assert main(["encode-cond", str(tmp_path)]) == 2
+    assert "has no metadata.csv" in capsys.readouterr().err
+    root = _rendered_root(tmp_path)  # no encoder named and none in the preset: one must be named
+    assert main(["encode-cond", str(root)]) == 2
+    assert "encode-cond: --image-encoder is required" in capsys.readouterr().err
+
+
+def test_keep_last_removes_old_snapshots_their_lora_ckpts_and_checkpoints_but_never_final(tmp_path) -> None:
+    out = tmp_path / "run"
+    common = ["model=trellis_slat_tiny", "data.num_shapes=12", f"paths.cache_dir={tmp_path / 'cache'}",
+              "callbacks.adapter_checkpoint.every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+              "callbacks.keep_last=2", "validate_before=false", "validate_after=false", "~callbacks.progress_bar",
+              "~callbacks.sample_previews", "trainer.precision=32-true"]
+
+    def train(*extra: str) -> None:
+        cfg = compose_train([*common, *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+        run(cfg)
+
+    def on_disk() -> tuple[list[str], list[str], list[str]]:
+        return tuple(sorted(p.name for p in (out / d).iterdir()) for d in ("adapters", "lora_ckpts", "checkpoints"))
+
+    train("trainer.max_steps=4")
+    assert on_disk() == (["final", "step_0000003", "step_0000004"],
+                         ["denoiser_lora_step0000003.safetensors", "denoiser_lora_step0000004.safetensors"],
+                         ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"])
+    train("trainer.max_steps=6", "resume=last")  # the resumed run goes on removing what the first one wrote
+    assert on_disk() == (["final", "step_0000005", "step_0000006"],
+                         ["denoiser_lora_step0000005.safetensors", "denoiser_lora_step0000006.safetensors"],
+                         ["last.ckpt", "step_0000005.ckpt", "step_0000006.ckpt"])
+    assert (out / "adapters" / "final" / "denoiser" / "adapter_model.safetensors").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -9,6 +10,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lightning_lora.errors import UserError
+
+# PEFT asks every model it wraps for ``is_gradient_checkpointing``, an alias transformers deprecated (FutureWarning
+# "... is deprecated and will be removed in v6") in favour of ``is_activation_checkpointing``: the warning is about
+# PEFT's call, not anything a user can change, so exactly that message from transformers' module is not shown.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
 
 # Layer types PEFT's LoRA can wrap (transformers' GPT-2 style Conv1D is matched by class name).
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)

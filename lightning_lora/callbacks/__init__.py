@@ -1,12 +1,14 @@
 """Lightning callbacks and plugins: adapter-only snapshots, atomic checkpoint files, sample previews, a NaN/Inf
-guard, a checkpoint on SIGTERM, and exact mid-epoch resume (generator states, data order)."""
+guard, a checkpoint on SIGTERM, exact mid-epoch resume (generator states, data order), and the console (a progress
+bar of steps, no third-party noise)."""
 
 from lightning_lora.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_lora.callbacks.checkpoint_io import AtomicCheckpointIO
+from lightning_lora.callbacks.console import StepProgressBar, quiet_lightning
 from lightning_lora.callbacks.nan_guard import NanGuard, TrainingDiverged
 from lightning_lora.callbacks.preemption import PreemptionCheckpoint
 from lightning_lora.callbacks.resume_state import ExactResume
 from lightning_lora.callbacks.sample_previews import SamplePreviews
 
 __all__ = ["AdapterCheckpoint", "AtomicCheckpointIO", "ExactResume", "NanGuard", "PreemptionCheckpoint",
-           "SamplePreviews", "TrainingDiverged"]
+           "SamplePreviews", "StepProgressBar", "TrainingDiverged", "quiet_lightning"]

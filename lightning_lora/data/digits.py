@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from lightning_lora.checks import choice, fraction, optional_positive_int, positive_int
 from lightning_lora.data.image_pairs import ImagePairsDataModule
 from lightning_lora.data.images import (
+    CAPTIONED_IMAGES,
     METADATA_FILE,
     ImageFolderDataModule,
     read_image_folder,
@@ -151,6 +152,8 @@ class DigitCaptionsDataModule(pl.LightningDataModule):
     reads them via :class:`~lightning_lora.data.shards.WebDatasetDataModule` (``samples_per_epoch`` applies
     only there). Other keyword arguments (batch size, workers, transforms, ...) go to that module.
     """
+
+    batch_kind: ClassVar[str] = CAPTIONED_IMAGES
 
     def __init__(self, root: str, format: str = "folder", num_images: int | None = 256, image_size: int = 64,
                  invert: bool = True, resolution: int = 32, val_fraction: float = 0.1, per_shard: int = 64,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning_lora.data.pairs import PairsDataModule, _abs, read_jsonl
 from lightning_lora.errors import UserError
@@ -34,6 +34,8 @@ from lightning_lora.errors import UserError
 FIELDS_HINT = ("each line needs 'query' and/or 'query_image', 'positive' and/or 'positive_image', optionally "
                "'negatives' (texts or {text, image} objects)")
 KNOWN_FIELDS = ("query", "positive", "negatives", "query_image", "positive_image")
+#: batches whose items may be images: only embedders with a vision tower take them
+IMAGE_TEXT_PAIRS = "image-text pairs"
 
 
 def _image_path(value: Any, base: Path, where: str, field: str) -> str:
@@ -91,6 +93,8 @@ def read_image_pairs_jsonl(path: str | os.PathLike) -> list[dict]:
 class ImagePairsDataModule(PairsDataModule):
     """Train/val image–text pairs from JSONL files (``data=image_pairs``); everything else as ``data=pairs``."""
 
+    batch_kind: ClassVar[str] = IMAGE_TEXT_PAIRS
+
     def load_pairs(self) -> tuple[list[dict], list[dict]]:
         if self.train_path is None:
             raise UserError("data.train_path: not set; give a JSONL file of image/text pairs")
@@ -100,6 +104,7 @@ class ImagePairsDataModule(PairsDataModule):
 
 
 __all__ = [
+    "IMAGE_TEXT_PAIRS",
     "ImagePairsDataModule",
     "parse_image_pair",
     "read_image_pairs_jsonl",

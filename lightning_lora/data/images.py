@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -39,6 +39,8 @@ from lightning_lora.errors import UserError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 METADATA_FILE = "metadata.jsonl"
+#: images with captions, what text-to-image heads train on
+CAPTIONED_IMAGES = "captioned images"
 # The names diffusers' --image_interpolation_mode accepts, mapped to PIL filters.
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -353,6 +355,9 @@ class ImageCaptionDataset(Dataset):
 # --------------------------------------------------------------------------- data modules
 class ImageDataModuleBase(pl.LightningDataModule):
     """Options every image-caption module shares: the transforms, batch sizes, workers, unreadable policy."""
+
+    #: ``{"pixel_values", "text", "index"}`` batches (``train.run`` checks it against the head's ``batch_kinds``)
+    batch_kind: ClassVar[str] = CAPTIONED_IMAGES
 
     def __init__(self, resolution: int = 512, center_crop: bool = False, random_flip: bool = False,
                  interpolation: str = "lanczos", batch_size: int = 4, val_batch_size: int | None = None,

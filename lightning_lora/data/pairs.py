@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +15,8 @@ from lightning_lora.checks import non_negative_int, optional_positive_int, posit
 from lightning_lora.errors import UserError
 
 FIELDS_HINT = "each line needs 'query' and 'positive', optionally 'negatives'"
+#: the batches of this module (and of every module with the same collate): what heads name in ``batch_kinds``
+TEXT_PAIRS = "text pairs"
 
 
 def _abs(path: str | Path) -> Path:
@@ -102,6 +104,9 @@ class ListDataset(Dataset):
 
 class PairsDataModule(pl.LightningDataModule):
     """Train/val pairs from JSONL files; subclasses build pairs elsewhere by overriding ``load_pairs``."""
+
+    #: what its batches are (``train.run`` checks it against the head's ``batch_kinds`` before anything loads)
+    batch_kind: ClassVar[str] = TEXT_PAIRS
 
     def __init__(
         self,

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import webdataset as wds
@@ -67,6 +67,8 @@ DEFAULT_IMAGE_KEY = "jpg;png;jpeg;webp"
 DEFAULT_CAPTION_KEY = "txt;json"
 DEFAULT_SOURCE_KEY = "source.jpg;source.png;source.jpeg;source.webp"
 DEFAULT_TARGET_KEY = "target.jpg;target.png;target.jpeg;target.webp"
+#: source -> target image pairs (``data=paired_shards``), what image-to-image heads train on
+IMAGE_PAIRS = "source/target image pairs"
 _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
 _FIELD = re.compile(r"%(0?)(\d*)d")
 
@@ -483,6 +485,8 @@ class PairedShardsDataModule(WebDatasetDataModule):
     ``resolution`` + crop as for captioned images, or ``size`` = [height, width] for an exact resize of every
     pair. Shards, shuffling, epochs and DDP as ``data=webdataset``.
     """
+
+    batch_kind: ClassVar[str] = IMAGE_PAIRS
 
     def __init__(self, train_shards: str | Sequence[str], validation_shards: str | Sequence[str] | None = None,
                  source_key: str = DEFAULT_SOURCE_KEY, target_key: str = DEFAULT_TARGET_KEY,

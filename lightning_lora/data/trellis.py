@@ -20,7 +20,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,14 @@ RENDERS_DIR = "renders_cond"
 KINDS = ("ss", "slat")
 CONDS = ("tokens", "images")
 CROP_RATIO = 1.2  # TRELLIS crops condition renders to 1.2x the alpha bounding box
+
+
+def trellis_batch_kind(kind: str, cond: str) -> str:
+    """The batches of ``data.kind`` latents with ``data.cond`` conditions (as heads name them in ``batch_kinds``)."""
+    choice(kind, "data.kind", KINDS)
+    choice(cond, "data.cond", CONDS)
+    how = " (encoded by model.image_encoder)" if cond == "images" else ""
+    return f"TRELLIS {kind} latents with condition {cond}{how}"
 
 
 # --------------------------------------------------------------------------- reading
@@ -66,6 +74,19 @@ def read_metadata(root: Path, column: str, max_num_voxels: int | None = None, al
             if _truthy(row[column]) and (limit is None or int(float(row["num_voxels"] or 0)) <= limit)
             and (also is None or _truthy(row[also]))
         ]
+
+
+def rendered_objects(root: Path) -> list[str]:
+    """sha256 of every object of ``root``'s metadata.csv that has condition renders (``cond_rendered`` true, when the
+    metadata has that column), in metadata order."""
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise UserError(f"{root} has no metadata.csv (a TRELLIS dataset root holds metadata.csv and {RENDERS_DIR}/)")
+    with meta.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "sha256" not in (reader.fieldnames or []):
+            raise UserError(f"{meta}: needs a 'sha256' column; found {', '.join(reader.fieldnames or []) or 'none'}")
+        return [row["sha256"] for row in reader if "cond_rendered" not in row or _truthy(row["cond_rendered"])]
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -212,6 +233,11 @@ class TrellisDataModule(pl.LightningDataModule):
     condition renders (batch key ``cond_image``, float [B, 3, image_size, image_size]) for a head with an
     image encoder (``model.image_encoder``).
     """
+
+    @classmethod
+    def batch_kind(cls, cfg: Mapping[str, Any]) -> str:
+        """What the module built from ``cfg`` yields (``train.run`` checks it against the head's ``batch_kinds``)."""
+        return trellis_batch_kind(cfg.get("kind", "slat"), cfg.get("cond", "tokens"))
 
     def __init__(self, roots: str | Sequence[str], kind: str = "slat", latent_model: str | None = None,
                  resolution: int = 64, normalization: dict[str, Sequence[float]] | None = None,

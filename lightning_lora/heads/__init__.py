@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 from importlib.metadata import entry_points
 
-from lightning_lora.heads.base import StepOutput, TaskHead, head_classes
+from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead, head_classes
 
 #: entry-point group through which another distribution adds a family (``module`` or ``module:HeadClass``)
 ENTRY_POINT_GROUP = "lightning_lora.heads"
@@ -27,4 +27,4 @@ def registered_heads() -> list[type[TaskHead]]:
     return head_classes()
 
 
-__all__ = ["ENTRY_POINT_GROUP", "StepOutput", "TaskHead", "registered_heads"]
+__all__ = ["ENTRY_POINT_GROUP", "HeadCommand", "StepOutput", "TaskHead", "registered_heads"]

@@ -6,17 +6,18 @@ tensors during validation that it collects (across processes too) and hands back
 
 A head class is also the one registry of its family: everything shared code needs to know about a family
 comes from class attributes and hooks here, each with a neutral default: the FSDP block classes
-(``fsdp_blocks``, read by ``strategies``), the ``lightning-lora sample <name>`` command (``sample_command``,
-``add_sample_arguments``, ``run_sample``, found by ``cli``) and how a tiny stand-in base is made
-(``build_tiny``, the ``${tiny:PATH}`` resolver of ``config``). Adding a family means writing one head; the
-module, the trainer entry, the strategies, the callbacks, the CLI and the adapters room do not change.
+(``fsdp_blocks``, read by ``strategies``), the kinds of batch it trains on (``batch_kinds``, checked against the
+data by ``train``), the ``lightning-lora sample <name>`` command (``sample_command``, ``add_sample_arguments``,
+``run_sample``) and the family's other commands (``commands``), both found by ``cli``, and how a tiny stand-in
+base is made (``build_tiny``, the ``${tiny:PATH}`` resolver of ``config``). Adding a family means writing one
+head; the module, the trainer entry, the strategies, the callbacks, the CLI and the adapters room do not change.
 """
 
 from __future__ import annotations
 
 import abc
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +36,16 @@ class StepOutput:
     loss: torch.Tensor
     batch_size: int
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeadCommand:
+    """A top-level ``lightning-lora <name>`` command a family adds (a tool of its own, e.g. preparing its data)."""
+
+    name: str
+    help: str  # one line, shown by ``lightning-lora --help``
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]  # the work; returns the exit status
 
 
 class TaskHead(nn.Module, abc.ABC):
@@ -112,6 +123,13 @@ class TaskHead(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ class-level hooks for shared tools
     @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        """The kinds of batch a head built from ``preset`` (its model config, not instantiated) trains on, named as
+        the data modules name what they yield (their ``batch_kind``). ``train.run`` compares the two before any
+        weight or data is loaded; ``()`` (the default) declares nothing, and any data is tried."""
+        return ()
+
+    @classmethod
     def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Declare the options of ``lightning-lora sample <sample_command>``."""
 
@@ -119,6 +137,12 @@ class TaskHead(nn.Module, abc.ABC):
     def run_sample(cls, args: argparse.Namespace) -> int:
         """Do the sample command's work with the parsed options; returns the exit status."""
         raise NotImplementedError(f"{cls.__name__} declares no sample command")
+
+    @classmethod
+    def commands(cls) -> tuple[HeadCommand, ...]:
+        """The family's own top-level ``lightning-lora <name>`` commands (``cli`` adds them beside the generic
+        tools); none by default."""
+        return ()
 
     @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:

@@ -243,6 +243,12 @@ class BridgeHead(LatentHead):
         enable_unet_checkpointing(self.denoiser)
 
     @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        from lightning_lora.data.shards import IMAGE_PAIRS
+
+        return (IMAGE_PAIRS,)
+
+    @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
         """A tiny LBM folder in the released layout (``models/lbm_tiny.py``)."""
         from lightning_lora.models.lbm_tiny import ensure_tiny_lbm

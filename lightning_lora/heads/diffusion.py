@@ -275,6 +275,12 @@ class DiffusionHead(LatentHead):
         self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        from lightning_lora.data.images import CAPTIONED_IMAGES
+
+        return (CAPTIONED_IMAGES,)
+
+    @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
         """A tiny Stable Diffusion folder in diffusers' layout (``models/sd_tiny.py``)."""
         from lightning_lora.models.sd_tiny import ensure_tiny_sd
@@ -342,7 +348,10 @@ class DiffusionHead(LatentHead):
     def pipeline(self):
         """A StableDiffusionPipeline over this head's own modules (no copies), with a DDIM sampler."""
         if not self._pipeline_cache:
-            from diffusers import DDIMScheduler, StableDiffusionPipeline
+            from lightning_lora.models.embedders import quiet_transformers
+
+            with quiet_transformers():  # the pipeline's import asks for torchvision image processors it never uses
+                from diffusers import DDIMScheduler, StableDiffusionPipeline
 
             pipe = StableDiffusionPipeline(
                 vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,

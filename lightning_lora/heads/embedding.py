@@ -258,6 +258,18 @@ class EmbeddingHead(TaskHead):
         self.embedder.enable_gradient_checkpointing()
 
     @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        """Text pairs; image-text pairs too when the preset's embedder class has a vision tower (CLIP, Qwen3-VL)."""
+        from hydra.utils import get_class
+
+        from lightning_lora.data.image_pairs import IMAGE_TEXT_PAIRS
+        from lightning_lora.data.pairs import TEXT_PAIRS
+
+        target = (preset.get("embedder") or {}).get("_target_")
+        sees_images = bool(target) and bool(get_class(str(target)).vision_names)
+        return (TEXT_PAIRS, IMAGE_TEXT_PAIRS) if sees_images else (TEXT_PAIRS,)
+
+    @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
         """The tiny folder of the preset's embedder class (``embedder._target_``: CLIP, Qwen3-VL)."""
         from lightning_lora.models.tiny_embedders import TINY_BUILDERS

@@ -11,7 +11,9 @@ images (``cond_image``) by a frozen DINOv2-with-registers model loaded from a lo
 (``image_encoder``), as TRELLIS's image-conditioned trainers do.
 
 ``lightning-lora sample flow3d`` samples latents (and, for the demo's tiny presets, a picture of the voxels)
-from condition tokens or an image, with an optional LoRA at a scale.
+from condition tokens or an image, with an optional LoRA at a scale; ``lightning-lora encode-cond ROOT``
+precomputes a data root's condition tokens (``cond_tokens/<sha256>.npz``) so that training reads them
+(``data.cond=tokens``) instead of running DINOv2 on a render every step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,11 +36,12 @@ from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file
 from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
-from lightning_lora.heads.base import StepOutput, TaskHead
+from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead
 
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 T_SCHEDULES = ("logit_normal", "uniform")
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")
+LATENTS = ("ss", "slat")
 DINO_MODEL_TYPES = ("dinov2_with_registers", "dinov2")
 #: the released TRELLIS models' condition encoder (torch.hub's dinov2_vitl14_reg) as a transformers model
 DINO_HUB_ID = "facebook/dinov2-with-registers-large"
@@ -45,6 +49,8 @@ DINO_HUB_ID = "facebook/dinov2-with-registers-large"
 TINY_BASE_STD = 0.05
 #: what ``sample flow3d --cond`` reads as an image (anything else: a .npz of tokens)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: the preset whose image encoder ``encode-cond`` uses when none is given (the released models' DINOv2)
+ENCODE_COND_PRESET = "trellis_slat"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -85,6 +91,11 @@ def takes_sparse_voxels(denoiser: type[nn.Module] | nn.Module) -> bool:
 
     cls = denoiser if isinstance(denoiser, type) else type(denoiser)
     return not issubclass(cls, SparseStructureFlowModel)
+
+
+def latent_of(denoiser: type[nn.Module] | nn.Module) -> str:
+    """The latent a denoiser trains on, as ``data.kind`` names it: ``slat`` (sparse) or ``ss`` (dense)."""
+    return "slat" if takes_sparse_voxels(denoiser) else "ss"
 
 
 # --------------------------------------------------------------------------- flow matching pieces
@@ -229,6 +240,8 @@ class FlowMatching3DHead(TaskHead):
 
     ``denoiser`` is the model (built by Hydra from the preset's class and args); ``ckpt`` loads released
     weights into it with every key and shape checked (the tiny presets' is a random stand-in, ``build_tiny``).
+    ``latent`` (``ss`` | ``slat``) says which latent that denoiser trains on; the data presets' ``kind`` follows
+    it, and a value that does not fit the denoiser is an error.
 
     ``image_encoder`` (``{pretrained: PATH, image_size: 518}``, see ``DinoImageEncoder``) encodes batches that
     carry condition images (``cond_image``, from ``data.cond=images``) on the fly; batches with precomputed
@@ -260,11 +273,15 @@ class FlowMatching3DHead(TaskHead):
         cond_noise_std_max: float = 0.2,
         name: str | None = None,
         image_encoder: Any = None,
+        latent: str | None = None,
     ) -> None:
         super().__init__()
         choice(t_schedule, "model.t_schedule", T_SCHEDULES)
         choice(cond_noise_schedule, "model.cond_noise_schedule", COND_NOISE_SCHEDULES)
         fraction(p_uncond, "model.p_uncond")
+        if latent is not None and choice(latent, "model.latent", LATENTS) != latent_of(denoiser):
+            raise UserError(f"model.latent={latent} but model.denoiser is a {type(denoiser).__name__}, which trains "
+                            f"on {latent_of(denoiser)} latents")
         self.denoiser = denoiser
         self.ckpt = str(ckpt) if ckpt else None
         if self.ckpt:
@@ -302,6 +319,19 @@ class FlowMatching3DHead(TaskHead):
         for block in self.denoiser.modules():
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
+
+    @classmethod
+    def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
+        """The preset's latent (from its denoiser class) with condition tokens; with condition images too when the
+        preset has an image encoder (``image_encoder.pretrained``) to encode them."""
+        from hydra.utils import get_class
+
+        from lightning_lora.data.trellis import trellis_batch_kind
+
+        latent = latent_of(get_class(str(preset["denoiser"]["_target_"])))
+        encoder = preset.get("image_encoder")
+        encodes = bool(encoder.get("pretrained") if isinstance(encoder, Mapping) else encoder)
+        return tuple(trellis_batch_kind(latent, cond) for cond in (("tokens", "images") if encodes else ("tokens",)))
 
     @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:
@@ -532,6 +562,75 @@ class FlowMatching3DHead(TaskHead):
             print(f"wrote {png} ({picture.width}x{picture.height}: front, side and top views of "
                   f"{', '.join(str(int(g.sum())) for g in grids)} voxels)")
         return 0
+
+    # ------------------------------------------------------------------ lightning-lora encode-cond
+    @classmethod
+    def commands(cls) -> tuple[HeadCommand, ...]:
+        return (HeadCommand("encode-cond", "precompute a TRELLIS data root's DINOv2 condition tokens "
+                            "(cond_tokens/<sha256>.npz, read with data.cond=tokens)", cls.add_encode_cond_arguments,
+                            cls.run_encode_cond),)
+
+    @classmethod
+    def add_encode_cond_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("root", help="a TRELLIS data root: metadata.csv and renders_cond/<sha256>/")
+        parser.add_argument("--image-encoder", metavar="ID_OR_DIR",
+                            help="DINOv2 with registers: a Hugging Face Hub id or a local folder (default: the "
+                                 f"{ENCODE_COND_PRESET} preset's model.image_encoder.pretrained)")
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="pixels each view is resized to (default: the preset's, 518)")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda (the encoder's forward)")
+        parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                            help="the stored tokens' type (float16 halves the disk; training reads either)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="encode objects whose tokens exist too (default: skip them, so a run resumes)")
+
+    @classmethod
+    def run_encode_cond(cls, args: argparse.Namespace) -> int:
+        """Encode the first condition render of every rendered object of ``args.root`` (the view validation reads;
+        ``data.cond=images`` draws a random one per step instead) as ``data.cond=images`` would, and write its
+        tokens [T, D] to ``cond_tokens/<sha256>.npz``, each file atomically; objects already written are skipped."""
+        from tqdm.auto import tqdm
+
+        from lightning_lora.data.trellis import (
+            COND_DIR,
+            RENDERS_DIR,
+            cond_views,
+            read_cond_image,
+            rendered_objects,
+            write_npz,
+        )
+
+        root = Path(args.root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"encode-cond: no such directory: {root}")
+        objects = rendered_objects(root)
+        if not objects:
+            raise UserError(f"encode-cond: {root / 'metadata.csv'} lists no rendered objects")
+        out = root / COND_DIR
+        todo = [sha for sha in objects if args.overwrite or not (out / f"{sha}.npz").is_file()]
+        shape = ""
+        if todo:
+            encoder = cls._encode_cond_encoder(args).to(options.device(args.device))
+            for sha in tqdm(todo, desc="encode-cond", unit="object", file=sys.stderr, disable=None):
+                view = cond_views(root / RENDERS_DIR / sha)[0]
+                image = read_cond_image(view, encoder.image_size)[None].to(encoder.mean.device)
+                tokens = encoder(image)[0].to(getattr(torch, args.dtype)).cpu().numpy()
+                write_npz(out / f"{sha}.npz", tokens=tokens)
+                shape = f" of tokens {list(tokens.shape)} ({args.dtype})"
+        print(f"encoded {len(todo)} objects{shape}, skipped {len(objects) - len(todo)} already encoded; {out}")
+        return 0
+
+    @staticmethod
+    def _encode_cond_encoder(args: argparse.Namespace) -> DinoImageEncoder:
+        """The DINOv2 of ``--image-encoder`` (else the released preset's), at ``--image-size`` (else the preset's)."""
+        from lightning_lora.config import compose_config
+
+        preset = compose_config([f"model={ENCODE_COND_PRESET}"]).model.image_encoder
+        pretrained = args.image_encoder or preset.pretrained
+        if not pretrained:
+            raise UserError("encode-cond: --image-encoder is required: a DINOv2-with-registers Hub id or local "
+                            "folder (TRELLIS uses dinov2_vitl14_reg, e.g. facebook/dinov2-with-registers-large)")
+        return DinoImageEncoder(pretrained, args.image_size or preset.image_size)
 
     @staticmethod
     def _sample_coords(args: argparse.Namespace, res: int, cond: torch.Tensor) -> torch.Tensor:
