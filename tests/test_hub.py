@@ -226,3 +226,47 @@ def test_the_released_trellis_preset_names_its_ids_offline(tmp_path) -> None:
     assert (lines[-1].startswith("error: model.") and "microsoft/TRELLIS-image-large" in lines[-1]) \
         or "facebook/dinov2-with-registers-large" in lines[-1], lines[-3:]
     assert "offline" in lines[-1] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_design_card_command_trains_with_a_prefilled_cache(tmp_path) -> None:
+    """``python -m lightning_lora.train model=trellis_slat adapter=r64 data.roots=DIR`` with the released ids in the
+    cache: TRELLIS-L SLat at its released size (random weights, fp16 as released) under its real file names, and a
+    1-layer DINOv2-with-registers of the released width under facebook/dinov2-with-registers-large. One step,
+    gradient checkpointing on (about 5 GiB; bench/results.md has the numbers)."""
+    from hydra.utils import instantiate
+    from safetensors.torch import save_file
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from lightning_lora.data.trellis import make_trellis_demo
+
+    root = make_trellis_demo(tmp_path / "demo", n=4, resolution=64)
+    denoiser = instantiate(compose_train(["model=trellis_slat"]).model.denoiser)
+    released = tmp_path / "released"
+    released.mkdir()
+    save_file({k: v.half().contiguous() for k, v in denoiser.state_dict().items()},
+              str(released / "slat.safetensors"))
+    (released / "slat.json").write_text(json.dumps({"name": type(denoiser).__name__, "args": denoiser.config}))
+    del denoiser
+    put_in_cache("microsoft/TRELLIS-image-large", {
+        "ckpts/slat_flow_img_dit_L_64l8p2_fp16.safetensors": released / "slat.safetensors",
+        "ckpts/slat_flow_img_dit_L_64l8p2_fp16.json": released / "slat.json"})
+    torch.manual_seed(0)
+    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=4096, patch_size=14,
+        image_size=518, num_register_tokens=4))
+    dino.save_pretrained(tmp_path / "dino")
+    put_in_cache("facebook/dinov2-with-registers-large", tmp_path / "dino")
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_lora.train", "model=trellis_slat", "adapter=r64", f"data.roots={root}",
+         "trainer.max_steps=1", "trainer.accumulate_grad_batches=1", "data.batch_size=1", "validate_before=false",
+         "validate_after=false", "gradient_checkpointing=true", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
+    env = json.loads((run_dir / "environment.json").read_text())
+    fetched = {r["repo_id"] for r in env["hub"]}
+    assert fetched == {"microsoft/TRELLIS-image-large", "facebook/dinov2-with-registers-large"}
+    assert list((run_dir / "lora_ckpts").glob("denoiser_lora_step*.safetensors"))
