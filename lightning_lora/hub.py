@@ -147,9 +147,24 @@ def _failure(key: str, name: str, ref: HubRef, exc: Exception, patterns: Sequenc
         why = (f"not in the Hugging Face cache ({_cache_dir() or 'the default cache'}) and this machine is offline "
                f"(HF_HUB_OFFLINE=1); fetch it on a machine with internet first: {hint}")
     else:
-        why = (f"not in the Hugging Face cache and the Hub could not be reached ({type(exc).__name__}); "
-               f"fetch it first with: {hint}, or give a local path")
+        why = (f"not in the Hugging Face cache and the Hub could not be reached (no connection?); fetch it first "
+               f"with: {hint}, or give a local path")
     return UserError(f"{where}: {why}")
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub logs each failed request (no network, offline) as a warning before raising; the one-line
+    error made from what it raises says it all, so its log lines stay out of the console meanwhile."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _record(name: str, ref: HubRef, path: Path) -> Path:
@@ -178,10 +193,16 @@ def resolve(name: str | os.PathLike, *, key: str = "", allow_patterns: Sequence[
 
 def _resolve_hub(name: str, ref: HubRef, key: str, allow_patterns: Sequence[str] | None, companions: Sequence[str],
                  optional_companions: Sequence[str], fallback_patterns: Sequence[str]) -> Path:
+    common = {"revision": ref.revision, "cache_dir": _cache_dir(), "local_files_only": offline()}
+    with _quiet_hub_logs():
+        return _fetch(name, ref, key, common, allow_patterns, companions, optional_companions, fallback_patterns)
+
+
+def _fetch(name: str, ref: HubRef, key: str, common: dict, allow_patterns: Sequence[str] | None,
+           companions: Sequence[str], optional_companions: Sequence[str], fallback_patterns: Sequence[str]) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    common = {"revision": ref.revision, "cache_dir": _cache_dir(), "local_files_only": offline()}
     try:
         if ref.path is None:
             folder = Path(snapshot_download(
