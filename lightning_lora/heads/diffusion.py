@@ -82,11 +82,15 @@ def load_pipeline_parts(path: Path, revision: str | None = None, variant: str | 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from lightning_lora.models.embedders import quiet_transformers
+
     kw = {"revision": revision, "variant": variant}
     try:
+        with quiet_transformers():  # no "Loading weights" bar for the text encoder among the run's own lines
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
         return {
             "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            "text_encoder": text_encoder,
             "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
             "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
             "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
