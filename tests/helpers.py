@@ -122,3 +122,37 @@ def net_with(state: dict[str, torch.Tensor]) -> Net:
     net = Net().eval()
     net.load_state_dict(state)
     return net
+
+
+# ---------------------------------------------------------------------------- the hostile-input matrix
+def file_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too) by relative path, with its bytes: compare before and after a
+    failing command to prove nothing was written, replaced or left behind."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(rc: int, err: str, needle: str, *, code: int = 2, case: str = "") -> None:
+    """A user error as the house prints it: exit ``code``, no traceback, and the last line of stderr is one
+    ``error:`` line that contains ``needle`` (the bad value or the file it is in)."""
+    lines = err.strip().splitlines()
+    assert rc == code, (case, rc, err[-3000:])
+    assert "Traceback" not in err, (case, err[-3000:])
+    assert lines and lines[-1].startswith("error: "), (case, err[-3000:])
+    assert needle in lines[-1], (case, needle, lines[-1])
+
+
+def train_main(argv: list[str]) -> int:
+    """``python -m lightning_lora.train ARGV`` in this process (Hydra's own entry point, so Hydra's parsing,
+    run directory and error handling are the ones users get); returns the exit status."""
+    import sys
+    from unittest import mock
+
+    from lightning_lora.train import main
+
+    with mock.patch.object(sys, "argv", ["lightning_lora.train", *map(str, argv)]):
+        try:
+            main()
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
