@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lightning_lora.adapters.factors import Factors, is_spatial
+from lightning_lora.adapters.finite import require_finite
 from lightning_lora.adapters.svd import factorize
+from lightning_lora.checks import finite
 from lightning_lora.errors import UserError
 
 COMBINE_METHODS = ("concat", "svd")
@@ -21,6 +23,8 @@ COMBINE_METHODS = ("concat", "svd")
 
 def _check_shapes(inputs: Sequence[tuple[Mapping[str, Factors], float]]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
+    for i, (_, w) in enumerate(inputs):
+        finite(w, f"the weight of adapter {i + 1}", hint=" (e.g. 0.5)")
     for i, (mods, _) in enumerate(inputs):
         for name, f in mods.items():
             if name in shapes and shapes[name] != f.weight_shape:
@@ -58,16 +62,47 @@ def combine_svd(inputs: Sequence[tuple[Mapping[str, Factors], float]], rank: int
             r = sum(mods[name].rank for mods, _ in inputs if name in mods)
         else:
             r = conv_rank if (conv_rank is not None and is_spatial(shape)) else rank
+        require_finite([(name, total)], "the weighted sum of module", hint="; are the weights too large?")
         out[name] = factorize(total, r, device=device)[0]
     return out
 
 
-def merge_into(weight: torch.Tensor, parts: Sequence[tuple[Factors, float]]) -> torch.Tensor:
-    """W + Σ wᵢ·scaleᵢ·Bᵢ·Aᵢ, computed in float32 and returned in W's dtype."""
+def merge_into(weight: torch.Tensor, parts: Sequence[tuple[Factors, float]], name: str = "weight") -> torch.Tensor:
+    """W + Σ wᵢ·scaleᵢ·Bᵢ·Aᵢ, computed in float32 and returned in W's dtype; a result that is not finite in that
+    dtype (a weight of 1e39, a factor that overflows) is refused naming ``name``."""
     merged = weight.to(torch.float32).clone()
     for f, w in parts:
         if f.weight_shape != tuple(weight.shape):
             raise UserError(f"adapter makes a delta of shape {list(f.weight_shape)} for a weight of shape "
                             f"{list(weight.shape)}")
+        finite(w, f"the weight of the adapter merged into {name}")
         merged += w * f.delta()
-    return merged.to(weight.dtype)
+    merged = merged.to(weight.dtype)
+    weights = ", ".join(f"{w:g}" for _, w in parts)
+    require_finite([(name, merged)], "the merged weight", hint=f" in {str(weight.dtype).removeprefix('torch.')} "
+                   f"(weights {weights}: too large? or a NaN in the base); nothing was merged or written")
+    return merged
+
+
+def check_combinable(sets: Sequence[tuple[str, Mapping[str, Factors], str, Mapping[str, object]]]) -> None:
+    """Refuse to combine adapters that cannot be for one model: (label, modules, family, base model) each; one that
+    shares no module with the others, or two whose metadata name different families or base models."""
+    for key in ("family", "name", "base"):
+        seen: dict[str, str] = {}
+        for label, _, family, base in sets:
+            value = family if key == "family" else str((base or {}).get(key) or "")
+            if value:
+                seen.setdefault(value, label)
+        if len(seen) > 1:
+            (v1, l1), (v2, l2) = list(seen.items())[:2]
+            what = "family" if key == "family" else f"base model ({key})"
+            raise UserError(f"{l1} and {l2} disagree on the {what}: {v1!r} vs {v2!r}; pass --allow-disjoint to "
+                            "combine them anyway")
+    if len(sets) < 2:
+        return
+    for i, (label, mods, _, _) in enumerate(sets):
+        others = {m for j, (_, other, _, _) in enumerate(sets) if j != i for m in other}
+        if mods and not set(mods) & others:
+            raise UserError(f"{label} shares no module with the other adapters (e.g. {next(iter(mods))!r} vs "
+                            f"{sorted(others)[0]!r}): are they for different models? pass --allow-disjoint to "
+                            "combine them anyway")
