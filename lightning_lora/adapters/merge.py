@@ -36,7 +36,7 @@ def check_merge(model: nn.Module) -> None:
             for adapter in layer.active_adapters:
                 if adapter in getattr(layer, "lora_A", {}):
                     merged = weight + layer.get_delta_weight(adapter).to(weight.dtype)
-                    require_finite([(name, merged)], "the merged weight of layer",
+                    require_finite([(name.removeprefix("base_model.model."), merged)], "the merged weight of layer",
                                    hint=f" in {str(weight.dtype).removeprefix('torch.')} (scale too large, or a "
                                         "NaN/Inf factor); nothing was merged")
 
