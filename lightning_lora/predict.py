@@ -217,8 +217,8 @@ class Predictor:
 
         out = Path(os.path.expanduser(str(out_dir)))
         if not overwrite and (out.is_file() or out.is_symlink() or (out.is_dir() and any(out.iterdir()))):
-            kind = "a folder that is not empty" if out.is_dir() else "a file"
-            raise UserError(f"out_dir={str(out)!r} is {kind}; choose a new folder or pass overwrite=True")
+            kind = "is not empty" if out.is_dir() else "is a file"
+            raise UserError(f"{out} exists and {kind}; choose another folder or pass overwrite=True")
         for peft in self.adapters.values():
             check_merge(peft)  # every adapter first: a refused merge leaves none merged
         for name in list(self.adapters):

@@ -203,6 +203,7 @@ def _cli_cases(d: Path, p: dict[str, Path]) -> dict[str, tuple[str, list, str]]:
         "sample flow3d scale inf": (nf, [*flow, "--scale", "inf"], "'inf'"),
         "sample flow3d cfg nan": (nf, [*flow, "--cfg", "nan"], "'nan'"),
         "sample flow3d rescale-t inf": (nf, [*flow, "--rescale-t", "inf"], "'inf'"),
+        "sample flow3d lora scale 1e39": (nf, [*flow, "--lora", p["trellis_file"], "--scale", "1e39"], "1e+39"),
         "sample flow3d NaN lora": (nf, [*flow, "--lora", d / "nan_lora.safetensors"], "block.conv"),
         # adapters are float
         "inspect int8 lora": (nf, ["inspect", d / "int8_lora.safetensors"], "int8"),

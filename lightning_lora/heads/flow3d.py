@@ -553,7 +553,7 @@ class FlowMatching3DHead(TaskHead):
         arrays = {"coords": coords[:, 1:].numpy(), "feats": latent.feats.float().numpy()} if coords is not None else {
             "latent": latent.float().numpy()}
         require_finite(((k, torch.from_numpy(v)) for k, v in arrays.items()), f"the sampled {out.name}:",
-                       hint="; nothing was written")
+                       hint=f" (--scale {args.scale:g}, --cfg {args.cfg:g}: too large?); nothing was written")
         write_npz(out, **arrays)
         print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
         if png is not None:
