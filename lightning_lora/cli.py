@@ -276,10 +276,10 @@ def cmd_combine(args: argparse.Namespace) -> int:
         check_combinable([(str(s.path or spec), s.modules, s.family, s.base_model)
                           for s, spec in zip(sets, args.adapters, strict=True)])
     if args.method == "concat":
-        modules = combine_concat(inputs)
+        modules = combine_concat(inputs, allow_disjoint=True)  # checked above, with the files' metadata
     else:
         modules = combine_svd(inputs, parse_rank(args.rank if args.rank is not None else "full", "--rank"),
-                              device=options.device(args.device))
+                              device=options.device(args.device), allow_disjoint=True)
     if not modules:
         raise UserError("the combination is empty (every weight is 0)")
     identity = dict(sets[0].base_model or {})

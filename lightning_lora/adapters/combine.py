@@ -34,8 +34,17 @@ def _check_shapes(inputs: Sequence[tuple[Mapping[str, Factors], float]]) -> dict
     return shapes
 
 
-def combine_concat(inputs: Sequence[tuple[Mapping[str, Factors], float]]) -> dict[str, Factors]:
-    """Exactly Σ wᵢ·ΔWᵢ per module (modules missing from an input contribute nothing from it)."""
+def _check_overlap(inputs: Sequence[tuple[Mapping[str, Factors], float]], allow_disjoint: bool) -> None:
+    if not allow_disjoint:
+        check_combinable([(f"adapter {i + 1}", mods, "", {}) for i, (mods, _) in enumerate(inputs)],
+                         how="allow_disjoint=True")
+
+
+def combine_concat(inputs: Sequence[tuple[Mapping[str, Factors], float]], allow_disjoint: bool = False
+                   ) -> dict[str, Factors]:
+    """Exactly Σ wᵢ·ΔWᵢ per module (modules missing from an input contribute nothing from it). An input that shares
+    no module with the others is refused unless ``allow_disjoint`` (it is likely an adapter for another model)."""
+    _check_overlap(inputs, allow_disjoint)
     shapes = _check_shapes(inputs)
     out = {}
     for name in shapes:
@@ -49,8 +58,11 @@ def combine_concat(inputs: Sequence[tuple[Mapping[str, Factors], float]]) -> dic
 
 
 def combine_svd(inputs: Sequence[tuple[Mapping[str, Factors], float]], rank: int | None,
-                conv_rank: int | None = None, device: str = "cpu") -> dict[str, Factors]:
-    """The exact weighted sum per module, re-factorised by truncated SVD at ``rank`` (``None``: exact rank)."""
+                conv_rank: int | None = None, device: str = "cpu", allow_disjoint: bool = False
+                ) -> dict[str, Factors]:
+    """The exact weighted sum per module, re-factorised by truncated SVD at ``rank`` (``None``: exact rank);
+    ``allow_disjoint`` as in :func:`combine_concat`."""
+    _check_overlap(inputs, allow_disjoint)
     shapes = _check_shapes(inputs)
     out = {}
     for name, shape in shapes.items():
@@ -84,9 +96,11 @@ def merge_into(weight: torch.Tensor, parts: Sequence[tuple[Factors, float]], nam
     return merged
 
 
-def check_combinable(sets: Sequence[tuple[str, Mapping[str, Factors], str, Mapping[str, object]]]) -> None:
+def check_combinable(sets: Sequence[tuple[str, Mapping[str, Factors], str, Mapping[str, object]]],
+                     how: str = "--allow-disjoint") -> None:
     """Refuse to combine adapters that cannot be for one model: (label, modules, family, base model) each; one that
-    shares no module with the others, or two whose metadata name different families or base models."""
+    shares no module with the others, or two whose metadata name different families or base models. ``how`` is
+    what the error tells the user to pass to combine them anyway."""
     for key in ("family", "name", "base"):
         seen: dict[str, str] = {}
         for label, _, family, base in sets:
@@ -96,7 +110,7 @@ def check_combinable(sets: Sequence[tuple[str, Mapping[str, Factors], str, Mappi
         if len(seen) > 1:
             (v1, l1), (v2, l2) = list(seen.items())[:2]
             what = "family" if key == "family" else f"base model ({key})"
-            raise UserError(f"{l1} and {l2} disagree on the {what}: {v1!r} vs {v2!r}; pass --allow-disjoint to "
+            raise UserError(f"{l1} and {l2} disagree on the {what}: {v1!r} vs {v2!r}; pass {how} to "
                             "combine them anyway")
     if len(sets) < 2:
         return
@@ -104,5 +118,5 @@ def check_combinable(sets: Sequence[tuple[str, Mapping[str, Factors], str, Mappi
         others = {m for j, (_, other, _, _) in enumerate(sets) if j != i for m in other}
         if mods and not set(mods) & others:
             raise UserError(f"{label} shares no module with the other adapters (e.g. {next(iter(mods))!r} vs "
-                            f"{sorted(others)[0]!r}): are they for different models? pass --allow-disjoint to "
-                            "combine them anyway")
+                            f"{sorted(others)[0]!r}): are they for different models? pass {how} to combine "
+                            "them anyway")
