@@ -376,6 +376,8 @@ def test_inspect_and_merge_take_a_runs_adapters_final(world, family, tmp_path, c
     assert cli_main(["inspect", str(final)]) == 0
     shown = capsys.readouterr().out
     assert "run's adapter snapshot" in shown and "r=2 alpha=4" in shown
+    if family == "lbm":  # the snapshot's own self-describing file names it
+        assert "family: unknown" not in shown
     base = {"bert": p["bert"] / "model.safetensors", "sd": p["sd"], "lbm": p["lbm"] / "model.safetensors",
             "trellis": p["trellis_ckpt"]}[family]
     out = tmp_path / ("merged" if family == "sd" else "merged.safetensors")

@@ -154,11 +154,27 @@ def _read_snapshot(path: Path) -> LoraSet:
         mods.update({f"{part.name}.{m}": f for m, f in lora.modules.items()})
         ignored += [f"{part.name}/{k}" for k in lora.ignored]
         base_name = base_name or lora.base_model.get("name", "")
-    lora = LoraSet(mods, "snapshot", base_model={"name": base_name}, path=path,
+    lora = LoraSet(mods, "snapshot", _snapshot_family(path), base_model={"name": base_name}, path=path,
                    submodules=[p.name for p in snapshot_parts(path)], ignored=ignored)
     if ignored:
         lora.notes.append(f"{len(ignored)} tensors that are not LoRA factors are ignored, e.g. {ignored[0]}")
     return lora
+
+
+def _snapshot_family(path: Path) -> str:
+    """The family a snapshot's own self-describing file beside its PEFT directories names (PEFT directories name
+    none); "" when there is no such file."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # a damaged neighbour says nothing about the family
+            continue
+        if describes_itself(metadata) and metadata.get("family"):
+            return metadata["family"]
+    return ""
 
 
 def _flag_ignored(lora: LoraSet, tensors: Mapping[str, torch.Tensor]) -> LoraSet:
