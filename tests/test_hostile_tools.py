@@ -387,6 +387,14 @@ def test_inspect_and_merge_take_a_runs_adapters_final(world, family, tmp_path, c
     assert changed and all(torch.isfinite(merged.get(k)).all() for k in changed)
 
 
+def test_sample_flow3d_takes_a_runs_adapters_final(world, tmp_path, capsys) -> None:
+    d, _, p = world
+    out = tmp_path / "s.npz"
+    assert cli_main(["sample", "flow3d", "--model", "trellis_ss_tiny", "--cond", str(d / "cond.npz"), "--lora",
+                     str(p["trellis_final"]), "--steps", "1", "--out", str(out), "--no-png"]) == 0
+    assert np.isfinite(np.load(out)["latent"]).all()
+
+
 def test_the_table_has_the_cases_the_issue_lists() -> None:
     kinds = {}
     d, p = Path("d"), {k: Path(k) for k in ("base", "tuned", "lora", "sd", "lbm", "sd_final", "lbm_final",

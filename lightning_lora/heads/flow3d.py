@@ -468,7 +468,8 @@ class FlowMatching3DHead(TaskHead):
         parser.add_argument("--model", default="trellis_slat_tiny",
                             help="model preset (trellis_ss, trellis_slat, *_tiny)")
         parser.add_argument("--ckpt", help="base weights (required by the released presets)")
-        parser.add_argument("--lora", help="adapter file or PEFT directory for the denoiser")
+        parser.add_argument("--lora", help="adapter file or PEFT directory for the denoiser, or a run's "
+                                                   "adapters/final")
         parser.add_argument("--scale", type=options.finite_float, default=1.0, help="LoRA strength (1.0 = as trained)")
         parser.add_argument("--cond", required=True, help=".npz with tokens [T, D] (or [B, T, D]), or an image "
                                                           "(.png/.jpg) with --image-encoder")
