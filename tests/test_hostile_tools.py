@@ -205,7 +205,12 @@ def _cli_cases(d: Path, p: dict[str, Path]) -> dict[str, tuple[str, list, str]]:
         "sample flow3d rescale-t inf": (nf, [*flow, "--rescale-t", "inf"], "'inf'"),
         "sample flow3d lora scale 1e39": (nf, [*flow, "--lora", p["trellis_file"], "--scale", "1e39"], "1e+39"),
         "sample flow3d NaN lora": (nf, [*flow, "--lora", d / "nan_lora.safetensors"], "block.conv"),
+        "inspect kohya NaN alpha": (nf, ["inspect", d / "kohya_nan_alpha.safetensors"], "lora_unet_block_conv"),
+        "combine svd NaN tensor": (nf, ["combine", lora, d / "nan_lora.safetensors", "--method", "svd",
+                                        *combine_out], "block.conv"),
         # adapters are float
+        "validate int8 lora": (nf, ["validate", "--base", b, "--tuned", t, "--lora", d / "int8_lora.safetensors",
+                                    "--layers-out", d / "layers.txt"], "int8"),
         "inspect int8 lora": (nf, ["inspect", d / "int8_lora.safetensors"], "int8"),
         "inspect int8 PEFT dir": (nf, ["inspect", d / "peft_int8"], "int8"),
         "merge int8 lora": (nf, [*merge, d / "int8_lora.safetensors"], "int8"),
@@ -227,6 +232,8 @@ def _cli_cases(d: Path, p: dict[str, Path]) -> dict[str, tuple[str, list, str]]:
         "sample sd resolution -8": (tb, [*sd, "--resolution", "-8"], "--resolution=-8"),
         "sample sd resolution 0": (tb, [*sd, "--resolution", "0"], "--resolution=0"),
         "sample sd resolution 12": (tb, [*sd, "--resolution", "12"], "multiple of 8"),
+        "sample lbm steps 0": (tb, [*lbm, "--steps", "0"], "--steps=0"),
+        "sample lbm size -8x16": (tb, [*lbm, "--size=-8x16"], "'-8x16'"),
         "sample flow3d steps 0": (tb, [*flow, "--steps", "0"], "'0'"),
         # combine refuses adapters that cannot be for one model
         "combine LBM and TRELLIS LoRAs": (mm, ["combine", p["lbm_file"], p["trellis_file"], *combine_out],
