@@ -8,6 +8,7 @@ A bool is never a number here: ``batch_size: true`` is a config mistake, not 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,6 +50,13 @@ def non_negative_int(value: Any, key: str, *, got: bool = False) -> int:
     if not _is_int(value) or value < 0:
         raise _fail(key, value, "a non-negative integer", got)
     return value
+
+
+def finite(value: Any, key: str, *, hint: str = "", got: bool = False) -> float:
+    """``value``, a finite number (a scale, a weight, a threshold): NaN and +-Inf are refused."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise _fail(key, value, "a finite number" + hint, got)
+    return float(value)
 
 
 def fraction(value: Any, key: str, *, interval: str = "[0, 1)", hint: str = "", got: bool = False) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -84,7 +85,7 @@ def _write_formats(out: Path, modules, fmt: str | None, all_modules, base_name: 
 def cmd_extract(args: argparse.Namespace) -> int:
     from lightning_lora.adapters import formats
     from lightning_lora.adapters.checkpoints import module_weights
-    from lightning_lora.adapters.extract import extract_lora, parse_rank
+    from lightning_lora.adapters.extract import check_min_diff, extract_lora, parse_rank
     from lightning_lora.adapters.svd import check_clamp_quantile
 
     rank = parse_rank(args.rank, "--rank")
@@ -94,8 +95,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(positive_int(args.threads, "--threads"))
-    if args.min_diff < 0:
-        raise UserError(f"--min-diff={args.min_diff} must be >= 0")
+    check_min_diff(args.min_diff, "--min-diff")
     if args.clamp_quantile is not None:
         check_clamp_quantile(args.clamp_quantile)
     out = Path(args.out)
@@ -135,8 +135,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from lightning_lora.adapters.formats import read_lora, resolve_modules
     from lightning_lora.fileio import atomic_write_text
 
-    if not args.threshold > 0:
-        raise UserError(f"--threshold={args.threshold} must be > 0, e.g. 0.05")
+    if not (math.isfinite(args.threshold) and args.threshold > 0):
+        raise UserError(f"--threshold={args.threshold} must be a finite number > 0, e.g. 0.05")
     from lightning_lora import hub
 
     lora_path = Path(args.lora)
@@ -184,8 +184,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- inspect
-FORMAT_NAMES = {"lightning_lora": "lightning_lora single file", "peft": "PEFT directory", "kohya": "kohya",
-                "diffusers": "diffusers", "bare": "bare PEFT keys"}
+FORMAT_NAMES = {"lightning_lora": "lightning_lora single file", "peft": "PEFT directory",
+                "snapshot": "a run's adapter snapshot (a PEFT directory per submodule)", "kohya": "kohya",
+                "kohya_dotted": "kohya keys on dotted module names", "diffusers": "diffusers", "bare": "bare PEFT keys"}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -245,7 +246,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 raise UserError(f"{path}: module {name!r} makes a delta of shape {list(f.weight_shape)} but the base "
                                 f"weight {key!r} has shape {list(base.shape(key))} (an adapter for another model?)")
             parts.setdefault(key, []).append((f, scale))
-    updates = {key: merge_into(base.get(key), ps) for key, ps in parts.items()}
+    updates = {key: merge_into(base.get(key), ps, name=key) for key, ps in parts.items()}
     write_weights_like(base, out, updates)
     print(f"merged {len(args.lora)} LoRA(s) into {len(updates)} weights of {base.path.name}; wrote {out}")
     return 0
@@ -253,7 +254,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- combine
 def cmd_combine(args: argparse.Namespace) -> int:
-    from lightning_lora.adapters.combine import combine_concat, combine_svd
+    from lightning_lora.adapters.combine import check_combinable, combine_concat, combine_svd
     from lightning_lora.adapters.extract import parse_rank
     from lightning_lora.adapters.formats import read_lora, rename_like, write_lora_file
 
@@ -271,11 +272,14 @@ def cmd_combine(args: argparse.Namespace) -> int:
         inputs.append((lora.modules, weight))
     dotted = sorted({m for s in sets if s.format != "kohya" for m in s.modules})
     inputs = [(rename_like(s, dotted).modules, w) for s, (_, w) in zip(sets, inputs, strict=True)]
+    if not args.allow_disjoint:
+        check_combinable([(str(s.path or spec), s.modules, s.family, s.base_model)
+                          for s, spec in zip(sets, args.adapters, strict=True)])
     if args.method == "concat":
-        modules = combine_concat(inputs)
+        modules = combine_concat(inputs, allow_disjoint=True)  # checked above, with the files' metadata
     else:
         modules = combine_svd(inputs, parse_rank(args.rank if args.rank is not None else "full", "--rank"),
-                              device=options.device(args.device))
+                              device=options.device(args.device), allow_disjoint=True)
     if not modules:
         raise UserError("the combination is empty (every weight is 0)")
     identity = dict(sets[0].base_model or {})
@@ -341,7 +345,8 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output LoRA (.safetensors, self-describing)")
     e.add_argument("--rank", default="32", help="rank for linear and 1x1-conv weights, or 'full' (default 32)")
     e.add_argument("--conv-rank", default=None, help="rank for convs with a kernel > 1 (default: --rank)")
-    e.add_argument("--min-diff", type=float, default=1e-3, help="skip weights whose delta max-abs is <= this")
+    e.add_argument("--min-diff", type=float, default=1e-3,
+                   help="skip weights whose delta max-abs is <= this (a finite number >= 0)")
     e.add_argument("--clamp-quantile", type=float, default=None,
                    help="clamp factors at this quantile of their absolute values (off by default; hurts accuracy)")
     e.add_argument("--modules", nargs="+", default=None,
@@ -369,12 +374,13 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
 
     i = sub.add_parser("inspect", help="describe a LoRA file or PEFT directory")
-    i.add_argument("lora")
+    i.add_argument("lora", help="LoRA file, PEFT directory or a run's adapters/final")
     i.set_defaults(func=cmd_inspect)
 
     m = sub.add_parser("merge", help="fold LoRAs into base weights (W += scale·alpha/r·B·A), in the base's format")
     m.add_argument("--base", required=True)
-    m.add_argument("--lora", required=True, action="append", help="LoRA[:scale]; repeat for several")
+    m.add_argument("--lora", required=True, action="append",
+                   help="LoRA[:scale] (a file, PEFT directory or a run's adapters/final); repeat for several")
     m.add_argument("--out", required=True)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
@@ -386,6 +392,9 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
                    help="concat: exact, ranks add; svd: the exact sum re-factorised at --rank")
     c.add_argument("--rank", default=None, help="rank for --method svd (default: exact, the sum of the ranks)")
     c.add_argument("--device", default="cpu")
+    c.add_argument("--allow-disjoint", action="store_true",
+                   help="combine adapters even when one shares no module with the others or their metadata name "
+                        "different families or base models (refused by default: they are for different models)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_combine)
 

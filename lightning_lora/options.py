@@ -31,17 +31,44 @@ def device(name: str) -> str:
 
 
 def weighted(spec: str, flag: str) -> tuple[Path, float]:
-    """``path`` or ``path:scale`` (a colon followed by something that is not a number stays in the path)."""
+    """``path`` or ``path:weight``. A tail that is not a number stays in the path only when it looks like one (it
+    holds a slash, as in ``hf://org/name`` or ``C:\\dir``) or the whole text names an existing file; otherwise
+    ``x:abc`` is a weight that is not a number, said as such (not as a missing file ``x:abc``)."""
     path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            value = float(tail)
-        except ValueError:
+    if not (sep and path):
+        return Path(spec), 1.0
+    try:
+        value = float(tail)
+    except ValueError:
+        if "/" in tail or "\\" in tail or Path(spec).exists():
             return Path(spec), 1.0
-        if not math.isfinite(value):
-            raise UserError(f"{flag} {spec}: the scale {tail!r} must be a finite number")
-        return Path(path), value
-    return Path(spec), 1.0
+        raise UserError(f"{flag} {spec}: the weight {tail!r} is not a number; write PATH:WEIGHT, e.g. {path}:0.5"
+                        ) from None
+    if not math.isfinite(value):
+        raise UserError(f"{flag} {spec}: the scale {tail!r} must be a finite number")
+    return Path(path), value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=``: a finite number (``--scale nan`` would draw a black picture)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer > 0 (``--steps 0`` samples nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
 
 
 def npz_array(path: str, key: str, flag: str):
@@ -61,7 +88,8 @@ def add_lora_folding(parser: argparse.ArgumentParser, formats: str) -> None:
     """``--lora PATH[:WEIGHT]`` (repeatable), ``--scale``, ``--allow-partial``: read by :func:`scaled_loras`."""
     parser.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
                         help=f"adapter ({formats}); repeat for several, each with its weight")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every LoRA weight (1.0 = as trained)")
+    parser.add_argument("--scale", type=finite_float, default=1.0,
+                        help="multiplies every LoRA weight (1.0 = as trained)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="apply a LoRA even if some modules match nothing")
 

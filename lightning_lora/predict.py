@@ -103,6 +103,9 @@ def load_peft(module: torch.nn.Module, path: Path, where: str) -> PeftModel:
     the base model's embeddings."""
     from peft import get_peft_model_state_dict
 
+    from lightning_lora.adapters.io import read_peft_dir
+
+    read_peft_dir(path)  # invalid JSON, a NaN or an int8 tensor: one line naming the file (PEFT would take them)
     try:
         peft = PeftModel.from_pretrained(module, str(path), is_trainable=False)
     except (RuntimeError, ValueError) as exc:
@@ -210,9 +213,14 @@ class Predictor:
         """Merge every adapter into its base weights (PEFT ``merge_and_unload``) and save the whole model with
         ``save_pretrained`` plus the base folder's tokenizer/processor files. ``AutoModel.from_pretrained``
         loads the result and gives these embeddings without PEFT. The predictor keeps working (merged)."""
+        from lightning_lora.adapters.merge import check_merge
+
         out = Path(os.path.expanduser(str(out_dir)))
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise UserError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+        if not overwrite and (out.is_file() or out.is_symlink() or (out.is_dir() and any(out.iterdir()))):
+            kind = "is not empty" if out.is_dir() else "is a file"
+            raise UserError(f"{out} exists and {kind}; choose another folder or pass overwrite=True")
+        for peft in self.adapters.values():
+            check_merge(peft)  # every adapter first: a refused merge leaves none merged
         for name in list(self.adapters):
             self.adapters.pop(name).merge_and_unload()
         with atomic_directory(out) as tmp, quiet_transformers():

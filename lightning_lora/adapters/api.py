@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_lora.adapters.inject import count_parameters, inject_adapter
 from lightning_lora.adapters.io import (
+    CONFIG_NAME,
     adapter_source,
     describes_itself,
     load_adapter_state,
@@ -55,7 +56,7 @@ def load_lora_weights(model: nn.Module, lora_path: str | os.PathLike, r: int | N
     ``lora_path`` is a PEFT directory, a self-describing ``.safetensors`` from ``save_lora_weights``, or a
     bare tensor file (``.safetensors``/``.pt``; ``r``, ``lora_alpha`` and ``target_modules`` required then).
     """
-    path = adapter_source(lora_path)
+    path = _one_part(adapter_source(lora_path))
     if path.is_dir():
         return load_peft_dir(model, path, trainable=trainable, strict=strict)
     tensors, metadata = read_tensor_file(path)
@@ -72,6 +73,17 @@ def load_lora_weights(model: nn.Module, lora_path: str | os.PathLike, r: int | N
     peft_model = inject_adapter(model, config, where=type(model).__name__)
     load_adapter_state(peft_model, state, strict=strict, source=str(path))
     return peft_model
+
+
+def _one_part(path: Path) -> Path:
+    """A run's snapshot (``adapters/final``) with one PEFT directory per submodule stands for its only one; with
+    several, the caller must say which (one model takes one adapter here)."""
+    if not path.is_dir() or (path / CONFIG_NAME).is_file():
+        return path
+    parts = sorted(d for d in path.iterdir() if (d / CONFIG_NAME).is_file())
+    if len(parts) > 1:
+        raise UserError(f"{path} holds adapters for {[d.name for d in parts]}; give one of them, e.g. {parts[0]}")
+    return parts[0] if parts else path
 
 
 def save_lora_weights(model: PeftModel, path: str | os.PathLike, base_model: str | None = None) -> Path:

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from lightning_lora.adapters.finite import require_finite
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory, atomic_write_bytes
 
@@ -192,6 +193,7 @@ def write_weights_like(source: WeightSource, out: str | os.PathLike, updates: Ma
     (other files copied), TRELLIS pair -> pair (the ``.json`` copied next to the output ``.safetensors``).
     """
     out = Path(out)
+    require_finite(updates.items(), "merged weight", hint="; nothing was written")
     if source.kind == "torch":  # the same object back: a Lightning {"state_dict": ...} keeps its other entries
         import io
 

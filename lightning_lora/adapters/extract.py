@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_lora.adapters.factors import Factors, is_spatial
+from lightning_lora.adapters.finite import require_finite
 from lightning_lora.adapters.svd import ModuleResult, factorize, sq_norm
 from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError
@@ -68,6 +69,7 @@ def extract_lora(base, tuned, *, rank: int | None = 32, conv_rank: int | None = 
     memory at a time (plus the factors kept so far).
     """
     base, tuned = _as_source(base), _as_source(tuned)
+    check_min_diff(min_diff)
     conv_rank = rank if conv_rank is None else conv_rank
     names = {k[: -len(".weight")]: k for k in base if k.endswith(".weight") and len(base.shape(k)) >= 2}
     chosen = select_modules(sorted(names), modules)
@@ -77,7 +79,7 @@ def extract_lora(base, tuned, *, rank: int | None = 32, conv_rank: int | None = 
     iterator = progress(chosen) if progress is not None else chosen
     for name in iterator:
         key = names[name]
-        delta = tuned.get(key).to(torch.float32) - base.get(key).to(torch.float32)
+        delta = _finite_delta(base, tuned, key)
         if not delta.numel() or float(delta.abs().max()) <= min_diff:
             result.skipped_small.append(name)
             continue
@@ -88,6 +90,14 @@ def extract_lora(base, tuned, *, rank: int | None = 32, conv_rank: int | None = 
         result.results.append(info)
         result.fallbacks += info.method == "full (fallback)"
     return result
+
+
+def check_min_diff(min_diff: float, key: str = "min_diff") -> float:
+    """A finite threshold >= 0 (NaN would skip nothing and say nothing)."""
+    if isinstance(min_diff, bool) or not isinstance(min_diff, (int, float)) or not (
+            math.isfinite(min_diff) and min_diff >= 0):
+        raise UserError(f"{key}={min_diff!r} must be a finite number >= 0, e.g. 0.001")
+    return float(min_diff)
 
 
 def validate_lora(base, tuned, factors: Mapping[str, Factors], resolve: Mapping[str, str] | None = None,
@@ -103,7 +113,7 @@ def validate_lora(base, tuned, factors: Mapping[str, Factors], resolve: Mapping[
     names = list(factors)
     for name in progress(names) if progress is not None else names:
         key = resolve[name]
-        delta = (tuned.get(key).to(torch.float32) - base.get(key).to(torch.float32))
+        delta = _finite_delta(base, tuned, key)
         f = factors[name]
         if tuple(delta.shape) != f.weight_shape:
             raise UserError(f"LoRA module {name!r} makes a delta of shape {list(f.weight_shape)} but weight "
@@ -122,6 +132,19 @@ def validate_lora(base, tuned, factors: Mapping[str, Factors], resolve: Mapping[
         if not torch.equal(base.get(key), tuned.get(key)):
             uncovered.append(key[: -len(".weight")])
     return results, uncovered
+
+
+def _finite_delta(base, tuned, key: str) -> torch.Tensor:
+    """tuned − base for ``key`` in float32; a NaN/Inf in either (or an overflowing difference) is named with its
+    checkpoint and weight instead of failing inside the SVD."""
+    for label, source in (("base", base), ("tuned", tuned)):
+        tensor = source.get(key)
+        path = getattr(source, "path", None)
+        where = f"the {label} checkpoint" + (f" {path}" if path is not None else "")
+        require_finite([(key, tensor)], f"{where}: weight", hint="; a LoRA cannot be made from it")
+    delta = tuned.get(key).to(torch.float32) - base.get(key).to(torch.float32)
+    require_finite([(key, delta)], "tuned - base overflows float32 for weight")
+    return delta
 
 
 class _MappingSource:

@@ -78,6 +78,6 @@ def fold_loras(layers: Mapping[str, nn.Module], loras: Sequence[tuple[Path, floa
                 if f.weight_shape != tuple(w.shape):
                     raise UserError(f"--lora {path}: module {name!r} makes a delta of shape {list(f.weight_shape)} "
                                     f"but {layer} has shape {list(w.shape)}")
-                w.copy_(merge_into(w, [(f, weight)]))
+                w.copy_(merge_into(w, [(f, weight)], name=f"{layer} (from --lora {path})"))
         reports.append(f"{path} (weight {weight:g}): {len(matched)} of {total} modules applied")
     return reports

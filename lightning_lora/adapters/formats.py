@@ -3,6 +3,7 @@
 Formats (told from the content):
 - ``lightning_lora``: the self-describing single file of ``io.save_adapter_file`` (metadata ``adapters``);
 - ``peft``: a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``);
+- ``snapshot``: a run's ``adapters/final`` (or ``step_N``): a PEFT directory per submodule, names ``<sub>.<module>``;
 - ``kohya``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
 - ``diffusers``: ``unet.<module>.lora_A.weight`` (or ``.lora.down.weight``), no alpha (alpha = rank);
 - ``kohya_dotted``: ``<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` on dotted names (the public
@@ -27,6 +28,7 @@ from peft import LoraConfig
 from safetensors.torch import save
 
 from lightning_lora.adapters.factors import Factors, is_spatial
+from lightning_lora.adapters.finite import require_finite
 from lightning_lora.adapters.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -53,7 +55,7 @@ PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
-FORMATS = ("lightning_lora", "peft", "kohya", "kohya_dotted", "diffusers", "bare")
+FORMATS = ("lightning_lora", "peft", "snapshot", "kohya", "kohya_dotted", "diffusers", "bare")
 OUTPUT_FORMATS = ("peft", "kohya", "diffusers")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.default)?\.weight$")
 _DIFFUSERS_OLD = re.compile(r"^(?P<module>.+)\.lora\.(?P<ab>down|up)\.weight$")
@@ -110,6 +112,9 @@ def _factors(down: torch.Tensor, up: torch.Tensor, scale: float, module: str, so
     if down.shape[0] != up.shape[1] or down.ndim != up.ndim:
         raise UserError(f"{source}: module {module!r} has factors {list(down.shape)} and {list(up.shape)} "
                         "that do not fit together (down [r, in, ...], up [out, r, ...])")
+    if not math.isfinite(scale):
+        raise UserError(f"{source}: module {module!r} has a non-finite scale alpha/r = {scale} (its alpha is NaN or "
+                        "Inf); the adapter is damaged")
     return Factors(down=down, up=up, scale=float(scale))
 
 
@@ -118,6 +123,8 @@ def read_lora(path: str | os.PathLike) -> LoraSet:
     folded in)."""
     path = adapter_source(path)
     src = str(path)
+    if path.is_dir() and not (path / CONFIG_NAME).is_file() and snapshot_parts(path):
+        return _read_snapshot(path)
     if path.is_dir():
         config, state = read_peft_dir(path)
         mods = {m: _factors(a, b, _scale_for(config, m, a.shape[0]), m, src)
@@ -128,6 +135,46 @@ def read_lora(path: str | os.PathLike) -> LoraSet:
         raise UserError(f"LoRA file not found: {path}")
     tensors, metadata = read_tensor_file(path)  # a damaged or pickled file is a UserError there
     return _flag_ignored(_read_tensors(path, tensors, metadata), tensors)
+
+
+def snapshot_parts(path: Path) -> list[Path]:
+    """The PEFT directories of a run's adapter snapshot (``adapters/final/<submodule>/``), by submodule name."""
+    return sorted(d for d in path.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file())
+
+
+def _read_snapshot(path: Path) -> LoraSet:
+    """A run's adapter snapshot (``adapters/final``: one PEFT directory per adapted submodule, whatever family files
+    lie beside them) as one set whose module names carry their submodule (``<submodule>.<module>``), as a
+    self-describing file's do."""
+    mods: dict[str, Factors] = {}
+    ignored: list[str] = []
+    base_name = ""
+    for part in snapshot_parts(path):
+        lora = read_lora(part)
+        mods.update({f"{part.name}.{m}": f for m, f in lora.modules.items()})
+        ignored += [f"{part.name}/{k}" for k in lora.ignored]
+        base_name = base_name or lora.base_model.get("name", "")
+    lora = LoraSet(mods, "snapshot", _snapshot_family(path), base_model={"name": base_name}, path=path,
+                   submodules=[p.name for p in snapshot_parts(path)], ignored=ignored)
+    if ignored:
+        lora.notes.append(f"{len(ignored)} tensors that are not LoRA factors are ignored, e.g. {ignored[0]}")
+    return lora
+
+
+def _snapshot_family(path: Path) -> str:
+    """The family a snapshot's own self-describing file beside its PEFT directories names (PEFT directories name
+    none); "" when there is no such file."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # a damaged neighbour says nothing about the family
+            continue
+        if describes_itself(metadata) and metadata.get("family"):
+            return metadata["family"]
+    return ""
 
 
 def _flag_ignored(lora: LoraSet, tensors: Mapping[str, torch.Tensor]) -> LoraSet:
@@ -310,6 +357,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (t.to(dtype) if dtype is not None else t).contiguous()
 
 
+def check_result(modules: Mapping[str, Factors], out: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Every factor and scale finite (also once cast to ``dtype``) before anything is written to ``out``."""
+    for m, f in modules.items():
+        if not math.isfinite(f.scale):
+            raise UserError(f"module {m!r} of the LoRA for {out} has a non-finite scale {f.scale}; nothing was written")
+        require_finite(((f"{m}.{part}", _cast(t, dtype)) for part, t in (("down", f.down), ("up", f.up))),
+                       f"the LoRA for {out}: factor", hint="; are the weights too large? nothing was written")
+
+
 def write_lora_file(path: str | os.PathLike, modules: Mapping[str, Factors], *, family: str = "",
                     base_model: Mapping[str, Any] | None = None, all_modules: Iterable[str] | None = None,
                     dtype: torch.dtype | None = None) -> Path:
@@ -317,12 +373,14 @@ def write_lora_file(path: str | os.PathLike, modules: Mapping[str, Factors], *, 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"--out {path}: a LoRA file is written as .safetensors")
+    check_result(modules, path, dtype)
     metadata = adapter_file_metadata({"": lora_config_for(modules, all_modules)}, family=family, base_model=base_model)
     return atomic_write_bytes(path, save(_peft_state(modules, dtype), metadata=metadata))
 
 
 def write_peft_dir(directory: str | os.PathLike, modules: Mapping[str, Factors], *, base_model: str | None = None,
                    all_modules: Iterable[str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    check_result(modules, directory, dtype)
     config = lora_config_for(modules, all_modules)
     with atomic_directory(directory) as tmp:
         atomic_write_bytes(tmp / WEIGHTS_NAME, save(_peft_state(modules, dtype), metadata={"format": "pt"}))
@@ -334,6 +392,7 @@ def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: 
                 metadata: Mapping[str, str] | None = None) -> Path:
     """``lora_unet_…``/``lora_te_…`` keys with each module's true alpha; ``ss_network_dim/alpha`` describe the
     linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``)."""
+    check_result(modules, path, dtype)
     tensors = {}
     for m, f in modules.items():
         name = kohya_name(m)
@@ -349,6 +408,7 @@ def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: 
 def write_diffusers(path: str | os.PathLike, modules: Mapping[str, Factors],
                     dtype: torch.dtype | None = None) -> Path:
     """``unet.<module>.lora_A.weight`` keys; diffusers assumes alpha = rank, so the scale is folded into B."""
+    check_result(modules, path, dtype)
     tensors = {}
     for m, f in modules.items():
         name = diffusers_name(m)

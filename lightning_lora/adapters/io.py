@@ -21,6 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors import safe_open
 from safetensors.torch import save
 
+from lightning_lora.adapters.finite import count_non_finite, require_float
+from lightning_lora.checks import finite, positive_int
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
 
@@ -106,7 +108,8 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[Tensors, dict[str, str]]:
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+                tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+            return check_adapter_tensors(tensors, path), metadata
         if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
@@ -123,8 +126,52 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[Tensors, dict[str, str]]:
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise UserError(f"{path}: expected a mapping of tensor names to tensors")
-        return dict(obj), {}
+        return check_adapter_tensors(dict(obj), path), {}
     raise UserError(f"{path}: unknown adapter file type {path.suffix!r}; use .safetensors, .pt, .pth, .bin or .ckpt")
+
+
+def _is_factor(key: str) -> bool:
+    """A LoRA factor or alpha (PEFT, kohya, diffusers spellings), as opposed to a saved whole module."""
+    return ("lora" in key and "modules_to_save" not in key) or key.endswith(".alpha")
+
+
+def check_adapter_tensors(tensors: Tensors, path: str | os.PathLike) -> Tensors:
+    """``tensors`` when every LoRA factor is floating point and no tensor holds NaN/Inf; else one line naming the
+    file, the tensor and its module (an int8 factor would be loaded as if it held weights, a NaN would spread)."""
+    for key, value in tensors.items():
+        if _is_factor(key):
+            require_float(key, value, str(path))
+        if bad := count_non_finite(value):
+            module = _module_of(key).removesuffix(".alpha")
+            raise UserError(f"{path}: tensor {key!r} of module {module!r} holds {bad} NaN/Inf value"
+                            f"{'s' if bad != 1 else ''}; the adapter is damaged (saved after training diverged?)")
+    return tensors
+
+
+def _json(text: str, path: str | os.PathLike, what: str) -> Any:
+    """``text`` parsed as JSON, or one line naming the file, the field and the place of the mistake."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def _lora_config(data: Any, path: str | os.PathLike, what: str) -> LoraConfig:
+    """A checked ``LoraConfig`` from a JSON object: a positive integer ``r`` and finite alphas (a NaN alpha makes
+    every update NaN)."""
+    if not isinstance(data, Mapping):
+        raise UserError(f"{path}: {what} must be a JSON object of LoRA settings, got {type(data).__name__}")
+    try:
+        config = LoraConfig(**_config_kwargs(data))
+    except (TypeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: {what} is not a valid LoRA config: {first[:160]}") from None
+    for key, value in (("r", config.r), *((f"rank_pattern[{k!r}]", v) for k, v in (config.rank_pattern or {}).items())):
+        positive_int(value, f"{path}: {what} {key}")
+    for key, value in (("lora_alpha", config.lora_alpha),
+                       *((f"alpha_pattern[{k!r}]", v) for k, v in (config.alpha_pattern or {}).items())):
+        finite(value, f"{path}: {what} {key}")
+    return config
 
 
 # --------------------------------------------------------------------------- PEFT directories
@@ -166,7 +213,11 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[LoraConfig, Tensors]:
         raise UserError(
             f"{directory} has no {CONFIG_NAME}; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
-    config = LoraConfig.from_pretrained(str(directory))
+    try:
+        text = (directory / CONFIG_NAME).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{directory / CONFIG_NAME}: not UTF-8 text (byte offset {e.start})") from None
+    config = _lora_config(_json(text, directory / CONFIG_NAME, "the config"), directory / CONFIG_NAME, "the config")
     for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
         if (directory / name).is_file():
             return config, read_tensor_file(directory / name)[0]
@@ -234,14 +285,21 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, LoraConfig], d
         raise UserError(
             f"{path} carries no lightning_lora metadata; give r, alpha and targets explicitly to load it"
         )
-    configs = {sub: LoraConfig(**_config_kwargs(c)) for sub, c in json.loads(metadata["adapters"]).items()}
+    described = _json(metadata["adapters"], path, "metadata 'adapters'")
+    if not isinstance(described, Mapping):
+        raise UserError(f"{path}: metadata 'adapters' must map submodule names to LoRA configs, got "
+                        f"{type(described).__name__}")
+    configs = {sub: _lora_config(c, path, f"metadata 'adapters' [{sub!r}]") for sub, c in described.items()}
     by_sub: dict[str, Tensors] = {sub: {} for sub in configs}
     for key, value in tensors.items():
         sub = next((s for s in sorted(configs, key=len, reverse=True) if s and key.startswith(s + ".")), "")
         if sub not in by_sub:
             raise UserError(f"{path}: tensor {key!r} belongs to no submodule named in the metadata")
         by_sub[sub][key[len(sub) + 1:] if sub else key] = value
-    extra = {"family": metadata.get("family", ""), "base_model": json.loads(metadata.get("base_model", "{}"))}
+    base_model = _json(metadata.get("base_model", "{}"), path, "metadata 'base_model'")
+    if not isinstance(base_model, Mapping):
+        raise UserError(f"{path}: metadata 'base_model' must be a JSON object, got {type(base_model).__name__}")
+    extra = {"family": metadata.get("family", ""), "base_model": dict(base_model)}
     return configs, by_sub, extra
 
 

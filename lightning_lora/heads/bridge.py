@@ -273,6 +273,7 @@ class BridgeHead(LatentHead):
         """One LBM translation (source image -> target domain) with LoRAs folded into the denoiser at a scale."""
         from PIL import Image
 
+        from lightning_lora.adapters.finite import require_finite
         from lightning_lora.callbacks.sample_previews import png_bytes
         from lightning_lora.data.images import describe_error, load_rgb, to_tensor
         from lightning_lora.fileio import atomic_write_bytes
@@ -300,6 +301,7 @@ class BridgeHead(LatentHead):
         if (w, h) != image.size:
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         result = head.translate(to_tensor(image)[None], args.steps, seed=args.seed)[0]
+        require_finite([(out.name, result)], "the translated picture", hint="; nothing was written")
         atomic_write_bytes(out, png_bytes(((result.cpu() + 1) / 2).clamp(0, 1)))
         print(f"wrote {out} ({w}x{h}, {args.steps} step{'s' if args.steps != 1 else ''}, seed {args.seed})")
         return 0

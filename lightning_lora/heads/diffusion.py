@@ -20,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -418,20 +419,23 @@ class DiffusionHead(LatentHead):
                             help=f"diffusers Stable Diffusion folder or Hub id (e.g. {SD15_HUB_ID}[@revision])")
         options.add_lora_folding(parser, "diffusers/kohya/PEFT/lightning_lora file, or a run's adapters/final")
         parser.add_argument("--prompt", required=True)
-        parser.add_argument("--steps", type=int, default=25)
-        parser.add_argument("--guidance", type=float, default=7.5)
+        parser.add_argument("--steps", type=options.positive_int, default=25)
+        parser.add_argument("--guidance", type=options.finite_float, default=7.5)
         parser.add_argument("--resolution", type=int, default=None,
-                            help="default: the UNet's sample size x VAE factor")
+                            help="a positive multiple of 8 (default: the UNet's sample size x VAE factor)")
         parser.add_argument("--seed", type=int, default=0)
         options.add_png_output(parser)
 
     @classmethod
     def run_sample(cls, args: argparse.Namespace) -> int:
         """One picture from the folder's own pipeline (its scheduler), LoRAs folded into the weights."""
+        from lightning_lora.adapters.finite import require_finite
         from lightning_lora.callbacks.sample_previews import png_bytes
         from lightning_lora.fileio import atomic_write_bytes
 
         out = options.png_out(args)
+        if args.resolution is not None:  # the pipeline's own rule, before anything loads (the VAE's after)
+            check_sample_size(args.resolution, 8)
         folder = check_pipeline_folder(args.pretrained, key="--pretrained")
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
@@ -442,12 +446,23 @@ class DiffusionHead(LatentHead):
         for line in apply_loras(pipe, options.scaled_loras(args), allow_partial=args.allow_partial):
             print(line)
         size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        check_sample_size(size, pipe.vae_scale_factor)
         image = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed),
                      output_type="pt").images[0]
+        require_finite([(out.name, image)], "the sampled picture", hint="; nothing was written")
         atomic_write_bytes(out, png_bytes(image.float().cpu()))
         print(f"wrote {out} ({size}x{size}, {args.steps} steps, guidance {args.guidance:g}, seed {args.seed})")
         return 0
+
+
+def check_sample_size(size: int, vae_factor: int) -> int:
+    """``--resolution``: a positive multiple of 8 (the pipeline's rule) and of the VAE's downscale factor."""
+    step = math.lcm(8, int(vae_factor))
+    if size <= 0 or size % step:
+        raise UserError(f"--resolution={size} must be a positive multiple of {step}, e.g. "
+                        f"{max(step, size // step * step)}")
+    return size
 
 
 # --------------------------------------------------------------------------- LoRAs on a plain pipeline

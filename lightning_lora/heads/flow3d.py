@@ -468,18 +468,20 @@ class FlowMatching3DHead(TaskHead):
         parser.add_argument("--model", default="trellis_slat_tiny",
                             help="model preset (trellis_ss, trellis_slat, *_tiny)")
         parser.add_argument("--ckpt", help="base weights (required by the released presets)")
-        parser.add_argument("--lora", help="adapter file or PEFT directory for the denoiser")
-        parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0 = as trained)")
+        parser.add_argument("--lora", help="adapter file or PEFT directory for the denoiser, or a run's "
+                                                   "adapters/final")
+        parser.add_argument("--scale", type=options.finite_float, default=1.0, help="LoRA strength (1.0 = as trained)")
         parser.add_argument("--cond", required=True, help=".npz with tokens [T, D] (or [B, T, D]), or an image "
                                                           "(.png/.jpg) with --image-encoder")
         parser.add_argument("--image-encoder", help="local DINOv2-with-registers folder that encodes an image --cond")
         parser.add_argument("--image-size", type=int, default=None,
                             help="pixels the image is resized to for the encoder (default: the preset's, 518)")
         parser.add_argument("--coords", help=".npz with coords [N, 3]: the voxels a structured latent is sampled on")
-        parser.add_argument("--steps", type=int, default=25)
-        parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance strength")
-        parser.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"))
-        parser.add_argument("--rescale-t", type=float, default=1.0)
+        parser.add_argument("--steps", type=options.positive_int, default=25)
+        parser.add_argument("--cfg", type=options.finite_float, default=3.0, help="classifier-free guidance strength")
+        parser.add_argument("--cfg-interval", type=options.finite_float, nargs=2, default=[0.0, 1.0],
+                            metavar=("LO", "HI"))
+        parser.add_argument("--rescale-t", type=options.finite_float, default=1.0)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--out", required=True, help="output .npz (latent, or coords + feats)")
         pictures = parser.add_mutually_exclusive_group()
@@ -496,6 +498,7 @@ class FlowMatching3DHead(TaskHead):
         from omegaconf import open_dict
 
         from lightning_lora.adapters import load_lora_weights, set_adapter_scale
+        from lightning_lora.adapters.finite import require_finite
         from lightning_lora.config import compose_config
         from lightning_lora.data.trellis import (
             decode_demo_ss,
@@ -550,6 +553,8 @@ class FlowMatching3DHead(TaskHead):
                              cfg_interval=tuple(args.cfg_interval), rescale_t=args.rescale_t, seed=args.seed)
         arrays = {"coords": coords[:, 1:].numpy(), "feats": latent.feats.float().numpy()} if coords is not None else {
             "latent": latent.float().numpy()}
+        require_finite(((k, torch.from_numpy(v)) for k, v in arrays.items()), f"the sampled {out.name}:",
+                       hint=f" (--scale {args.scale:g}, --cfg {args.cfg:g}: too large?); nothing was written")
         write_npz(out, **arrays)
         print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
         if png is not None:
