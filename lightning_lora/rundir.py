@@ -18,11 +18,14 @@ import fcntl
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_lora.errors import UserError
+from hydra.experimental.callback import Callback
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_lora.errors import UserError, find_user_error
 
 #: what a run writes into its directory; any of them present means the directory holds a run
 RUN_MARKERS = ("config.yaml", "metrics.json", "command.txt", "adapters", "checkpoints", "lora_ckpts", "samples")
@@ -224,10 +227,16 @@ def _refuse(message: str) -> None:
     sys.exit(2)
 
 
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra is a dependency; the module's functions need no hydra
-    Callback = object  # type: ignore[assignment,misc]
+def _or_refuse(check: Callable[[], None]) -> None:
+    """Run ``check``; a user error (also the ``fresh_dir`` resolver's, inside OmegaConf's) ends the process."""
+    try:
+        check()
+    except UserError as exc:
+        _refuse(str(exc))
+    except OmegaConfBaseException as exc:
+        if (err := find_user_error(exc)) is None:
+            raise
+        _refuse(str(err))
 
 
 class RunDirGuard(Callback):
@@ -237,30 +246,8 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         if _global_rank() != 0:
             return  # a DDP/SLURM process started by rank 0's launcher, in rank 0's directory
-        from omegaconf.errors import OmegaConfBaseException
-
-        from lightning_lora.errors import find_user_error
-
-        try:
-            path = Path(str(config.hydra.run.dir)).absolute()
-            check_run_dir(path, config.get("resume"), config.get("overwrite", False))
-        except UserError as exc:
-            _refuse(str(exc))
-        except OmegaConfBaseException as exc:  # the fresh_dir resolver's own line, inside OmegaConf's error
-            if (err := find_user_error(exc)) is None:
-                raise
-            _refuse(str(err))
+        _or_refuse(lambda: check_run_dir(Path(str(config.hydra.run.dir)).absolute(), config.get("resume"),
+                                         config.get("overwrite", False)))
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from omegaconf.errors import OmegaConfBaseException
-
-        from lightning_lora.errors import find_user_error
-
-        try:
-            check_writable(Path(str(config.hydra.sweep.dir)).absolute())
-        except UserError as exc:
-            _refuse(str(exc))
-        except OmegaConfBaseException as exc:
-            if (err := find_user_error(exc)) is None:
-                raise
-            _refuse(str(err))
+        _or_refuse(lambda: check_writable(Path(str(config.hydra.sweep.dir)).absolute()))

@@ -141,6 +141,17 @@ def _sweep_dir_is_a_file(scene: Scene) -> tuple[list[str], str]:
     return ["-m", "adapter.r=2,4", f"hydra.sweep.dir={scene.root / 'sweep'}"], f"{scene.root / 'sweep'} is a file"
 
 
+def _outputs_is_a_file(*flags: str) -> Setup:
+    """The default run (or sweep) directory under a working directory whose ``outputs`` is a file."""
+
+    def setup(scene: Scene) -> tuple[list[str], str]:
+        (scene.root / "outputs").write_text("not a directory\n")
+        scene.monkeypatch.chdir(scene.root)
+        return [*flags], "cannot create a run directory outputs/"
+
+    return setup
+
+
 def _read_only(existing: bool) -> Setup:
     def setup(scene: Scene) -> tuple[list[str], str]:
         ro = scene.root / "ro"
@@ -172,6 +183,9 @@ CASES = [
     Case("run directory is a file", "traceback->one line", _is_a_file()),
     Case("run directory below a file", "traceback->one line", _is_a_file("sub")),
     Case("sweep directory is a file", "traceback->one line", _sweep_dir_is_a_file),
+    Case("default run directory under a file named outputs", "traceback->one line", _outputs_is_a_file()),
+    Case("default sweep directory under a file named outputs", "traceback->one line",
+         _outputs_is_a_file("-m", "adapter.r=2,4")),
     Case("run directory is read-only", "permissions", _read_only(existing=True)),
     Case("run directory below a read-only one", "permissions", _read_only(existing=False)),
     Case("overwrite is not a boolean", "other",
