@@ -99,6 +99,18 @@ def check_fresh(path: Path, resume: str | None, overwrite: bool) -> None:
                         "resume=last, pick a new directory (hydra.run.dir=...), or replace it with overwrite=true")
 
 
+def check_fresh_sweep(path: Path, resume: str | None, overwrite: bool) -> None:
+    """A fresh sweep (``resume`` null) refuses a sweep directory whose jobs already ran, unless ``overwrite``."""
+    if resume or overwrite or not path.is_dir():
+        return
+    used = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.is_symlink() and run_outputs(d))
+    if used:
+        jobs = used[0] + (", ..." if len(used) > 1 else "")
+        raise UserError(f"sweep directory {path} already holds the runs of a sweep (job {jobs}); pick a new "
+                        "directory (hydra.sweep.dir=...), continue them with resume=last, or replace them with "
+                        "overwrite=true")
+
+
 def lock_holder(path: Path) -> int | None:
     """The PID recorded in ``path``'s lock file when another process holds the lock now; else None."""
     try:
@@ -250,4 +262,9 @@ class RunDirGuard(Callback):
                                          config.get("overwrite", False)))
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        _or_refuse(lambda: check_writable(Path(str(config.hydra.sweep.dir)).absolute()))
+        def check() -> None:
+            path = Path(str(config.hydra.sweep.dir)).absolute()
+            check_writable(path)
+            check_fresh_sweep(path, config.get("resume"), check_overwrite(config.get("overwrite", False)))
+
+        _or_refuse(check)

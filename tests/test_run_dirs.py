@@ -152,6 +152,12 @@ def _outputs_is_a_file(*flags: str) -> Setup:
     return setup
 
 
+def _used_sweep(scene: Scene) -> tuple[list[str], str]:
+    sweep = scene.root / "sweep"
+    shutil.copytree(scene.used, sweep / "1")
+    return ["-m", "adapter.r=2,4", f"hydra.sweep.dir={sweep}"], f"sweep directory {sweep} already holds the runs"
+
+
 def _read_only(existing: bool) -> Setup:
     def setup(scene: Scene) -> tuple[list[str], str]:
         ro = scene.root / "ro"
@@ -180,6 +186,7 @@ CASES = [
     Case("resume=last on a directory another run holds", "silent data loss", _locked("resume=last", used=True)),
     Case("overwrite=true on a directory another run holds", "silent data loss",
          _locked("overwrite=true", used=True)),
+    Case("fresh sweep on the directory of a finished sweep", "silent data loss", _used_sweep),
     Case("run directory is a file", "traceback->one line", _is_a_file()),
     Case("run directory below a file", "traceback->one line", _is_a_file("sub")),
     Case("sweep directory is a file", "traceback->one line", _sweep_dir_is_a_file),
