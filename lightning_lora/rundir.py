@@ -66,17 +66,16 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, what: str = "run directory", key: str = "hydra.run.dir") -> None:
     """One line when ``path`` cannot be a run directory: a file, not writable, or not creatable."""
     if os.path.lexists(path) and not path.is_dir():
-        raise UserError(f"run directory {path} is a file, not a directory; give hydra.run.dir (or paths.output_dir) "
-                        "a directory")
+        raise UserError(f"{what} {path} is a file, not a directory; give {key} a directory")
     existing = _nearest_existing(path)
     if not existing.is_dir():
-        raise UserError(f"run directory {path} cannot be created: {existing} is a file")
+        raise UserError(f"{what} {path} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
-        raise UserError(f"run directory {path} {what}; choose a writable place (hydra.run.dir=...)")
+        why = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise UserError(f"{what} {path} {why}; choose a writable place ({key}=...)")
 
 
 def run_outputs(path: Path, names: tuple[str, ...] = RUN_MARKERS) -> list[str]:
@@ -264,7 +263,7 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         def check() -> None:
             path = Path(str(config.hydra.sweep.dir)).absolute()
-            check_writable(path)
+            check_writable(path, "sweep directory", "hydra.sweep.dir")
             check_fresh_sweep(path, config.get("resume"), check_overwrite(config.get("overwrite", False)))
 
         _or_refuse(check)

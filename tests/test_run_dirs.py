@@ -561,3 +561,16 @@ def test_full_disk_leaves_no_empty_step_directory(tmp_path, monkeypatch) -> None
     monkeypatch.undo()
     assert not (tmp_path / "adapters" / "step_0000004").exists()
     assert file_bytes(tmp_path) == before and not list(tmp_path.rglob(TMP_PREFIX + "*"))
+
+
+def test_failure_line_names_the_first_failed_job_and_exits_1_on_a_bug(tmp_path) -> None:
+    from lightning_lora.sweep import JobRow, failure_line
+
+    rows = [JobRow("0", ["adapter.r=2"], tmp_path, metrics={"after": {}}),
+            JobRow("1", ["adapter.r=0"], tmp_path, failure={"reason": "adapter.r=0 must be ...", "user_error": True}),
+            JobRow("2", ["adapter.r=4"], tmp_path, failure={"reason": "KeyError: 'x'", "user_error": False}),
+            JobRow("3", ["adapter.r=8"], tmp_path)]  # still running (an asynchronous launcher): not a failure
+    line, code = failure_line(rows, tmp_path / SUMMARY_FILE)
+    assert code == 1 and line.startswith("2 of 4 sweep jobs failed: job 1 (adapter.r=0): adapter.r=0 must be")
+    assert "(and 1 more)" in line and [r.status for r in rows] == ["ok", "failed", "failed", "missing"]
+    assert failure_line(rows[:1] + rows[3:], tmp_path) is None
