@@ -307,7 +307,18 @@ def test_fresh_dir_claims_atomically_under_threads(tmp_path) -> None:
 
 def test_same_second_double_launch(tmp_path, tiny_bert, cache_dir) -> None:
     """Two `python -m lightning_lora.train` started together with the default run directory: two directories,
-    each holding one whole run (or the second refuses with one line); never one directory holding both."""
+    each holding one whole run (or one refuses with one line); never one directory holding both.
+
+    When they start depends on the machine's load, so every default directory of the next 10 minutes is taken
+    beforehand (as by runs started that second): each launch must collide and claim a suffixed name, and two
+    launches in one second collide with each other too."""
+    import datetime
+
+    now = datetime.datetime.now()
+    taken = {tmp_path / "outputs" / t.strftime("%Y-%m-%d") / t.strftime("%H-%M-%S")
+             for t in (now + datetime.timedelta(seconds=s) for s in range(-2, 600))}
+    for d in taken:
+        d.mkdir(parents=True)
     args = [f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", *SHORT]
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", ""))
@@ -316,22 +327,21 @@ def test_same_second_double_launch(tmp_path, tiny_bert, cache_dir) -> None:
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]
     results = [p.communicate(timeout=600) for p in procs]
-    dirs = sorted(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
     ok = [i for i, p in enumerate(procs) if p.returncode == 0]
     for i, p in enumerate(procs):
         if p.returncode != 0:
             assert_one_error_line(p.returncode, results[i][1], "run directory", case=f"launch {i}")
     assert ok, [r[1][-2000:] for r in results]
-    reported = {line.removeprefix("Run directory: ") for i in ok for line in results[i][0].splitlines()
-                if line.startswith("Run directory: ")}
-    assert len(reported) == len(ok)  # each finished run names its own directory
-    for d in dirs:
-        config = d / "config.yaml"
-        if config.is_file():
-            assert OmegaConf.load(config).seed in (1, 2)
-            assert (d / ".hydra" / "overrides.yaml").read_text().count("seed=") == 1
-    seeds = sorted(OmegaConf.load(Path(d) / "config.yaml").seed for d in reported)
-    assert len(set(seeds)) == len(seeds)
+    reported = [{line.removeprefix("Run directory: ") for line in results[i][0].splitlines()
+                 if line.startswith("Run directory: ")} for i in ok]
+    assert all(len(r) == 1 for r in reported)  # the same directory at the start and the end of each run
+    dirs = [Path(next(iter(r))) for r in reported]
+    assert len(set(dirs)) == len(dirs)  # each finished run names its own directory
+    for i, d in zip(ok, dirs, strict=True):
+        assert d.name.rsplit("-", 1)[-1].isdigit() and d.parent.parent == tmp_path / "outputs"
+        assert d not in taken and OmegaConf.load(d / "config.yaml").seed == i + 1
+        assert (d / ".hydra" / "overrides.yaml").read_text().count("seed=") == 1
+    assert all(not any(d.iterdir()) for d in taken)  # nothing written into another run's directory
     print("run directories:", [d.name for d in dirs])
 
 
