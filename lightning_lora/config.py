@@ -1,5 +1,5 @@
 """Where the Hydra configs live, composing them from Python, and the OmegaConf resolvers they use
-(``${tiny:PATH}``, ``${pkg_model_path:MODULE}``, ``${cadence:TOTAL,COUNT}``)."""
+(``${tiny:PATH}``, ``${pkg_model_path:MODULE}``, ``${cadence:TOTAL,COUNT}``, ``${fresh_dir:PATTERN}``)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ def cadence(total: int, count: int) -> int:
 
 
 def register_resolvers() -> None:
+    from lightning_lora.rundir import fresh_dir
+
     for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base), ("cadence", cadence)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+    if not OmegaConf.has_resolver("fresh_dir"):
+        # cached per config (as Hydra's ${now:...}): every read of hydra.run.dir in a run is the one directory
+        OmegaConf.register_new_resolver("fresh_dir", fresh_dir, use_cache=True)

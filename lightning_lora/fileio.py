@@ -2,27 +2,57 @@
 
 Everything the project writes goes to a temporary name in the same directory first and is then renamed,
 which is atomic on POSIX file systems. A temporary left behind by a killed write starts with ``.tmp-``
-and is never mistaken for a finished file.
+and is never mistaken for a finished file; its name carries the writer's PID, so a clean-up can tell a live
+writer's file from a dead one's. What appears under the final name has the mode a plain ``open()`` (or
+``mkdir``) would give under the process's umask, and a replaced file or directory keeps its own mode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+#: the end of a temporary's name: ``.<writer's pid>-<mkstemp's random part>``, or ``.old-<pid>`` (moved aside)
+_WRITER_PID = re.compile(r"\.(?:(\d+)-[a-z0-9_]{8}|old-(\d+))$")
+
+
+def temporary_prefix(path: Path) -> str:
+    """The ``prefix`` for ``mkstemp``/``mkdtemp`` of a temporary that will become ``path``: hidden, marked as a
+    temporary, and naming this process (``clean_stale_temporaries`` leaves a live writer's files alone)."""
+    return f"{TMP_PREFIX}{path.name}.{os.getpid()}-"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` can only swap it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="ascii") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def final_mode(path: Path, directory: bool = False) -> int:
+    """The mode for what is about to appear at ``path``: the mode of what is there now (a replaced file keeps
+    its own), else what ``open()`` / ``mkdir`` would give under the umask (``mkstemp`` alone gives 0600/0700)."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    return (0o777 if directory else 0o666) & ~current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=path.parent)
     try:
+        os.fchmod(fd, final_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,8 +89,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(path), dir=path.parent))
     try:
+        os.chmod(tmp, final_mode(path, directory=True))
         yield tmp
         old = None
         if path.exists():
@@ -74,6 +105,38 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def new_directory_or_none(path: str | os.PathLike) -> Iterator[Path]:
+    """A block that fills the directory ``path`` piece by piece (each piece atomic): when the block fails and
+    ``path`` did not exist before it, ``path`` is removed, so a failed write (a full disk) leaves no empty or
+    partial directory behind. An existing ``path`` keeps whatever complete pieces it holds."""
+    path = Path(path)
+    existed = os.path.lexists(path)
+    try:
+        yield path
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the temporary ``name`` records the PID of another process that is running now."""
+    match = _WRITER_PID.search(name)
+    if match is None:
+        return False  # written before names carried a PID: stale by the caller's word
+    pid = int(match.group(1) or match.group(2))
+    if pid == os.getpid():
+        return False  # this process writes nothing while it cleans up: its own leftovers are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # PermissionError: alive, another user's; OverflowError: not a PID, keep the file
+    return True
+
+
 #: the run directory's sub-directories the project writes into (searched in depth for stale temporaries)
 RUN_SUBDIRS = ("checkpoints", "adapters", "samples", "lora_ckpts")
 
@@ -85,7 +148,9 @@ def clean_stale_temporaries(root: str | os.PathLike, subdirs: tuple[str, ...] | 
     directory placed among a user's files touches nothing of theirs. A directory that ``atomic_directory``
     had moved aside (``.tmp-<name>.old-<pid>``) whose replacement never arrived is the last complete
     version of ``<name>``: it is moved back instead of deleted. Call this only when no other process writes
-    there (at the start of a run, before training).
+    there (at the start of a run, before training, holding the run directory's lock): even then a temporary
+    whose name records a writer that is still alive (another process: a tool writing into the directory) is
+    left alone.
     """
     root = Path(root)
     if not root.is_dir():
@@ -98,7 +163,7 @@ def clean_stale_temporaries(root: str | os.PathLike, subdirs: tuple[str, ...] | 
         for sub in subdirs:
             if (root / sub).is_dir() and not (root / sub).is_symlink():
                 candidates += (root / sub).rglob(pattern)
-    found = sorted((p for p in candidates if p.name.startswith(TMP_PREFIX)),
+    found = sorted((p for p in candidates if p.name.startswith(TMP_PREFIX) and not _writer_alive(p.name)),
                    key=lambda p: len(p.parts), reverse=True)  # deepest first
     handled: list[Path] = []
     for stale in found:

@@ -35,7 +35,7 @@ from lightning_lora.adapters import (
 )
 from lightning_lora.checks import choice
 from lightning_lora.errors import UserError
-from lightning_lora.fileio import atomic_write_bytes
+from lightning_lora.fileio import atomic_write_bytes, new_directory_or_none
 from lightning_lora.heads.base import TaskHead
 
 #: head parameters trained beside the adapter (e.g. a learnable temperature), in every adapter snapshot
@@ -273,17 +273,19 @@ class LoRAAdaptationModule(pl.LightningModule):
         """Write one PEFT directory per adapted submodule under ``directory``, plus the family's formats."""
         directory = Path(directory)
         identity = self.head.base_model_identity()
-        written = [
-            save_peft_dir(peft, directory / name, base_model=identity.get(name, identity.get("name")))
-            for name, peft in self.adapters.items()
-        ]
-        if extra := self.head.extra_trainable_parameters():
-            from safetensors.torch import save
+        with new_directory_or_none(directory):  # a failed first write of a snapshot (full disk) leaves no empty dir
+            written = [
+                save_peft_dir(peft, directory / name, base_model=identity.get(name, identity.get("name")))
+                for name, peft in self.adapters.items()
+            ]
+            if extra := self.head.extra_trainable_parameters():
+                from safetensors.torch import save
 
-            tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
-            written.append(atomic_write_bytes(directory / HEAD_PARAMETERS, save(tensors)))
-        step = self.global_step if step is None else step
-        return written + self.head.export_adapters(directory, self.adapters, step, Path(run_dir) if run_dir else None)
+                tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+                written.append(atomic_write_bytes(directory / HEAD_PARAMETERS, save(tensors)))
+            step = self.global_step if step is None else step
+            run_dir = Path(run_dir) if run_dir else None
+            return written + self.head.export_adapters(directory, self.adapters, step, run_dir)
 
     def save_adapter_file(self, path: str | Path) -> Path:
         """Every adapted submodule in one self-describing ``.safetensors`` (family, configs, base model)."""

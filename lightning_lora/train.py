@@ -14,12 +14,14 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -34,6 +36,8 @@ from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
+from lightning_lora.rundir import hold_run_dir
+from lightning_lora.sweep import record_failure
 
 
 class Preempted(SIGTERMException):
@@ -321,12 +325,19 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
     init_family = _check_init_from(spec.init_from)
     output_dir = Path(cfg.paths.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise UserError(f"paths.output_dir={output_dir} is not writable")
+    # a file, read-only, used by another run (resume: null), locked by a running one: one line, nothing written
+    with hold_run_dir(output_dir, cfg.get("resume"), cfg.get("overwrite", False), rank_zero_only.rank) as removed:
+        if removed:
+            _print(f"overwrite=true: removed the previous run's {', '.join(removed)} from {output_dir}")
+        return _run_in(cfg, output_dir, started, spec, schedule, init_family)
+
+
+def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec, schedule: ScheduleSpec,
+            init_family: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rest of ``run``, in the run directory it holds."""
     _print(f"Run directory: {output_dir}")
     if rank_zero_only.rank == 0:
-        for stale in clean_stale_temporaries(output_dir):  # left by a killed write; never a finished file
+        for stale in clean_stale_temporaries(output_dir):  # left by a killed write (under the lock: not a live one)
             _print(f"removed a temporary file of an interrupted write: {stale}")
         atomic_write_text(output_dir / "environment.json", json.dumps(environment(cfg), indent=2) + "\n")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -393,6 +404,18 @@ def _debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
 
+def _in_multirun() -> bool:
+    """Whether this is one job of a Hydra sweep (``-m``)."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: a bug's one-line reason in a sweep's summary."""
+    return f"{type(exc).__name__}: {' '.join((str(exc).strip().splitlines() or [''])[0].split())[:200]}"
+
+
 def _preempted_message(trainer: pl.Trainer) -> str:
     saved = next((cb.saved for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)
                   and cb.saved is not None), None)
@@ -413,10 +436,17 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a terminated job
     except Exception as exc:
         message = user_message(exc)  # None: a bug, whose traceback is the message
-        if message is None or _debug():
+        if _debug() or (message is None and not _in_multirun()):
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if message is None:  # a bug in one job of a sweep: its traceback, and the sweep goes on
+            traceback.print_exc()
+        print(f"error: {message or _first_line(exc)}", file=sys.stderr, flush=True)
+        if not _in_multirun():
+            sys.exit(2)
+        # SystemExit would end the whole sweep: the job is recorded as failed (sweep_summary.csv shows it, and the
+        # sweep exits non-zero at its end) and returns no metric
+        record_failure(HydraConfig.get().runtime.output_dir, message or _first_line(exc), user_error=bool(message))
+        return None
     value = metrics["after"].get(metrics["monitor"])
     return None if value is None else float(value)
 

@@ -314,7 +314,9 @@ def test_train_matrix_as_a_subprocess(tmp_path, tiny_bert, cache_dir) -> None:
     (run_dir / "metrics.json").write_text("{}\n")
     args = [f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", *FAST, f"hydra.run.dir={run_dir}",
             "validate_before=false"]
-    proc = run_cli([*args, f"adapter.init_from={tmp_path / 'cut.safetensors'}"])
+    # overwrite=true: past the used-directory refusal (tests/test_run_dirs.py), to the bad value, which still fails
+    # before the old run's files would be removed
+    proc = run_cli([*args, f"adapter.init_from={tmp_path / 'cut.safetensors'}", "overwrite=true"])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1].startswith("error: adapter.init_from=") and "cut.safetensors" in lines[-1]

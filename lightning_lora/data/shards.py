@@ -60,7 +60,7 @@ from lightning_lora.data.images import (
     to_tensor,
 )
 from lightning_lora.errors import UserError
-from lightning_lora.fileio import TMP_PREFIX
+from lightning_lora.fileio import final_mode, temporary_prefix
 
 SHARD_STRIDE = 10**9  # sample id = shard number * SHARD_STRIDE + position inside the shard
 DEFAULT_IMAGE_KEY = "jpg;png;jpeg;webp"
@@ -125,8 +125,9 @@ def write_shards(samples: Iterable[Mapping[str, Any]], pattern: str, per_shard: 
     while chunk := list(islice(iterator, per_shard)):
         path = Path(pattern % count)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=path.parent)
         try:
+            os.fchmod(fd, final_mode(path))  # as open() would make it, not mkstemp's 0600
             with os.fdopen(fd, "wb") as stream:
                 writer = wds.TarWriter(stream, mtime=0.0)
                 for i, sample in enumerate(chunk):
