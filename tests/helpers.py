@@ -145,14 +145,27 @@ def assert_one_error_line(rc: int, err: str, needle: str, *, code: int = 2, case
 def train_main(argv: list[str]) -> int:
     """``python -m lightning_lora.train ARGV`` in this process (Hydra's own entry point, so Hydra's parsing,
     run directory and error handling are the ones users get); returns the exit status."""
+    import logging
     import sys
     from unittest import mock
 
     from lightning_lora.train import main
 
-    with mock.patch.object(sys, "argv", ["lightning_lora.train", *map(str, argv)]):
-        try:
-            main()
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    # Hydra points the root and "hydra" loggers at this test's captured streams; put them back afterwards, or later
+    # tests log into closed streams ("--- Logging error ---")
+    loggers = [logging.getLogger(), logging.getLogger("hydra")]
+    saved = [(lg.handlers[:], lg.level) for lg in loggers]
+    try:
+        with mock.patch.object(sys, "argv", ["lightning_lora.train", *map(str, argv)]):
+            try:
+                main()
+            except SystemExit as exc:
+                return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 0
+    finally:
+        for lg, (handlers, level) in zip(loggers, saved, strict=True):
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
