@@ -496,3 +496,21 @@ def test_cond_noise_at_inference_is_off_by_default_and_adds_noise_when_on() -> N
 def _tiny_head(**overrides: Any) -> Any:
     cfg = compose_train(["model=trellis_ss_tiny", *[f"model.{k}={v}" for k, v in overrides.items()]])
     return instantiate(cfg.model)
+
+
+# --------------------------------------------------------------------------- the new settings' mistakes
+HOSTILE = {  # case -> (overrides, needle in the one error line)
+    "cond_noise_at_inference not a bool": (["model.cond_noise_at_inference=maybe"],
+                                           "model.cond_noise_at_inference='maybe'"),
+    "cond_noise_schedule misspelt": (["model.cond_noise_schedule=log-normal"], "log-normal"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_noisy_conditioning_mistakes_are_one_line(case: str, tmp_path, capsys) -> None:
+    from helpers import assert_one_error_line, train_main
+
+    overrides, needle = HOSTILE[case]
+    rc = train_main(["model=trellis_ss_tiny", "data.num_shapes=8", f"paths.cache_dir={tmp_path / 'cache'}",
+                     f"hydra.run.dir={tmp_path / 'run'}", *overrides])
+    assert_one_error_line(rc, capsys.readouterr().err, needle, case=case)
