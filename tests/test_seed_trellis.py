@@ -69,14 +69,14 @@ class Trained:
             return model(SparseTensor(self.batch["coords"], self.batch["feats"]), t, cond).feats
 
 
-def _train(tmp: Path, latent: str) -> Trained:
+def _train(tmp: Path, latent: str, *extra: str) -> Trained:
     cfg = compose_train([
         f"model={PRESETS[latent]}", "adapter=r64", "data=trellis_demo", f"data.kind={latent}", "data.num_shapes=8",
         "data.batch_size=2", f"paths.cache_dir={tmp / 'cache'}",
         f"trainer.max_steps={STEPS}", f"callbacks.adapter_checkpoint.every_n_steps={STEPS}",
         "~callbacks.progress_bar", "~callbacks.sample_previews", "validate_before=false", "validate_after=false",
         "+trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "optimizer.lr=3e-3",
-        "scheduler.name=constant", "trainer.precision=32-true",
+        "scheduler.name=constant", "trainer.precision=32-true", *extra,
     ])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp / "run")
@@ -185,6 +185,28 @@ def test_key_name_drift_is_caught(trained: Trained, tmp_path) -> None:
     torch.save({k.replace(".default.", "."): v for k, v in state.items()}, drifted)
     _, result = fork_load_lora_weights(_fresh_base(trained), str(drifted), strict=False)
     assert len(result.unexpected_keys) == len(state) and len(_lora_keys(result.missing_keys)) == len(state)
+
+
+# the seed's JSON blocks as this project's overrides: (overrides, the fork loader's r, alpha, dropout, targets)
+SEED_CONFIGS = {
+    "Custom LoRA Configuration": (["adapter.r=32", "adapter.alpha=64", "adapter.dropout=0.05",
+                                   "adapter.targets=[to_q,to_kv]"], 32, 64, 0.05, ["to_q", "to_kv"]),
+    "Combining with Noisy Conditioning": (["model.cond_noise_schedule=uniform", "model.cond_noise_std=0.1",
+                                           "model.cond_noise_std_min=0.0", "model.cond_noise_std_max=0.2"],
+                                          64, 128, 0.0, FORK_TARGETS),
+}
+
+
+@pytest.mark.parametrize("block", sorted(SEED_CONFIGS))
+def test_seed_config_blocks_train_and_the_forks_loader_takes_their_pt(block: str, tmp_path) -> None:
+    overrides, r, alpha, dropout, targets = SEED_CONFIGS[block]
+    trained = _train(tmp_path, "ss", *overrides)
+    state = torch.load(trained.pt, map_location="cpu", weights_only=True)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[1] for k in state} == set(targets)
+    model, result = fork_load_lora_weights(_fresh_base(trained), str(trained.pt), r=r, lora_alpha=alpha,
+                                           lora_dropout=dropout, target_modules=targets, strict=False)
+    assert result.unexpected_keys == [] and _lora_keys(result.missing_keys) == []
+    assert torch.equal(trained.probe(model), _ours(trained))
 
 
 # --------------------------------------------------------------------------- the seed's code blocks
