@@ -473,8 +473,9 @@ class FlowMatching3DHead(TaskHead):
         """``<run>/lora_ckpts/denoiser_lora_stepNNNNNNN.safetensors`` (PEFT keys, r/alpha/targets in metadata) and
         its ``.pt`` twin, written as the LoRA fork's trainer writes it (zadaianchuk/TRELLIS
         ``LoRAMixin.save_lora_only``): ``torch.save`` of the PeftModel's own ``state_dict()`` entries holding
-        ``lora_`` or ``modules_to_save`` (``base_model.model.<path>.lora_A.default.weight``), which the fork's
-        ``load_lora_weights`` loads with ``load_state_dict`` on a freshly adapted model, strict or not."""
+        ``lora_`` or ``modules_to_save`` (``base_model.model.<path>.lora_A.default.weight``), every tensor of which
+        the fork's ``load_lora_weights`` loads with ``load_state_dict`` on a freshly adapted model (``strict=False``,
+        as seed 000 advises: ``strict=True`` also demands the frozen base weights, which no LoRA-only file holds)."""
         if run_dir is None or "denoiser" not in adapters:
             return []
         stem = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}"
