@@ -9,6 +9,9 @@ path describes itself (r, alpha and targets need not be repeated when loading); 
 refuses an adapter whose keys do not all fit, and ``strict=False`` says how many tensors it skipped; r and alpha
 have no guessed default when loading a file that does not describe itself.
 
+Import these from ``lightning_lora.adapters.api``: the package's own ``lightning_lora.adapters.count_parameters``
+is the trainer's per-submodule counter (``count_parameters(name, model) -> ParamCount``), not the fork's dict.
+
 The default targets (``DEFAULT_TARGETS``) are the attention projection names the fork defaults to; the TRELLIS
 models name theirs in ``lightning_lora.models.trellis.TRELLIS_LORA_TARGET_MODULES`` (this room knows no family).
 """
