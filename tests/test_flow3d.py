@@ -15,6 +15,11 @@ from lightning_lora.models.trellis import save_trellis_model
 from lightning_lora.train import _user_error, run
 
 
+def lora_files(*steps: int) -> list[str]:
+    """The lora_ckpts/ names of these steps: the TRELLIS fork's .pt and the self-describing .safetensors twin."""
+    return [f"denoiser_lora_step{step:07d}.{ext}" for step in steps for ext in ("pt", "safetensors")]
+
+
 def _tiny(model: str = "trellis_slat_tiny", **overrides) -> FlowMatching3DHead:
     cfg = compose_train([f"model={model}", *[f"model.{k}={v}" for k, v in overrides.items()]])
     torch.manual_seed(0)
@@ -75,10 +80,10 @@ def test_tiny_run_trains_writes_lora_ckpts_reloads_and_samples(tmp_path, model: 
     head: FlowMatching3DHead = objects["head"]
     out = tmp_path / "run"
     names = sorted(p.name for p in (out / "lora_ckpts").iterdir())
-    assert names == ["denoiser_lora_step0000003.safetensors", "denoiser_lora_step0000006.safetensors"]
+    assert names == lora_files(3, 6)
     assert metrics["after"]["val/loss"] != metrics["before"]["val/loss"]
 
-    configs, _, extra = read_adapter_file(out / "lora_ckpts" / names[-1])
+    configs, _, extra = read_adapter_file(out / "lora_ckpts" / names[-1])  # the .safetensors
     assert extra["family"] == "flow3d" and configs[""].r == 8 and set(configs[""].target_modules) == {
         "to_q", "to_kv", "to_out", "to_qkv"}
     torch.manual_seed(cfg.seed)  # the run built its random base right after seeding
@@ -258,7 +263,7 @@ def test_image_conditioned_run_trains_and_checkpoints_hold_no_encoder(tmp_path, 
     metrics, objects = run(cfg)
     out = tmp_path / "run"
     names = sorted(p.name for p in (out / "lora_ckpts").iterdir())
-    assert names == ["denoiser_lora_step0000002.safetensors", "denoiser_lora_step0000004.safetensors"]
+    assert names == lora_files(2, 4)
     assert math.isfinite(metrics["before"]["val/loss"]) and math.isfinite(metrics["after"]["val/loss"])
     assert metrics["after"]["val/loss"] != metrics["before"]["val/loss"]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -404,10 +409,10 @@ def test_keep_last_removes_old_snapshots_their_lora_ckpts_and_checkpoints_but_ne
 
     train("trainer.max_steps=4")
     assert on_disk() == (["final", "step_0000003", "step_0000004"],
-                         ["denoiser_lora_step0000003.safetensors", "denoiser_lora_step0000004.safetensors"],
+                         lora_files(3, 4),
                          ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"])
     train("trainer.max_steps=6", "resume=last")  # the resumed run goes on removing what the first one wrote
     assert on_disk() == (["final", "step_0000005", "step_0000006"],
-                         ["denoiser_lora_step0000005.safetensors", "denoiser_lora_step0000006.safetensors"],
+                         lora_files(5, 6),
                          ["last.ckpt", "step_0000005.ckpt", "step_0000006.ckpt"])
     assert (out / "adapters" / "final" / "denoiser" / "adapter_model.safetensors").is_file()

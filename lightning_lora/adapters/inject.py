@@ -109,8 +109,8 @@ def format_adapter_summary(
     """The 'Applying LoRA adapters' block users know from TRELLIS-style trainers."""
     bar = "=" * 60
     lines = [bar, "Applying LoRA adapters", bar]
-    lines += [f"  LoRA rank: {r}", f"  LoRA alpha: {alpha:g}", f"  LoRA dropout: {dropout:g}"]
-    all_targets = sorted({t for ts in targets.values() for t in ts})
+    lines += [f"  LoRA rank: {r}", f"  LoRA alpha: {alpha:g}", f"  LoRA dropout: {float(dropout)}"]
+    all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))  # as given, like the fork's
     lines += [f"  Target modules: {all_targets}", f"  Models: {list(targets)}", ""]
     for c in counts:
         lines += [

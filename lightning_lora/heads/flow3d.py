@@ -33,12 +33,15 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_lora import options
-from lightning_lora.adapters import save_adapter_file
+from lightning_lora.adapters import save_adapter_file, save_lora_state_dict
 from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead
 
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
+#: std of log σ around log(cond_noise_std) in the lognormal schedule (zadaianchuk/TRELLIS@cbcc337
+#: trellis/trainers/flow_matching/mixins/noisy_image_conditioned.py, ``_sample_noise_std``)
+LOGNORMAL_SPREAD = 0.5
 T_SCHEDULES = ("logit_normal", "uniform")
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")
 LATENTS = ("ss", "slat")
@@ -271,6 +274,7 @@ class FlowMatching3DHead(TaskHead):
         cond_noise_std: float = 0.1,
         cond_noise_std_min: float = 0.0,
         cond_noise_std_max: float = 0.2,
+        cond_noise_at_inference: bool = False,
         name: str | None = None,
         image_encoder: Any = None,
         latent: str | None = None,
@@ -290,6 +294,9 @@ class FlowMatching3DHead(TaskHead):
         self.sigma_min, self.t_schedule, self.t_mean, self.t_std = sigma_min, t_schedule, t_mean, t_std
         self.p_uncond = p_uncond
         self.cond_noise = (cond_noise_schedule, cond_noise_std, cond_noise_std_min, cond_noise_std_max)
+        if not isinstance(cond_noise_at_inference, bool):
+            raise UserError(f"model.cond_noise_at_inference={cond_noise_at_inference!r} must be true or false")
+        self.cond_noise_at_inference = cond_noise_at_inference
         self.name = name or type(denoiser).__name__
         self.image_encoder = build_image_encoder(image_encoder)
         cond_channels = getattr(denoiser, "cond_channels", None)
@@ -380,21 +387,27 @@ class FlowMatching3DHead(TaskHead):
         """Noisy conditioning (train only), then the classifier-free-guidance drop to all-zero tokens."""
         if not train:
             return cond
-        batch = cond.shape[0]
-        schedule, std, lo, hi = self.cond_noise
-        if schedule != "none":
-            if schedule == "fixed":
-                sigma = torch.full((batch,), std)
-            elif schedule == "uniform":
-                sigma = lo + (hi - lo) * torch.rand(batch, generator=generator)
-            else:  # lognormal around std, kept inside [lo, hi]
-                sigma = (math.log(max(std, 1e-8)) + torch.randn(batch, generator=generator)).exp().clamp(lo, hi)
-            noise = torch.randn(cond.shape, generator=generator).to(cond.device)
-            cond = cond + sigma.to(cond.device).view(-1, *([1] * (cond.ndim - 1))) * noise
+        cond = self.noisy(cond, generator)
         if self.p_uncond > 0:
-            keep = (torch.rand(batch, generator=generator) >= self.p_uncond).to(cond.device)
+            keep = (torch.rand(cond.shape[0], generator=generator) >= self.p_uncond).to(cond.device)
             cond = cond * keep.view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
         return cond
+
+    def noisy(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``cond`` plus Gaussian noise of a per-sample σ from ``cond_noise_schedule`` (``none``: unchanged)."""
+        schedule, std, lo, hi = self.cond_noise
+        if schedule == "none":
+            return cond
+        batch = cond.shape[0]
+        if schedule == "fixed":
+            sigma = torch.full((batch,), std)
+        elif schedule == "uniform":
+            sigma = lo + (hi - lo) * torch.rand(batch, generator=generator)
+        else:  # lognormal around std, kept inside [lo, hi]
+            log_sigma = math.log(max(std, 1e-8)) + LOGNORMAL_SPREAD * torch.randn(batch, generator=generator)
+            sigma = log_sigma.exp().clamp(lo, hi)
+        noise = torch.randn(cond.shape, generator=generator).to(cond.device)
+        return cond + sigma.to(cond.device).view(-1, *([1] * (cond.ndim - 1))) * noise
 
     # ------------------------------------------------------------------ objective
     @property
@@ -440,6 +453,8 @@ class FlowMatching3DHead(TaskHead):
                seed: int = 0) -> Any:
         """Sample latents for ``cond`` tokens: dense (sparse-structure) or on ``coords`` [N, 4] (structured)."""
         generator = torch.Generator().manual_seed(seed)
+        if self.cond_noise_at_inference:  # the noisy-conditioning trainers' option: sample from noisy tokens too
+            cond = self.noisy(cond, generator).to(cond.dtype)
         model = self.denoiser
         channels = getattr(model, "in_channels", None) or model.out_channels
         if coords is None:
@@ -455,12 +470,19 @@ class FlowMatching3DHead(TaskHead):
     # ------------------------------------------------------------------ TRELLIS-style adapter files
     def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
                         run_dir: Path | None = None) -> list[Path]:
-        """``<run>/lora_ckpts/denoiser_lora_stepNNNNNNN.safetensors``: PEFT keys, r/alpha/targets in metadata."""
+        """``<run>/lora_ckpts/denoiser_lora_stepNNNNNNN.safetensors`` (PEFT keys, r/alpha/targets in metadata) and
+        its ``.pt`` twin, written as the LoRA fork's trainer writes it (zadaianchuk/TRELLIS
+        ``LoRAMixin.save_lora_only``): ``torch.save`` of the PeftModel's own ``state_dict()`` entries holding
+        ``lora_`` or ``modules_to_save`` (``base_model.model.<path>.lora_A.default.weight``), every tensor of which
+        the fork's ``load_lora_weights`` loads with ``load_state_dict`` on a freshly adapted model (``strict=False``,
+        as seed 000 advises: ``strict=True`` also demands the frozen base weights, which no LoRA-only file holds)."""
         if run_dir is None or "denoiser" not in adapters:
             return []
-        path = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}.safetensors"
+        stem = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}"
         identity = self.base_model_identity()
-        return [save_adapter_file(path, {"": adapters["denoiser"]}, family=self.family, base_model=identity)]
+        return [save_adapter_file(stem.with_suffix(".safetensors"), {"": adapters["denoiser"]}, family=self.family,
+                                  base_model=identity),
+                save_lora_state_dict(adapters["denoiser"], stem.with_suffix(".pt"))]
 
     # ------------------------------------------------------------------ lightning-lora sample flow3d
     @classmethod

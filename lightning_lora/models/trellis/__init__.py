@@ -33,10 +33,13 @@ from lightning_lora.models.trellis.structured_latent_flow import ElasticSLatFlow
 
 # Adapter targets of the public TRELLIS LoRA forks (all plain nn.Linear here).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_kv", "to_out", "to_qkv")
+#: the same list under the name the LoRA fork's ``trellis.utils.lora_utils`` gives it (zadaianchuk/TRELLIS)
+TRELLIS_LORA_TARGET_MODULES: list[str] = list(DEFAULT_LORA_TARGETS)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "MODEL_CLASSES",
+    "TRELLIS_LORA_TARGET_MODULES",
     "AbsolutePositionEmbedder",
     "ElasticSLatFlowModel",
     "FeedForwardNet",
