@@ -261,7 +261,7 @@ class DecodeSample:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}.{field}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{where}.{field}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         if not isinstance(obj, dict) or self.caption_column not in obj:
             found = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
             raise UserError(f"{where}.{field}: missing field '{self.caption_column}' (found: {found})")

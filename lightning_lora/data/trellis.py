@@ -173,8 +173,9 @@ def cond_views(folder: Path) -> list[Path]:
     transforms = folder / "transforms.json"
     if not transforms.is_file():
         raise _missing_renders(transforms)
+    text = read_utf8(transforms)  # an undecodable byte: file, line and offset
     try:
-        frames = json.loads(transforms.read_text())["frames"]
+        frames = json.loads(text)["frames"]
         views = [folder / frame["file_path"] for frame in frames]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"unreadable condition renders: {transforms} (needs {{\"frames\": [{{\"file_path\": "
