@@ -208,8 +208,9 @@ def pairs(train: str, *more: str) -> list[str]:
     return ["data=pairs", f"data.train_path={{root}}/{train}", *more]
 
 
-def shards(pattern: str, *more: str, model: str = "sd_tiny", data: str = "webdataset") -> list[str]:
-    return [f"model={model}", f"data={data}", f"data.train_shards={{root}}/{pattern}", "data.batch_size=2", *more]
+def shards(pattern: str, *more: str, model: str = "sd_tiny", data: str = "webdataset", pipe: bool = False) -> list[str]:
+    url = f"'pipe:cat {{root}}/{pattern}'" if pipe else f"{{root}}/{pattern}"
+    return [f"model={model}", f"data={data}", f"data.train_shards={url}", "data.batch_size=2", *more]
 
 
 def trellis(folder: str, *more: str, model: str = "trellis_slat_tiny") -> list[str]:
@@ -286,21 +287,29 @@ CASES: dict[str, Case] = {
                             ["unreadable shard {root}/cut.tar (ReadError: unexpected end of data)"], "other"),
     "shard of junk bytes": Case(shards("junk.tar", *RUN_QUIET), ["unreadable shard {root}/junk.tar (ReadError"],
                                 "other"),
-    # --- epochs that yield nothing: stop, naming the source and what was skipped
+    # --- epochs that yield nothing: stop, naming the source and what was skipped. Local shards are read up to their
+    # first usable sample at setup (before any model loads); piped ones (pipe:, as for object stores) are left to the
+    # first epoch, where the empty-epoch guard stops the run
     "empty shard, endless epochs": Case(shards("empty.tar", *RUN_QUIET),
                                         ["data.train_shards='{root}/empty.tar'", "no training batch", "none skipped"],
                                         "hang", hang=True),
     "every image unreadable, skipped": Case(shards("unreadable.tar", "data.skip_unreadable=true", *RUN_QUIET),
                                             ["data.train_shards='{root}/unreadable.tar'",
                                              "(3 skipped: unreadable image)"], "hang", hang=True),
-    "every image unreadable, two workers": Case(shards("unreadable.tar", "data.skip_unreadable=true",
-                                                       "data.num_workers=2", *RUN_QUIET),
-                                                ["(3 skipped: unreadable image)"], "hang", hang=True),
     "unreadable shard skipped": Case(shards("junk.tar", "data.skip_unreadable=true", *RUN_QUIET),
                                      ["junk.tar'", "(1 skipped: unreadable shard)"], "hang", hang=True),
-    "samples_per_epoch over unreadable images": Case(shards("unreadable.tar", "data.skip_unreadable=true",
-                                                            "data.samples_per_epoch=8", *RUN_QUIET),
-                                                     ["(3 skipped: unreadable image)"], "hang", hang=True),
+    "piped empty shard, endless epochs": Case(shards("empty.tar", *RUN_QUIET, pipe=True),
+                                              ["data.train_shards='pipe:cat {root}/empty.tar'", "no training batch",
+                                               "none skipped"], "hang", hang=True),
+    "piped unreadable images, two workers": Case(shards("unreadable.tar", "data.skip_unreadable=true",
+                                                        "data.num_workers=2", *RUN_QUIET, pipe=True),
+                                                 ["pipe:cat {root}/unreadable.tar'", "(3 skipped: unreadable image)"],
+                                                 "hang", hang=True),
+    "piped junk shard skipped": Case(shards("junk.tar", "data.skip_unreadable=true", *RUN_QUIET, pipe=True),
+                                     ["junk.tar'", "(1 skipped: unreadable shard)"], "hang", hang=True),
+    "piped samples_per_epoch over unreadable images": Case(shards("unreadable.tar", "data.skip_unreadable=true",
+                                                                  "data.samples_per_epoch=8", *RUN_QUIET, pipe=True),
+                                                           ["(3 skipped: unreadable image)"], "hang", hang=True),
     # --- resume= given a file that is no checkpoint
     "resume random bytes": Case(resume("random.ckpt"), ["{root}/random.ckpt is not a readable checkpoint"],
                                 "other"),
@@ -384,12 +393,15 @@ def _ckpt(name: str) -> Callable[[Path], None]:
 API_CASES: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
     "sized loader with no batch": (lambda root: _fit(_NoBatches()),
                                    ["data.train_path=/nowhere.jsonl: the epoch yielded no training batch"], "hang"),
-    "webdataset module, empty shard": (
-        lambda root: _fit(WebDatasetDataModule(str(root / "empty.tar"), resolution=32, batch_size=2)),
+    "webdataset module, piped empty shard": (
+        lambda root: _fit(WebDatasetDataModule(f"pipe:cat {root / 'empty.tar'}", resolution=32, batch_size=2)),
         ["empty.tar'", "no training batch"], "hang"),
+    "webdataset module, empty shard at setup": (
+        lambda root: WebDatasetDataModule(str(root / "empty.tar"), resolution=32, batch_size=2).setup("fit"),
+        ["empty.tar'", "no training batch", "none skipped"], "hang"),
     "paired shards, every source unreadable": (
-        lambda root: _fit(PairedShardsDataModule(str(root / "paired_unreadable.tar"), resolution=32, batch_size=2,
-                                                 source_key="source.png", target_key="target.png",
+        lambda root: _fit(PairedShardsDataModule(f"pipe:cat {root / 'paired_unreadable.tar'}", resolution=32,
+                                                 batch_size=2, source_key="source.png", target_key="target.png",
                                                  skip_unreadable=True)),
         ["paired_unreadable.tar'", "(2 skipped: unreadable image)"], "hang"),
     "trellis module, no coords": (lambda root: TrellisDataModule(str(root / "tr_nocoords"), resolution=32,

@@ -396,21 +396,44 @@ class WebDatasetDataModule(ImageDataModuleBase):
 
     def setup(self, stage: str | None = None) -> None:
         self._check_world()
+        if stage in (None, "fit"):
+            self._check_yields()
 
     def data_source(self) -> str:
         """Where the training samples come from, as given (named when an epoch yields no batch)."""
         return f"data.train_shards={self.train_shards!r}"
 
+    def _pass(self) -> tuple[Iterator[dict], DecodeSample, _ReadShards]:
+        """One in-process pass over every training shard, in order, with its decoding (no random draw: the
+        training stream's seeds stay as they were)."""
+        decode = self.stages(train=False)[0]
+        read = _ReadShards({url: i for i, url in enumerate(self.train_urls)}, self.skip_unreadable)
+        return iter(wds.DataPipeline(wds.SimpleShardList(list(self.train_urls)), read, decode)), decode, read
+
     def skipped_samples(self) -> dict[str, int]:
         """Training samples one pass over every training shard drops, by reason. Counted again here, in this
         process: DataLoader workers keep their counts to themselves. Read only when an epoch yielded no batch."""
-        decode = self.stages(train=False)[0]
-        read = _ReadShards({url: i for i, url in enumerate(self.train_urls)}, self.skip_unreadable)
+        samples, decode, read = self._pass()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the run already warned while it read them
-            for _ in wds.DataPipeline(wds.SimpleShardList(list(self.train_urls)), read, decode):
+            for _ in samples:
                 pass
         return {"unreadable image": decode.skipped, "unreadable shard": read.unreadable}
+
+    def _check_yields(self) -> None:
+        """Before any model loads, read local shards up to their first usable sample: a pass that would yield
+        none (empty shards, every image skipped as unreadable) stops now, and a bad first sample fails now. Remote
+        shards are left to the first epoch (the empty-epoch guard), which opens their streams anyway."""
+        if any(_REMOTE.match(url) for url in self.train_urls):
+            return
+        samples, _, _ = self._pass()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the training pass warns about what it skips
+            if next(samples, None) is not None:
+                return
+        skipped = ", ".join(f"{n} skipped: {why}" for why, n in self.skipped_samples().items() if n)
+        raise UserError(f"{self.data_source()}: the epoch yielded no training batch "
+                        f"({skipped or 'none skipped: the shards hold no sample'})")
 
     def stages(self, train: bool) -> list[Any]:
         """Decoding and the batch item, after the shard reading (captioned images here)."""
