@@ -433,7 +433,7 @@ class WebDatasetDataModule(ImageDataModuleBase):
                 return
         skipped = ", ".join(f"{n} skipped: {why}" for why, n in self.skipped_samples().items() if n)
         raise UserError(f"{self.data_source()}: the epoch yielded no training batch "
-                        f"({skipped or 'none skipped: the shards hold no sample'})")
+                        f"({skipped or 'none skipped: the source holds no training sample'})")
 
     def stages(self, train: bool) -> list[Any]:
         """Decoding and the batch item, after the shard reading (captioned images here)."""
