@@ -29,13 +29,8 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lightning_lora import hub
 from lightning_lora.adapters import AdapterSpec
-from lightning_lora.callbacks import (
-    AdapterCheckpoint,
-    AtomicCheckpointIO,
-    EmptyEpochGuard,
-    PreemptionCheckpoint,
-    quiet_lightning,
-)
+from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
+from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
