@@ -146,6 +146,11 @@ def inputs(tmp_path_factory) -> Path:
         if meta is not None:
             write_jsonl(folder / "metadata.jsonl", meta + ([b'{"file_name": "b.png", "text": "x"}']
                                                            if name == "folder_meta" else []))
+    folder = root / "folder_cut_pngs"  # headers intact (the setup scan passes), pixel data cut short
+    folder.mkdir()
+    for stem in ("a", "b"):
+        (folder / f"{stem}.png").write_bytes(png_bytes(size=64)[:90])
+        (folder / f"{stem}.txt").write_text("a red square")
     image = root / "img.png"
     image.write_bytes(good_png)
     write_jsonl(root / "image_pairs_bad.jsonl", [json.dumps({"query": "a", "positive_image": "img.png"}).encode(),
@@ -241,6 +246,10 @@ CASES: dict[str, Case] = {
     "image folder caption txt latin-1": Case(["model=sd_tiny", "data=image_folder",
                                               "data.train_dir={root}/folder_txt"],
                                              ["{root}/folder_txt/b.txt line 2", "byte offset 8"], "reader place"),
+    "image folder, every image skipped while decoding": Case(
+        ["model=sd_tiny", "data=image_folder", "data.train_dir={root}/folder_cut_pngs", "data.skip_unreadable=true",
+         "data.val_fraction=0", "data.batch_size=2", *RUN_QUIET],
+        ["none of the 2 images is readable", "folder_cut_pngs/", "truncated"], "reader place"),
     "code search module latin-1": Case(["data=code_search", "data.stdlib_dir={root}/stdlib_latin",
                                         "data.cache_dir=null"],
                                        ["{root}/stdlib_latin/menu.py line 2", "byte offset 30"], "reader place"),

@@ -331,11 +331,13 @@ class ImageCaptionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        reason = ""
         for step in range(len(self.records)):
             record = self.records[(index + step) % len(self.records)]
             try:
                 image = load_rgb(record.path)
             except Exception as exc:
+                reason = describe_error(exc)
                 if not self.skip_unreadable:
                     raise UserError(
                         f"unreadable image {record.path} ({describe_error(exc)}); "
@@ -350,7 +352,9 @@ class ImageCaptionDataset(Dataset):
                 "text": pick_caption(record.caption, self.transform.train),
                 "index": record.index,
             }
-        raise UserError(f"none of the {len(self.records)} images is readable")
+        first = self.records[index % len(self.records)].path
+        raise UserError(f"none of the {len(self.records)} images is readable: all were skipped as unreadable "
+                        f"(e.g. {first}: {reason})")
 
 
 # --------------------------------------------------------------------------- data modules
