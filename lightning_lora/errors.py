@@ -7,12 +7,38 @@ pickle, also when Hydra's ``InstantiationException`` wraps it (it does for anyth
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import pickletools
+import re
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 #: the line for a torch file that needs code to load (only tensors are read, never unpickled objects)
 REFUSED_PICKLE = ("refused a file holding pickled objects that would run code when loaded (only tensors are read, "
                   "weights_only=True)")
+
+
+#: opcodes that make an unpickler import or call something (what ``weights_only`` refuses beyond its allow-list)
+_CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"})
+
+
+def pickle_runs_code(path: str | os.PathLike) -> bool:
+    """Whether a file that ``torch.load(weights_only=True)`` refused is a well-formed pickle (bare, or a torch zip's
+    ``data.pkl``) that imports or calls something, i.e. would run code; False for damaged or foreign bytes, which
+    the refusal also covers. The pickle is only parsed (``pickletools``), never loaded."""
+    try:
+        data = Path(path).read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        ops = {op.name for op, _, _ in pickletools.genops(data)}  # raises unless it parses through STOP
+    except Exception:
+        return False
+    return bool(ops & _CODE_OPCODES)
 
 
 class UserError(ValueError):
@@ -55,6 +81,20 @@ def _user_facing(exc: BaseException) -> BaseException | None:
     return next((e for e in _chain(exc) if isinstance(e, (OSError, pickle.UnpicklingError))), None)
 
 
+#: how torch re-raises an exception from a DataLoader worker: its type around the worker's whole traceback
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*Original Traceback", re.S)
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``; for an error re-raised from a DataLoader worker, the worker's own message (the last line of
+    the traceback torch puts in its place, after the exception's name)."""
+    text = str(exc)
+    if _WORKER_TRACEBACK.match(text):
+        last = text.strip().splitlines()[-1]
+        return re.sub(r"^[A-Za-z_][\w.]*: ", "", last, count=1)
+    return text
+
+
 def _describe(exc: BaseException) -> str:
     """The one line for a ``_user_facing`` exception (the file it names included, when it names one)."""
     where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
@@ -62,7 +102,7 @@ def _describe(exc: BaseException) -> str:
         return _one_line(REFUSED_PICKLE + where)
     if isinstance(exc, OSError):
         return _one_line((exc.strerror or str(exc)) + where)
-    return _one_line(str(exc))
+    return _one_line(_message(exc))
 
 
 def user_message(exc: BaseException) -> str | None:

@@ -32,6 +32,7 @@ from omegaconf.errors import InterpolationResolutionError
 from lightning_lora import hub
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
+from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
@@ -360,7 +361,8 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
 
     quiet_lightning()  # no product tips or known third-party deprecations between the progress bars
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+        # the guard first: an epoch that yields no batch stops before any callback writes for it
+        cfg.trainer, callbacks=[EmptyEpochGuard(), *_instantiate_all(cfg.get("callbacks"))],
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
     )
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)

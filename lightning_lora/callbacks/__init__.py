@@ -1,14 +1,15 @@
 """Lightning callbacks and plugins: adapter-only snapshots, atomic checkpoint files, sample previews, a NaN/Inf
-guard, a checkpoint on SIGTERM, exact mid-epoch resume (generator states, data order), and the console (a progress
-bar of steps, no third-party noise)."""
+guard, a stop for an epoch that yields no batch, a checkpoint on SIGTERM, exact mid-epoch resume (generator states,
+data order), and the console (a progress bar of steps, no third-party noise)."""
 
 from lightning_lora.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_lora.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.callbacks.console import StepProgressBar, quiet_lightning
+from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard, NoTrainingBatch
 from lightning_lora.callbacks.nan_guard import NanGuard, TrainingDiverged
 from lightning_lora.callbacks.preemption import PreemptionCheckpoint
 from lightning_lora.callbacks.resume_state import ExactResume
 from lightning_lora.callbacks.sample_previews import SamplePreviews
 
-__all__ = ["AdapterCheckpoint", "AtomicCheckpointIO", "ExactResume", "NanGuard", "PreemptionCheckpoint",
-           "SamplePreviews", "StepProgressBar", "TrainingDiverged", "quiet_lightning"]
+__all__ = ["AdapterCheckpoint", "AtomicCheckpointIO", "EmptyEpochGuard", "ExactResume", "NanGuard", "NoTrainingBatch",
+           "PreemptionCheckpoint", "SamplePreviews", "StepProgressBar", "TrainingDiverged", "quiet_lightning"]

@@ -10,13 +10,15 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from lightning_lora.errors import UserError
+from lightning_lora.errors import UserError, pickle_runs_code
 from lightning_lora.fileio import atomic_write_bytes
 
 
-def _first_line(exc: BaseException) -> str:
-    text = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())
-    return text[:200] or type(exc).__name__
+def _empty(path: str | Path) -> bool:
+    try:
+        return Path(path).stat().st_size == 0
+    except OSError:
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,12 +36,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise UserError(f"resume: no checkpoint at {path}") from None
-        except pickle.UnpicklingError:
-            raise UserError(f"resume: {path} refused: it holds pickled objects that would run code when loaded "
-                            "(only tensors and plain values are read, weights_only=True)") from None
         except Exception as exc:
-            raise UserError(f"resume: {path} is not a checkpoint of this project (tensors and plain values, read "
-                            f"with weights_only=True): {type(exc).__name__}: {_first_line(exc)}") from None
+            # weights_only refuses code and garbage alike (an UnpicklingError either way): tell them apart
+            if isinstance(exc, pickle.UnpicklingError) and pickle_runs_code(path):
+                raise UserError(f"resume: {path} refused: it holds pickled objects that would run code when loaded "
+                                "(only tensors and plain values are read, weights_only=True)") from None
+            # the unpickler's own words (list index out of range, a key error) say nothing to a user
+            what = "an empty file" if _empty(path) else "damaged, cut short, or not a file torch.save wrote"
+            raise UserError(f"resume: {path} is not a readable checkpoint ({what})") from None
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise UserError(f"resume: {path} is not a Lightning training checkpoint (it has no state_dict)")
         return checkpoint

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from lightning_lora.checks import fraction, non_negative_int, positive_int
 from lightning_lora.data.pairs import PairsDataModule
+from lightning_lora.data.text import undecodable
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_text
 
@@ -169,11 +171,21 @@ def definition_code(node: ast.AST, nested: list[ast.AST], lines: list[str], max_
 
 
 def _read_source(path: Path) -> str | None:
+    """The text of one module in the encoding it declares (PEP 263; UTF-8 by default), None when it cannot be read.
+    Bytes its encoding cannot decode are the user's data to fix, not a module to drop silently: one line naming the
+    file, line and byte offset."""
     try:
-        with tokenize.open(path) as f:  # honours PEP 263 coding cookies
-            return f.read()
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        data = path.read_bytes()
+    except OSError:
         return None
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError as exc:  # an unknown coding cookie, or a BOM that contradicts it
+        raise UserError(f"{path}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise undecodable(str(path), data, exc, encoding=encoding) from None
 
 
 def extract_module_pairs(source: str, module: str, max_code_lines: int, min_summary_words: int) -> list[dict]:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.checks import choice, fraction, non_negative_int, optional_positive_int, positive_int
 from lightning_lora.data.pairs import jsonl_values
+from lightning_lora.data.text import read_utf8
 from lightning_lora.errors import UserError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -256,7 +257,7 @@ def read_image_folder(folder: str | os.PathLike, caption_column: str = "text",
         if name in listed:
             caption: Caption = listed[name][0]
         elif (txt := path.with_suffix(".txt")).is_file():
-            caption = txt.read_text(encoding="utf-8").strip()
+            caption = read_utf8(txt).strip()
         else:
             source = f"not in {meta_path} and " if meta_path.is_file() else ""
             raise UserError(f"no caption for image {path}: {source}no {path.with_suffix('.txt').name} next to it")
@@ -330,11 +331,13 @@ class ImageCaptionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        reason = ""
         for step in range(len(self.records)):
             record = self.records[(index + step) % len(self.records)]
             try:
                 image = load_rgb(record.path)
             except Exception as exc:
+                reason = describe_error(exc)
                 if not self.skip_unreadable:
                     raise UserError(
                         f"unreadable image {record.path} ({describe_error(exc)}); "
@@ -349,7 +352,9 @@ class ImageCaptionDataset(Dataset):
                 "text": pick_caption(record.caption, self.transform.train),
                 "index": record.index,
             }
-        raise UserError(f"none of the {len(self.records)} images is readable")
+        first = self.records[index % len(self.records)].path
+        raise UserError(f"none of the {len(self.records)} images is readable: all were skipped as unreadable "
+                        f"(e.g. {first}: {reason})")
 
 
 # --------------------------------------------------------------------------- data modules

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.checks import non_negative_int, optional_positive_int, positive_int
+from lightning_lora.data.text import utf8_lines
 from lightning_lora.errors import UserError
 
 FIELDS_HINT = "each line needs 'query' and 'positive', optionally 'negatives'"
@@ -50,17 +51,16 @@ def read_pairs_jsonl(path: str | Path) -> list[dict]:
 
 def jsonl_values(path: Path, where: Callable[[int], str]) -> Iterator[tuple[int, str, Any]]:
     """(line number, ``where(line number)``, parsed value) of every non-blank line of a JSON-lines file; a line
-    that is not JSON is one UserError naming the place."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            place = where(lineno)
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{place}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield lineno, place, value
+    that is not JSON, or not UTF-8, is one UserError naming the place."""
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        place = where(lineno)
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{place}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield lineno, place, value
 
 
 def read_jsonl(path: str | Path, parse: Callable[[Any, str], dict], hint: str) -> list[dict]:

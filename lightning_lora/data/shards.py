@@ -59,6 +59,7 @@ from lightning_lora.data.images import (
     pick_caption,
     to_tensor,
 )
+from lightning_lora.data.text import decode_utf8
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import final_mode, temporary_prefix
 
@@ -184,14 +185,18 @@ class _TarErrors:
 
     def __init__(self, url: str, skip: bool) -> None:
         self.url, self.skip = url, skip
+        self.failed = False  # the rest of the shard was skipped
 
     def __call__(self, exc: BaseException) -> bool:
         if isinstance(exc, UserError):
-            raise exc
-        message = f"unreadable shard {self.url} ({type(exc).__name__}: {exc.args[0] if exc.args else exc})"
+            # webdataset appends the stream and url to the args of what passes its handler: keep the line only
+            raise UserError(str(exc.args[0])) from None
+        reason = str(exc.args[0] if exc.args else exc).split(" @ <")[0]  # webdataset appends " @ <stream repr>"
+        message = f"unreadable shard {self.url} ({type(exc).__name__}: {reason})"
         if not self.skip:
             raise UserError(f"{message}; set data.skip_unreadable=true to skip it") from None
         warnings.warn(f"skipping the rest of {message}", stacklevel=2)
+        self.failed = True
         return False  # stop reading this shard
 
 
@@ -200,15 +205,19 @@ class _ReadShards:
 
     def __init__(self, shard_numbers: dict[str, int], skip: bool) -> None:
         self.shard_numbers, self.skip = shard_numbers, skip
+        self.unreadable = 0  # shards of the last pass whose rest was skipped (counted in this process)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        self.unreadable = 0
         for shard in src:
             url = shard["url"]
             base = self.shard_numbers[url] * SHARD_STRIDE
-            read = wds.tarfile_to_samples(handler=_TarErrors(url, self.skip))
+            errors = _TarErrors(url, self.skip)
+            read = wds.tarfile_to_samples(handler=errors)
             for position, sample in enumerate(read(iter([dict(shard)]))):
                 sample["__index__"] = base + position
                 yield sample
+            self.unreadable += errors.failed
 
 
 class _Shuffle:
@@ -239,6 +248,7 @@ class DecodeSample:
     def __init__(self, images: Mapping[str, str], caption_key: str | None = DEFAULT_CAPTION_KEY,
                  caption_column: str = "text", skip: bool = False) -> None:
         self.images, self.caption_key, self.caption_column, self.skip = dict(images), caption_key, caption_column, skip
+        self.skipped = 0
 
     def _caption(self, sample: Mapping[str, Any], where: str) -> Any:
         assert self.caption_key is not None
@@ -246,20 +256,20 @@ class DecodeSample:
         if field is None:
             raise UserError(f"{where}: no caption (none of {self.caption_key}; it has {_fields(sample)})")
         raw = sample[field]
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        text = decode_utf8(raw, f"{where}.{field}") if isinstance(raw, bytes) else str(raw)
         if not field.endswith("json"):
             return text.strip()
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}.{field}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{where}.{field}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         if not isinstance(obj, dict) or self.caption_column not in obj:
             found = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
             raise UserError(f"{where}.{field}: missing field '{self.caption_column}' (found: {found})")
         return check_caption(obj[self.caption_column], f"{where}.{field}", self.caption_column)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        skipped = 0
+        skipped = self.skipped = 0
         for sample in src:
             where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
             out: dict[str, Any] = {"index": sample["__index__"]}
@@ -275,7 +285,7 @@ class DecodeSample:
                             f"unreadable image {where}.{field} ({describe_error(exc)}); "
                             "set data.skip_unreadable=true to skip such samples"
                         ) from None
-                    skipped += 1
+                    skipped = self.skipped = skipped + 1  # the attribute: the count of this pass, in this process
                     if skipped == 1:
                         reason = describe_error(exc)
                         warnings.warn(f"skipping unreadable image {where}.{field} ({reason})", stacklevel=2)
@@ -368,6 +378,7 @@ class WebDatasetDataModule(ImageDataModuleBase):
         super().__init__(**kwargs)
         if not train_shards:
             raise UserError("data.train_shards: not set; give a brace pattern such as data/train-{000..009}.tar")
+        self.train_shards = train_shards
         self.train_urls = expand_shards(train_shards, "data.train_shards")
         self.val_urls = expand_shards(validation_shards, "data.validation_shards") if validation_shards else []
         check_field_keys(image_key=image_key, caption_key=caption_key)
@@ -386,6 +397,44 @@ class WebDatasetDataModule(ImageDataModuleBase):
 
     def setup(self, stage: str | None = None) -> None:
         self._check_world()
+        if stage in (None, "fit"):
+            self._check_yields()
+
+    def data_source(self) -> str:
+        """Where the training samples come from, as given (named when an epoch yields no batch)."""
+        return f"data.train_shards={self.train_shards!r}"
+
+    def _pass(self) -> tuple[Iterator[dict], DecodeSample, _ReadShards]:
+        """One in-process pass over every training shard, in order, with its decoding (no random draw: the
+        training stream's seeds stay as they were)."""
+        decode = self.stages(train=False)[0]
+        read = _ReadShards({url: i for i, url in enumerate(self.train_urls)}, self.skip_unreadable)
+        return iter(wds.DataPipeline(wds.SimpleShardList(list(self.train_urls)), read, decode)), decode, read
+
+    def skipped_samples(self) -> dict[str, int]:
+        """Training samples one pass over every training shard drops, by reason. Counted again here, in this
+        process: DataLoader workers keep their counts to themselves. Read only when an epoch yielded no batch."""
+        samples, decode, read = self._pass()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the run already warned while it read them
+            for _ in samples:
+                pass
+        return {"unreadable image": decode.skipped, "unreadable shard": read.unreadable}
+
+    def _check_yields(self) -> None:
+        """Before any model loads, read local shards up to their first usable sample: a pass that would yield
+        none (empty shards, every image skipped as unreadable) stops now, and a bad first sample fails now. Remote
+        shards are left to the first epoch (the empty-epoch guard), which opens their streams anyway."""
+        if any(_REMOTE.match(url) for url in self.train_urls):
+            return
+        samples, _, _ = self._pass()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the training pass warns about what it skips
+            if next(samples, None) is not None:
+                return
+        skipped = ", ".join(f"{n} skipped: {why}" for why, n in self.skipped_samples().items() if n)
+        raise UserError(f"{self.data_source()}: the epoch yielded no training batch "
+                        f"({skipped or 'none skipped: the source holds no training sample'})")
 
     def stages(self, train: bool) -> list[Any]:
         """Decoding and the batch item, after the shard reading (captioned images here)."""

@@ -20,6 +20,7 @@ import csv
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.checks import choice, fraction
+from lightning_lora.data.text import read_utf8
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes, atomic_write_text
 
@@ -62,18 +64,34 @@ def read_metadata(root: Path, column: str, max_num_voxels: int | None = None, al
     meta = root / "metadata.csv"
     if not meta.is_file():
         raise UserError(f"data root {root} has no metadata.csv (a TRELLIS dataset root holds metadata.csv)")
-    with meta.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "sha256" not in fields or column not in fields:
-            raise UserError(f"{meta}: needs columns 'sha256' and '{column}'; found {', '.join(fields) or 'none'}")
-        limit = max_num_voxels if max_num_voxels and "num_voxels" in fields else None
-        also = also if also in fields else None
-        return [
-            row["sha256"] for row in reader
-            if _truthy(row[column]) and (limit is None or int(float(row["num_voxels"] or 0)) <= limit)
-            and (also is None or _truthy(row[also]))
-        ]
+    reader = _csv_rows(meta)
+    fields = reader.fieldnames or []
+    if "sha256" not in fields or column not in fields:
+        raise UserError(f"{meta}: needs columns 'sha256' and '{column}'; found {', '.join(fields) or 'none'}")
+    limit = max_num_voxels if max_num_voxels and "num_voxels" in fields else None
+    also = also if also in fields else None
+    return [
+        row["sha256"] for row in reader
+        if _truthy(row[column]) and (limit is None or _csv_number(row, "num_voxels", meta, reader) <= limit)
+        and (also is None or _truthy(row[also]))
+    ]
+
+
+def _csv_rows(meta: Path) -> csv.DictReader:
+    """A reader over a UTF-8 CSV file (an undecodable byte names the file, line and offset)."""
+    return csv.DictReader(io.StringIO(read_utf8(meta), newline=""))
+
+
+def _csv_number(row: Mapping[str, str | None], column: str, meta: Path, reader: csv.DictReader) -> float:
+    """The number in ``row[column]`` (an empty cell is 0); anything else names the file, line, column and value."""
+    value = (row.get(column) or "").strip()
+    try:
+        number = float(value or 0)
+    except ValueError:
+        number = float("nan")
+    if number != number:  # not a number, or NaN spelled out: no filter can compare it
+        raise UserError(f"{meta} line {reader.line_num}: column '{column}' must be a number, got {value!r}")
+    return number
 
 
 def rendered_objects(root: Path) -> list[str]:
@@ -82,21 +100,29 @@ def rendered_objects(root: Path) -> list[str]:
     meta = root / "metadata.csv"
     if not meta.is_file():
         raise UserError(f"{root} has no metadata.csv (a TRELLIS dataset root holds metadata.csv and {RENDERS_DIR}/)")
-    with meta.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if "sha256" not in (reader.fieldnames or []):
-            raise UserError(f"{meta}: needs a 'sha256' column; found {', '.join(reader.fieldnames or []) or 'none'}")
-        return [row["sha256"] for row in reader if "cond_rendered" not in row or _truthy(row["cond_rendered"])]
+    reader = _csv_rows(meta)
+    if "sha256" not in (reader.fieldnames or []):
+        raise UserError(f"{meta}: needs a 'sha256' column; found {', '.join(reader.fieldnames or []) or 'none'}")
+    return [row["sha256"] for row in reader if "cond_rendered" not in row or _truthy(row["cond_rendered"])]
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
+def _npz(path: Path, *keys: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz`` file (all of them when none is named); a missing key names the file, the
+    key and the keys it holds."""
     if not path.is_file():
         raise UserError(f"missing data file: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise UserError(f"unreadable data file: {path} ({exc})") from None
+            if not hasattr(data, "files"):  # a plain .npy saved under an .npz name
+                raise ValueError("an .npy array, not an .npz archive of named arrays")
+            if missing := [k for k in keys if k not in data.files]:
+                raise UserError(f"{path}: no array '{missing[0]}' (it holds {', '.join(data.files) or 'none'}; "
+                                f"needs {', '.join(keys)})")
+            return {k: data[k] for k in (keys or data.files)}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"unreadable data file: {path} ({type(exc).__name__}: {exc})") from None
 
 
 def prepare_cond_image(image: Any, size: int) -> torch.Tensor:
@@ -147,8 +173,9 @@ def cond_views(folder: Path) -> list[Path]:
     transforms = folder / "transforms.json"
     if not transforms.is_file():
         raise _missing_renders(transforms)
+    text = read_utf8(transforms)  # an undecodable byte: file, line and offset
     try:
-        frames = json.loads(transforms.read_text())["frames"]
+        frames = json.loads(text)["frames"]
         views = [folder / frame["file_path"] for frame in frames]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"unreadable condition renders: {transforms} (needs {{\"frames\": [{{\"file_path\": "
@@ -181,9 +208,20 @@ class TrellisLatents(Dataset):
         cond = root / RENDERS_DIR / sha / "transforms.json" if self.cond == "images" else root / COND_DIR / f"{sha}.npz"
         return root / folder / self.latent_model / f"{sha}.npz", cond
 
+    def latent_keys(self) -> tuple[str, ...]:
+        return ("mean",) if self.kind == "ss" else ("coords", "feats")
+
+    def check_format(self, index: int) -> None:
+        """Read item ``index``'s arrays: a data set in another format (a latent without ``coords``, tokens under
+        another name) fails at setup, naming the file and the key, not mid-epoch after the model loaded."""
+        latent_path, cond_path = self.paths(index)
+        _npz(latent_path, *self.latent_keys())
+        if self.cond == "tokens":
+            _npz(cond_path, "tokens")
+
     def _condition(self, cond_path: Path) -> dict[str, torch.Tensor]:
         if self.cond == "tokens":
-            return {"cond": torch.from_numpy(_npz(cond_path)["tokens"]).float()}
+            return {"cond": torch.from_numpy(_npz(cond_path, "tokens")["tokens"]).float()}
         views = cond_views(cond_path.parent)
         # TRELLIS draws a random view per sample; validation keeps the first so its loss is comparable.
         view = int(torch.randint(len(views), ())) if self.random_view else 0
@@ -191,7 +229,7 @@ class TrellisLatents(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         latent_path, cond_path = self.paths(index)
-        latent = _npz(latent_path)
+        latent = _npz(latent_path, *self.latent_keys())
         item = self._condition(cond_path)
         if self.kind == "ss":
             item["x0"] = torch.from_numpy(latent["mean"]).float()
@@ -282,6 +320,9 @@ class TrellisDataModule(pl.LightningDataModule):
         )
         self.train_set = make([it for it, v in zip(items, is_val, strict=True) if not v], True)
         self.val_set = make([it for it, v in zip(items, is_val, strict=True) if v], False)
+        if not len(self.train_set):  # else every epoch would be empty: Lightning ends fit at once, untrained
+            raise UserError(f"data.val_fraction={self.val_fraction} puts all {len(items)} samples of "
+                            f"{self.data_source()} in validation; lower it or add samples")
         for dataset in (self.train_set, self.val_set):  # name a missing file now, not mid-epoch
             for i in range(len(dataset)):
                 latent_path, cond_path = dataset.paths(i)
@@ -290,6 +331,11 @@ class TrellisDataModule(pl.LightningDataModule):
                 if not cond_path.is_file():
                     raise _missing_renders(cond_path) if self.cond == "images" else UserError(
                         f"missing data file: {cond_path}")
+        self.train_set.check_format(0)  # one file's keys: cheap, and a wrong format is a whole-set mistake
+
+    def data_source(self) -> str:
+        """Where the training samples come from (named when an epoch yields no batch)."""
+        return f"data.roots={','.join(map(str, self.roots))}"
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         drop_last = shuffle and len(dataset) >= batch_size
