@@ -342,3 +342,18 @@ def test_train_unwritable_output_directory(fast_cfg, tmp_path, monkeypatch) -> N
             run(cfg)
     finally:
         ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_random_bytes_in_a_pt_lora_are_damaged_not_code(files, capsys, command) -> None:
+    """Bytes that do not parse as a pickle are a damaged file; only a parsable pickle that imports code is refused
+    as code (tests/test_reliability.py covers that one)."""
+    d, _ = files
+    junk = d / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 3)
+    argv = ["inspect", junk] if command == "inspect" else [
+        "merge", "--base", d / "base.safetensors", "--lora", junk, "--out", d / "m.safetensors"]
+    rc = cli_main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a readable LoRA file" in err and "would run code" not in err, err
+    assert not (d / "m.safetensors").exists()

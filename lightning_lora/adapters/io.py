@@ -23,7 +23,7 @@ from safetensors.torch import save
 
 from lightning_lora.adapters.finite import count_non_finite, require_float
 from lightning_lora.checks import finite, positive_int
-from lightning_lora.errors import UserError
+from lightning_lora.errors import UserError, pickle_runs_code
 from lightning_lora.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
@@ -115,8 +115,11 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[Tensors, dict[str, str]]:
     except UserError:
         raise
     except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused: it holds pickled objects that would run code when loaded (only tensors "
-                        "are read, weights_only=True)") from None
+        if pickle_runs_code(path):
+            raise UserError(f"{path}: refused: it holds pickled objects that would run code when loaded (only "
+                            "tensors are read, weights_only=True)") from None
+        raise UserError(f"{path}: not a readable LoRA file (damaged, cut short, or not a file torch.save wrote)"
+                        ) from None
     except Exception as e:  # a cut or empty file, a zip that is not a checkpoint
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: not a readable LoRA file (safetensors or weights-only torch): {first[:160]}"
