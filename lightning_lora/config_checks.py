@@ -175,8 +175,8 @@ def _optimizer(node: Any, key: str) -> None:
         raise UserError(f"{key} must be a mapping with _target_ naming a torch optimizer class, e.g. torch.optim.AdamW")
     cls = _optimizer_class(node["_target_"], f"{key}._target_")
     if node.get("_partial_") is not True:
-        raise UserError(f"{key}._partial_={node.get('_partial_')!r} must be true: the optimizer is built later, over "
-                        "the adapter's parameters")
+        raise UserError(f"{key}._partial_={_shown(node.get('_partial_'))} must be true: the optimizer is built later, "
+                        "over the adapter's parameters")
     parameters = inspect.signature(cls).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     valid = [name for name in parameters if name not in ("self", "params")]
@@ -195,9 +195,9 @@ def _optimizer_class(target: Any, key: str) -> type:
 
     try:
         cls = get_class(str(target))
-    except Exception as exc:  # not importable: Hydra's message is several lines
-        first = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())[:160]
-        raise UserError(f"{key}={target!r} cannot be imported ({first}); valid: a torch optimizer class such as "
+    except Exception as exc:  # not importable: Hydra's message is several lines, the reason on the second
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserError(f"{key}={target!r} cannot be imported ({reason}); valid: a torch optimizer class such as "
                         "torch.optim.AdamW") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise UserError(f"{key}={target!r} is not a torch optimizer class (a subclass of torch.optim.Optimizer), "
@@ -393,8 +393,9 @@ def _apply(rules: tuple[Rule, ...], get: Callable[[str], Any]) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Every rule of ``RULES`` over ``cfg``, in order, then the devices; the first bad value raises its line."""
     _apply(RULES, lambda key: _value(cfg, key))
-    if isinstance(trainer := _value(cfg, "trainer"), dict):
-        check_devices(trainer)
+    # only the two keys: the trainer's others may name what exists only under Hydra (default_root_dir)
+    chosen = {key: _value(cfg, f"trainer.{key}") for key in ("devices", "accelerator")}
+    check_devices({key: value for key, value in chosen.items() if value is not _ABSENT})
 
 
 def check_section(values: Mapping[str, Any], section: str) -> None:
@@ -444,8 +445,8 @@ def check_resume_fits(checkpoint: Mapping[str, Any], adapter: Mapping[str, Any],
         return
     saved_family = saved.get("family")
     if family and isinstance(saved_family, str) and saved_family != family:
-        raise UserError(f"{where} is a checkpoint of a {saved_family} model, but this run's model is a {family} head; "
-                        "resume with the checkpoint's model, or start a fresh run (resume=null)")
+        raise UserError(f"{where} is a checkpoint of the {saved_family} family, but this run's model is of the "
+                        f"{family} family; resume with the checkpoint's model, or start a fresh run (resume=null)")
     before = saved.get("adapter")
     if not isinstance(before, Mapping) or before.get("init_from") or adapter.get("init_from"):
         return

@@ -203,7 +203,8 @@ class LoRAAdaptationModule(pl.LightningModule):
         own = (self.spec.per_submodule or {}).get(name, {})
         key = f"adapter.per_submodule.{name}.{field}" if field in own else f"adapter.{field}"
         raise UserError(f"{key}={found.rank} must be smaller than the layers it adapts: {self.head.family}.{name} "
-                        f"layer '{found.layer}' is {found.shape}; valid: {field} < {found.smallest}")
+                        f"layer '{found.layer}' is {found.shape}; valid: {field} < {found.smallest} (the smallest "
+                        "side among them)")
 
     def _lora_config(self, name: str, targets: list[str]):
         """The submodule's LoraConfig: its own per_submodule values, plus conv LoRA at conv_rank/conv_alpha."""
