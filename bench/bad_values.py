@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -66,14 +67,21 @@ def tiny_bert(folder: Path) -> Path:
     return folder
 
 
-def run(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """(wall seconds, exit status, last stderr line) of ``python -m lightning_lora.train ARGS``."""
-    started = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """(wall seconds, CPU seconds, exit status, last stderr line) of ``python -m lightning_lora.train ARGS``. The
+    CPU time (user + system of the process and its children) is what the process needs on an idle core; wall time
+    is that plus waiting for a core on a loaded machine."""
+    started, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, "-m", "lightning_lora.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
     lines = proc.stderr.strip().splitlines()
-    return seconds, proc.returncode, lines[-1] if lines else ""
+    return seconds, cpu, proc.returncode, lines[-1] if lines else ""
 
 
 def main() -> None:
@@ -88,39 +96,43 @@ def main() -> None:
     pairs = work / "pairs.jsonl"
     pairs.write_text("".join(f'{{"query": "q{i}", "positive": "def f{i}(): ..."}}\n' for i in range(8)))
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, "-c", "import lightning_lora.train"], cwd=REPO, env=env)
-    import_seconds = time.perf_counter() - started
+    import_seconds, import_cpu = time.perf_counter() - started, _children_cpu() - cpu
     assert proc.returncode == 0
-    warm_seconds, rc, last = run([*base, f"hydra.run.dir={work / 'r8'}"], env)
+    warm_seconds, _, rc, last = run([*base, f"hydra.run.dir={work / 'r8'}"], env)
     assert rc == 0, last
 
     rows, load_before = [], os.getloadavg()
     for i, (what, bad) in enumerate(CASES):
         bad = [b.replace("<ckpt>", str(work / "r8")).replace("<pairs>", str(pairs)) for b in bad]
-        seconds, rc, last = run([*base, *bad, f"hydra.run.dir={work / f'case{i}'}"], env)
-        rows.append((what, " ".join(b.replace(str(work), "$TMP") for b in bad), seconds, rc,
+        seconds, cpu, rc, last = run([*base, *bad, f"hydra.run.dir={work / f'case{i}'}"], env)
+        rows.append((what, " ".join(b.replace(str(work), "$TMP") for b in bad), seconds, cpu, rc,
                      last.replace(str(work), "$TMP")))
-        print(f"{seconds:6.2f} s  rc={rc}  {what}: {last[:150]}", flush=True)
+        print(f"{seconds:6.2f} s ({cpu:5.2f} s CPU)  rc={rc}  {what}: {last[:150]}", flush=True)
     load_after = os.getloadavg()
     shutil.rmtree(work, ignore_errors=True)
 
     slowest = max(rows, key=lambda row: row[2])
+    most_cpu = max(rows, key=lambda row: row[3])
     table = [f"## bad_values {dt.datetime.now().isoformat(timespec='seconds')}",
              f"command: python bench/bad_values.py{' --append' if args.append else ''}  "
              f"(python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load_before[0]:.2f} before "
              f"the cases, {load_after[0]:.2f} after)", "",
              "One bad value per process (`python -m lightning_lora.train` on the tiny BERT with small settings, fresh "
-             "run directory); wall seconds of the whole process, interpreter start included. Floor: "
-             f"`python -c \"import lightning_lora.train\"` took {import_seconds:.2f} s; the warm-up run (2 steps at "
-             f"rank 8, filling the data cache; the resume cases resume it) took {warm_seconds:.2f} s.", "",
-             "| case | overrides | seconds | exit | last line |", "| --- | --- | --- | --- | --- |"]
-    for what, bad, seconds, rc, last in rows:
+             "run directory); wall seconds of the whole process, interpreter start included, and its CPU seconds "
+             "(user + system: what it needs of an idle core; the wall time adds the wait for a core). Floor: "
+             f"`python -c \"import lightning_lora.train\"` took {import_seconds:.2f} s ({import_cpu:.2f} s CPU); the "
+             f"warm-up run (2 steps at rank 8, filling the data cache; the resume cases resume it) took "
+             f"{warm_seconds:.2f} s.", "",
+             "| case | overrides | seconds | CPU seconds | exit | last line |", "| --- | --- | --- | --- | --- | --- |"]
+    for what, bad, seconds, cpu, rc, last in rows:
         shown = last.replace("|", "\\|")
-        table.append(f"| {what} | `{bad}` | {seconds:.2f} | {rc} | {shown[:160]}{'...' if len(shown) > 160 else ''} |")
-    table += ["", f"Slowest: {slowest[0]} (`{slowest[1]}`), {slowest[2]:.2f} s; every case exited "
-              f"{'2' if all(r[3] == 2 for r in rows) else 'NOT always 2'} with one `error:` line: "
-              f"{'yes' if all(r[4].startswith('error: ') for r in rows) else 'NO'}.", ""]
+        table.append(f"| {what} | `{bad}` | {seconds:.2f} | {cpu:.2f} | {rc} | {shown[:160]}"
+                     f"{'...' if len(shown) > 160 else ''} |")
+    table += ["", f"Slowest: {slowest[0]} (`{slowest[1]}`), {slowest[2]:.2f} s wall; most CPU: {most_cpu[0]}, "
+              f"{most_cpu[3]:.2f} s; every case exited {'2' if all(r[4] == 2 for r in rows) else 'NOT always 2'} "
+              f"with one `error:` line: {'yes' if all(r[5].startswith('error: ') for r in rows) else 'NO'}.", ""]
     text = "\n".join(table)
     print("\n" + text)
     if args.append:

@@ -195,14 +195,28 @@ def _optimizer_class(target: Any, key: str) -> type:
 
     try:
         cls = get_class(str(target))
-    except Exception as exc:  # not importable: Hydra's message is several lines, the reason on the second
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise UserError(f"{key}={target!r} cannot be imported ({reason}); valid: a torch optimizer class such as "
-                        "torch.optim.AdamW") from None
+    except Exception:  # not importable: Hydra's message is several lines
+        raise UserError(f"{key}={target!r} cannot be imported ({_import_failure(str(target))}); valid: a torch "
+                        "optimizer class such as torch.optim.AdamW") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise UserError(f"{key}={target!r} is not a torch optimizer class (a subclass of torch.optim.Optimizer), "
                         "e.g. torch.optim.AdamW")
     return cls
+
+
+def _import_failure(target: str) -> str:
+    """Why ``module.Name`` does not import, in a few words: no such module, or no such name in it."""
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    if not module:
+        return "give the full path, module.Class"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return f"no module {module}" if isinstance(exc, ModuleNotFoundError) else \
+            f"{module} fails to import: {type(exc).__name__}"
+    return f"{module} has no {name}"
 
 
 # ---------------------------------------------------------------------------- the devices a run asks for
