@@ -3,10 +3,12 @@ point in this process, must stop with exit status 2 and one ``error:`` line nami
 traceback, before anything is written into the run directory but Hydra's own files (and, for the checks that need
 the built base model, ``environment.json``), and without touching any file that existed before.
 
-A row is ``Case(id, base, overrides, needle, kind)``; ``base`` names the run the bad value goes into (``bert``: the
-tiny BERT with small settings, a ``tests/families.py`` row name, or ``none``), ``kind`` the class of the probe's
-finding before the config table (``config_checks.RULES``): ``traceback`` (a traceback or a late, unnamed error),
-``non-finite`` (NaN or infinity taken as a value), ``other`` (taken silently and wrong, or a huge allocation).
+A row is ``_c(kind, id, overrides, needle)``; ``base`` names the run the bad value goes into (``bert``: the tiny BERT
+with small settings, a ``tests/families.py`` row name, or ``none``). ``kind`` says what the same command did before
+the config table (``config_checks.RULES``), as observed at commit 6739495: ``traceback`` (exit 1 and a traceback,
+mostly after the run's files were written), ``silent`` (exit 0: trained with the bad value), ``late`` (one line,
+exit 2, but after the run wrote files, or not naming the value), ``allocation`` (PEFT allocating r x side: 25 GB for
+``adapter.r=100000000``; not rerun), ``guard`` (already one line before anything was written: kept so it stays so).
 ``<tmp>``, ``<ckpt>`` (a finished rank-8 run) and ``<pairs>`` (a small JSONL file) stand for the module's inputs.
 """
 
@@ -39,7 +41,7 @@ class Case:
     after_model: bool = False  # the check runs once the base model is built
 
 
-def _c(id: str, overrides: str, needle: str | None = None, kind: str = "traceback", base: str = "bert",
+def _c(kind: str, id: str, overrides: str, needle: str | None = None, base: str = "bert",
        after_model: bool = False) -> Case:
     items = tuple(overrides.split(" "))
     return Case(id, base, items, needle if needle is not None else items[-1].lstrip("+"), kind, after_model)
@@ -47,99 +49,100 @@ def _c(id: str, overrides: str, needle: str | None = None, kind: str = "tracebac
 
 CASES = [
     # ------------------------------------------------------------ optimizer
-    _c("lr negative", "optimizer.lr=-1"),
-    _c("lr word", "optimizer.lr=fast", "optimizer.lr='fast'"),
-    _c("lr nan", "optimizer.lr=nan", kind="non-finite"),
-    _c("lr inf", "optimizer.lr=inf", kind="non-finite"),
-    _c("lr zero", "optimizer.lr=0", kind="other"),
-    _c("lr bool", "optimizer.lr=true", "optimizer.lr=True", kind="other"),
-    _c("optimizer typo", "optimizer._target_=torch.optim.Adamm", "optimizer._target_='torch.optim.Adamm'"),
-    _c("optimizer not one", "optimizer._target_=torch.nn.Linear", "optimizer._target_='torch.nn.Linear'"),
-    _c("optimizer not partial", "optimizer._partial_=false", "optimizer._partial_=false"),
-    _c("optimizer unknown arg", "+optimizer.momentumm=0.9", "optimizer.momentumm is not an argument"),
-    _c("weight decay negative", "optimizer.weight_decay=-0.1"),
-    _c("weight decay nan", "optimizer.weight_decay=nan", kind="non-finite"),
-    _c("betas above one", "+optimizer.betas=[0.9,1.5]", "optimizer.betas[1]=1.5"),
-    _c("betas one value", "+optimizer.betas=[0.9]", "optimizer.betas=[0.9]"),
-    _c("eps negative", "+optimizer.eps=-1e-8", "optimizer.eps=-1e-08"),
-    _c("sgd momentum negative", "optimizer._target_=torch.optim.SGD +optimizer.momentum=-0.5"),
+    _c("traceback", "lr negative", "optimizer.lr=-1"),
+    _c("traceback", "lr word", "optimizer.lr=fast", "optimizer.lr='fast'"),
+    _c("traceback", "lr nan", "optimizer.lr=nan"),
+    _c("late", "lr inf", "optimizer.lr=inf"),
+    _c("silent", "lr zero", "optimizer.lr=0"),
+    _c("silent", "lr bool", "optimizer.lr=true", "optimizer.lr=True"),
+    _c("traceback", "optimizer typo", "optimizer._target_=torch.optim.Adamm", "optimizer._target_='torch.optim.Adamm'"),
+    _c("traceback", "optimizer not one", "optimizer._target_=torch.nn.Linear", "optimizer._target_='torch.nn.Linear'"),
+    _c("traceback", "optimizer not partial", "optimizer._partial_=false", "optimizer._partial_=false"),
+    _c("traceback", "optimizer unknown arg", "+optimizer.momentumm=0.9", "optimizer.momentumm is not an argument"),
+    _c("traceback", "weight decay negative", "optimizer.weight_decay=-0.1"),
+    _c("traceback", "weight decay nan", "optimizer.weight_decay=nan"),
+    _c("traceback", "betas above one", "+optimizer.betas=[0.9,1.5]", "optimizer.betas[1]=1.5"),
+    _c("traceback", "betas one value", "+optimizer.betas=[0.9]", "optimizer.betas=[0.9]"),
+    _c("traceback", "eps negative", "+optimizer.eps=-1e-8", "optimizer.eps=-1e-08"),
+    _c("traceback", "sgd momentum negative", "optimizer._target_=torch.optim.SGD +optimizer.momentum=-0.5"),
     # ------------------------------------------------------------ scheduler
-    _c("schedule unknown", "scheduler.name=step", "scheduler.name='step'"),
-    _c("warmup ratio above one", "scheduler.warmup_ratio=1.5", kind="other"),
-    _c("warmup ratio nan", "scheduler.warmup_ratio=nan", kind="non-finite"),
-    _c("warmup steps word", "scheduler.warmup_steps=abc", "scheduler.warmup_steps='abc'"),
-    _c("warmup steps negative", "scheduler.warmup_steps=-3"),
-    _c("min lr ratio above one", "scheduler.min_lr_ratio=2"),
+    _c("guard", "schedule unknown", "scheduler.name=step", "scheduler.name='step'"),
+    _c("guard", "warmup ratio above one", "scheduler.warmup_ratio=1.5"),
+    _c("guard", "warmup ratio nan", "scheduler.warmup_ratio=nan"),
+    _c("traceback", "warmup steps word", "scheduler.warmup_steps=abc", "scheduler.warmup_steps='abc'"),
+    _c("guard", "warmup steps negative", "scheduler.warmup_steps=-3"),
+    _c("guard", "min lr ratio above one", "scheduler.min_lr_ratio=2"),
     # ------------------------------------------------------------ data
-    _c("batch size zero", "data.batch_size=0"),
-    _c("batch size word", "data.batch_size=abc", "data.batch_size='abc'"),
-    _c("val batch size negative", "data.val_batch_size=-4"),
-    _c("workers negative", "data.num_workers=-1"),
-    _c("val fraction above one", "data.val_fraction=1.5"),
-    _c("max train samples zero", "data.max_train_samples=0"),
-    _c("max code lines zero", "data.max_code_lines=0"),
-    _c("shuffle word", "data=pairs data.train_path=<pairs> data.shuffle=maybe", "data.shuffle='maybe'", kind="other"),
-    _c("val path missing", "data=pairs data.train_path=<pairs> data.val_path=<tmp>/nope.jsonl",
+    _c("late", "batch size zero", "data.batch_size=0"),
+    _c("late", "batch size word", "data.batch_size=abc", "data.batch_size='abc'"),
+    _c("late", "val batch size negative", "data.val_batch_size=-4"),
+    _c("late", "workers negative", "data.num_workers=-1"),
+    _c("late", "val fraction above one", "data.val_fraction=1.5"),
+    _c("late", "max train samples zero", "data.max_train_samples=0"),
+    _c("late", "max code lines zero", "data.max_code_lines=0"),
+    _c("silent", "shuffle word", "data=pairs data.train_path=<pairs> data.shuffle=maybe", "data.shuffle='maybe'"),
+    _c("late", "val path missing", "data=pairs data.train_path=<pairs> data.val_path=<tmp>/nope.jsonl",
        "data.val_path=<tmp>/nope.jsonl"),
-    _c("train dir missing", "model=sd_tiny data=image_folder data.train_dir=<tmp>/no_images",
+    _c("late", "train dir missing", "model=sd_tiny data=image_folder data.train_dir=<tmp>/no_images",
        "data.train_dir=<tmp>/no_images", base="none"),
-    _c("roots missing", "model=trellis_slat_tiny data=trellis data.roots=<tmp>/no_root",
+    _c("late", "roots missing", "model=trellis_slat_tiny data=trellis data.roots=<tmp>/no_root",
        "data.roots=<tmp>/no_root", base="none"),
-    _c("digits none", "model=sd_tiny data=digits data.num_images=0", "data.num_images=0", base="none"),
-    _c("shards per epoch zero", "model=lbm_tiny data=digits_pairs data.samples_per_epoch=0", base="none"),
-    _c("shuffle buffer negative", "model=sd_tiny data=webdataset data.train_shards=<tmp>/x.tar "
+    _c("late", "digits none", "model=sd_tiny data=digits data.num_images=0", "data.num_images=0", base="none"),
+    _c("late", "shards per epoch zero", "model=lbm_tiny data=digits_pairs data.samples_per_epoch=0", base="none"),
+    _c("late", "shuffle buffer negative", "model=sd_tiny data=webdataset data.train_shards=<tmp>/x.tar "
        "data.shuffle_buffer=-1", base="none"),
     # ------------------------------------------------------------ trainer
-    _c("max steps negative", "trainer.max_steps=-5"),
-    _c("max steps zero", "trainer.max_steps=0", kind="other"),
-    _c("max epochs zero", "trainer.max_epochs=0", kind="other"),
-    _c("accumulate zero", "trainer.accumulate_grad_batches=0"),
-    _c("accumulate fraction", "trainer.accumulate_grad_batches=2.5"),
-    _c("precision unknown", "trainer.precision=17"),
-    _c("precision word", "trainer.precision=fp16", "trainer.precision='fp16'"),
-    _c("devices zero", "trainer.devices=0"),
-    _c("devices word", "trainer.devices=many", "trainer.devices='many'"),
-    _c("nodes zero", "trainer.num_nodes=0"),
-    _c("accelerator unknown", "trainer.accelerator=tpuu", "trainer.accelerator='tpuu'"),
-    _c("accelerator absent", "trainer.accelerator=mps", "trainer.accelerator='mps'"),
-    _c("clip negative", "trainer.gradient_clip_val=-1"),
-    _c("clip nan", "trainer.gradient_clip_val=nan", kind="non-finite"),
-    _c("clip algorithm", "+trainer.gradient_clip_algorithm=max", "trainer.gradient_clip_algorithm='max'"),
-    _c("val interval zero", "+trainer.val_check_interval=0"),
-    _c("val interval word", "+trainer.val_check_interval=often", "trainer.val_check_interval='often'"),
-    _c("limit batches above one", "+trainer.limit_train_batches=1.5"),
-    _c("log interval negative", "trainer.log_every_n_steps=-1"),
-    _c("val every zero epochs", "trainer.check_val_every_n_epoch=0"),
-    _c("deterministic word", "trainer.deterministic=sometimes", "trainer.deterministic='sometimes'"),
-    _c("fast dev run negative", "+trainer.fast_dev_run=-1"),
+    _c("traceback", "max steps negative", "trainer.max_steps=-5"),
+    _c("silent", "max steps zero", "trainer.max_steps=0"),
+    _c("silent", "max epochs zero", "trainer.max_epochs=0"),
+    _c("traceback", "accumulate zero", "trainer.accumulate_grad_batches=0"),
+    _c("silent", "accumulate fraction", "trainer.accumulate_grad_batches=2.5"),
+    _c("traceback", "precision unknown", "trainer.precision=17"),
+    _c("traceback", "precision word", "trainer.precision=fp16", "trainer.precision='fp16'"),
+    _c("traceback", "devices zero", "trainer.devices=0"),
+    _c("traceback", "devices word", "trainer.devices=many", "trainer.devices='many'"),
+    _c("traceback", "nodes zero", "trainer.num_nodes=0"),
+    _c("traceback", "accelerator unknown", "trainer.accelerator=tpuu", "trainer.accelerator='tpuu'"),
+    _c("traceback", "accelerator absent", "trainer.accelerator=mps", "trainer.accelerator='mps'"),
+    _c("silent", "clip negative", "trainer.gradient_clip_val=-1"),
+    _c("traceback", "clip nan", "trainer.gradient_clip_val=nan"),
+    _c("traceback", "clip algorithm", "+trainer.gradient_clip_algorithm=max", "trainer.gradient_clip_algorithm='max'"),
+    _c("traceback", "val interval zero", "+trainer.val_check_interval=0"),
+    _c("traceback", "val interval word", "+trainer.val_check_interval=often", "trainer.val_check_interval='often'"),
+    _c("traceback", "limit batches above one", "+trainer.limit_train_batches=1.5"),
+    _c("silent", "log interval negative", "trainer.log_every_n_steps=-1"),
+    _c("traceback", "val every zero epochs", "trainer.check_val_every_n_epoch=0"),
+    _c("silent", "deterministic word", "trainer.deterministic=sometimes", "trainer.deterministic='sometimes'"),
+    _c("traceback", "fast dev run negative", "+trainer.fast_dev_run=-1"),
     # ------------------------------------------------------------ seed and switches
-    _c("seed word", "seed=abc", "seed='abc'"),
-    _c("seed negative", "seed=-1", kind="other"),
-    _c("seed fraction", "seed=1.5"),
-    _c("validate word", "validate_before=maybe", "validate_before='maybe'", kind="other"),
+    _c("traceback", "seed word", "seed=abc", "seed='abc'"),
+    _c("traceback", "seed negative", "seed=-1"),
+    _c("silent", "seed fraction", "seed=1.5"),
+    _c("silent", "validate word", "validate_before=maybe", "validate_before='maybe'"),
     # ------------------------------------------------------------ an adapter larger than its layer (base built)
-    _c("rank huge bert", "adapter.r=100000000", "adapter.r=100000000 must be smaller than the layers it adapts: "
-       "embedding.encoder layer 'encoder.layer.0.attention.self.query' is Linear(32 -> 32); valid: r < 32 (the "
-       "smallest side among them)",
-       kind="other", after_model=True),
-    _c("rank equal to the side", "adapter.r=32", after_model=True, kind="other"),
-    _c("rank per submodule", "+adapter.per_submodule={encoder:{r:64}}", "adapter.per_submodule.encoder.r=64",
-       after_model=True, kind="other"),
-    *[_c(f"rank huge {name}", "adapter.r=100000000", kind="other", base=name, after_model=True)
+    _c("allocation", "rank huge bert", "adapter.r=100000000",
+       "adapter.r=100000000 must be smaller than the layers it adapts: embedding.encoder layer "
+       "'encoder.layer.0.attention.self.query' is Linear(32 -> 32); valid: r < 32 (the smallest side among them)",
+       after_model=True),
+    _c("silent", "rank equal to the side", "adapter.r=32", after_model=True),
+    _c("silent", "rank per submodule", "+adapter.per_submodule={encoder:{r:64}}", "adapter.per_submodule.encoder.r=64",
+       after_model=True),
+    *[_c("allocation", f"rank huge {name}", "adapter.r=100000000", base=name, after_model=True)
       for name in ("clip_tiny", "qwen3_vl_tiny", "sd_tiny", "lbm_tiny", "trellis_ss_tiny", "trellis_slat_tiny",
                    "toy")],
-    _c("conv rank huge", "adapter.conv_rank=100000", "adapter.conv_rank=100000 must be smaller", kind="other",
+    _c("allocation", "conv rank huge", "adapter.conv_rank=100000", "adapter.conv_rank=100000 must be smaller",
        base="sd_tiny", after_model=True),
     # ------------------------------------------------------------ resuming another run's checkpoint
-    _c("resume other rank", "resume=<ckpt> adapter.r=4",
+    _c("traceback", "resume other rank", "resume=<ckpt> adapter.r=4",
        "resume=<ckpt> was trained with adapter.r=8, but this run has adapter.r=4"),
-    _c("resume dora", "resume=<ckpt> adapter.dora=true", "adapter.dora=false, but this run has adapter.dora=true"),
-    _c("resume other family", "resume=<ckpt> hydra.searchpath=[file://<toy>] model=toy data=toy",
+    _c("late", "resume dora", "resume=<ckpt> adapter.dora=true",
+       "adapter.dora=false, but this run has adapter.dora=true"),
+    _c("late", "resume other family", "resume=<ckpt> hydra.searchpath=[file://<toy>] model=toy data=toy",
        "resume=<ckpt> is a checkpoint of the embedding family, but this run's model is of the toy family", base="none"),
-    _c("resume fewer targets", "resume=<ckpt> adapter.targets=[query]",
+    _c("late", "resume fewer targets", "resume=<ckpt> adapter.targets=[query]",
        "the checkpoint trains layer embedder.encoder.encoder.layer.0.attention.self.key of embedding",
        after_model=True),
-    _c("resume other submodule rank", "resume=<ckpt> +adapter.per_submodule={encoder:{r:4}}",
+    _c("traceback", "resume other submodule rank", "resume=<ckpt> +adapter.per_submodule={encoder:{r:4}}",
        "layer embedder.encoder.encoder.layer.0.attention.self.query of embedding.encoder has rank 8 in the "
        "checkpoint and 4 in this run", after_model=True),
 ]
@@ -190,6 +193,10 @@ def test_one_bad_value_is_one_line(case: Case, inputs, tmp_path, request, capsys
     assert file_bytes(inputs["root"]) == before, case.id
 
 
+KINDS = ("traceback", "silent", "late", "allocation", "guard")
+
+
 def test_the_matrix_counts() -> None:
-    kinds = {kind: sum(case.kind == kind for case in CASES) for kind in ("traceback", "non-finite", "other")}
+    kinds = {kind: sum(case.kind == kind for case in CASES) for kind in KINDS}
     assert len(CASES) >= 45 and sum(kinds.values()) == len(CASES) and len({c.id for c in CASES}) == len(CASES)
+    assert kinds == {"traceback": 34, "silent": 13, "late": 17, "allocation": 9, "guard": 5}, kinds
