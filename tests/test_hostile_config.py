@@ -200,3 +200,35 @@ def test_the_matrix_counts() -> None:
     kinds = {kind: sum(case.kind == kind for case in CASES) for kind in KINDS}
     assert len(CASES) >= 45 and sum(kinds.values()) == len(CASES) and len({c.id for c in CASES}) == len(CASES)
     assert kinds == {"traceback": 34, "silent": 13, "late": 17, "allocation": 9, "guard": 5}, kinds
+
+
+# ---------------------------------------------------------------------------- the same rules from Python
+def test_python_callers_get_the_same_lines() -> None:
+    from tiny import TinyHead
+
+    from lightning_lora.adapters import AdapterSpec
+    from lightning_lora.errors import UserError
+    from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
+
+    with pytest.raises(UserError, match=r"^scheduler.warmup_steps='abc' must be a non-negative integer$"):
+        ScheduleSpec(warmup_steps="abc")
+    with pytest.raises(UserError, match=r"^adapter.r=16 must be smaller than the layers it adapts: tiny.denoiser "
+                                        r"layer 'blocks.0.self_attn.to_qkv' is Linear\(16 -> 48\); valid: r < 16"):
+        LoRAAdaptationModule(TinyHead(), AdapterSpec(r=16, targets=["to_qkv", "to_out"]))
+
+
+def test_the_smaller_side_of_each_layer_kind() -> None:
+    from peft import LoraConfig
+    from torch import nn
+
+    from lightning_lora.adapters import oversized_rank
+
+    model = nn.ModuleDict({"lin": nn.Linear(8, 4), "conv": nn.Conv2d(2, 16, 3), "emb": nn.Embedding(100, 6)})
+    found = oversized_rank(model, LoraConfig(r=6, target_modules=["lin", "conv", "emb"]))
+    assert (found.layer, found.shape, found.rank, found.smallest) == ("lin", "Linear(8 -> 4)", 6, 4)
+    found = oversized_rank(model, LoraConfig(r=3, target_modules=["conv", "emb"], rank_pattern={"conv": 18}))
+    assert (found.layer, found.shape, found.patterned, found.smallest) == (
+        "conv", "Conv2d(2 -> 16, kernel 3x3)", True, 16)  # the matrix is 16 x (2*3*3): its smaller side is 16
+    assert oversized_rank(model, LoraConfig(r=5, target_modules=["conv", "emb"])) is None
+    found = oversized_rank(model, LoraConfig(r=6, target_modules=["emb"]))
+    assert (found.shape, found.smallest) == ("Embedding(100, 6)", 6)
