@@ -14,6 +14,7 @@ exit 2, but after the run wrote files, or not naming the value), ``allocation`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,3 +233,27 @@ def test_the_smaller_side_of_each_layer_kind() -> None:
     assert oversized_rank(model, LoraConfig(r=5, target_modules=["conv", "emb"])) is None
     found = oversized_rank(model, LoraConfig(r=6, target_modules=["emb"]))
     assert (found.shape, found.smallest) == ("Embedding(100, 6)", 6)
+
+
+@pytest.mark.parametrize(("devices", "needle"), [
+    ([0, 1], "trainer.devices=[0, 1] asks for more cuda devices than this machine has (1)"),
+    (2, "trainer.devices=2 asks for more cuda devices than this machine has (1)"),
+    (0, "trainer.devices=0 must be auto, -1 (all), a number of devices >= 1 or a list"),
+    ([0, 0], "trainer.devices=[0, 0] must be auto, -1 (all)"),
+    ("0,x", "trainer.devices='0,x' must be auto"),
+    (-1, None), ("0,", None), ([0], None), (1, None), ("auto", None),
+])
+def test_gpu_devices_on_a_one_gpu_machine(monkeypatch, devices, needle) -> None:
+    """The GPU side of trainer.devices on a machine with one CUDA device (simulated: no GPU is needed)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    from lightning_lora import config_checks
+    from lightning_lora.errors import UserError
+
+    monkeypatch.setattr(config_checks, "_accelerator_in_use", lambda trainer: "cuda")
+    monkeypatch.setattr(CUDAAccelerator, "auto_device_count", staticmethod(lambda: 1))
+    if needle is None:
+        config_checks.check_devices({"devices": devices, "accelerator": "auto"})
+    else:
+        with pytest.raises(UserError, match="^" + re.escape(needle)):
+            config_checks.check_devices({"devices": devices, "accelerator": "auto"})
