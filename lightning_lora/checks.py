@@ -78,3 +78,54 @@ def choice(value: Any, key: str, valid: Iterable[str], *, also: Iterable[str] = 
     if value not in valid:
         raise UserError(f"{key}={value!r} is unknown; valid: {', '.join((*also, *valid))}{hint}")
     return value
+
+
+def _bounds(low: float | None, low_open: bool, high: float | None, high_open: bool) -> str:
+    """`` > 0``, `` in [0, 1)``, ``""`` (no bound): the bounds as a rule's words say them."""
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {_num(low)}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {_num(high)}"
+    return ""
+
+
+def _num(value: float) -> str:
+    """An int as written (4294967295), a float as short as it reads (0.5)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def number(value: Any, key: str, *, low: float | None = None, low_open: bool = False, high: float | None = None,
+           high_open: bool = False, hint: str = "") -> float:
+    """``value``, a finite number (never a bool, a string, NaN or an infinity) within the bounds given: ``low``
+    and ``high`` are included unless ``low_open`` / ``high_open``."""
+    inside = _is_number(value) and math.isfinite(value)
+    if inside and low is not None:
+        inside = value > low if low_open else value >= low
+    if inside and high is not None:
+        inside = value < high if high_open else value <= high
+    if not inside:
+        raise _fail(key, value, "a finite number" + _bounds(low, low_open, high, high_open) + hint, False)
+    return value
+
+
+def integer(value: Any, key: str, *, low: int | None = None, high: int | None = None, also: Iterable[int] = (),
+            hint: str = "") -> int:
+    """``value``, an int in ``[low, high]`` (either end open-ended when None), or one of ``also`` (``-1`` for
+    'no limit')."""
+    also = tuple(also)
+    if _is_int(value) and value in also:
+        return value
+    inside = _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
+    if not inside:
+        rule = (" or ".join(map(str, also)) + " or " if also else "") + "an integer" + _bounds(low, False, high, False)
+        raise _fail(key, value, rule + hint, False)
+    return value
+
+
+def boolean(value: Any, key: str, *, hint: str = "") -> bool:
+    """``value``, a bool (``true``/``false`` in YAML): a string such as ``'no'`` would count as true."""
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false" + hint, False)
+    return value

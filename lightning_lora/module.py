@@ -28,12 +28,13 @@ from lightning_lora.adapters import (
     format_adapter_summary,
     inject_adapter,
     load_adapter_state,
+    oversized_rank,
     read_adapters,
     save_adapter_file,
     save_peft_dir,
     spatial_conv_targets,
 )
-from lightning_lora.checks import choice
+from lightning_lora.config_checks import check_section
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes, new_directory_or_none
 from lightning_lora.heads.base import TaskHead
@@ -41,7 +42,6 @@ from lightning_lora.heads.base import TaskHead
 #: head parameters trained beside the adapter (e.g. a learnable temperature), in every adapter snapshot
 HEAD_PARAMETERS = "head_parameters.safetensors"
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -54,12 +54,7 @@ class ScheduleSpec:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        choice(self.name, "scheduler.name", SCHEDULES)
-        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(
-                f"scheduler: warmup_steps={self.warmup_steps} must be >= 0, warmup_ratio={self.warmup_ratio} "
-                f"in [0, 1), min_lr_ratio={self.min_lr_ratio} in [0, 1]"
-            )
+        check_section(dataclasses.asdict(self), "scheduler")  # the config table's rules, one key per line
 
     @classmethod
     def from_config(cls, cfg: ScheduleSpec | Mapping[str, Any] | None) -> ScheduleSpec:
@@ -182,7 +177,9 @@ class LoRAAdaptationModule(pl.LightningModule):
             targets = spec.targets_for(name, defaults.get(name, []))
             if not targets:
                 raise UserError(f"no LoRA targets for {head.family} submodule {name!r}; set adapter.targets")
-            self.adapters[name] = inject_adapter(available[name], self._lora_config(name, targets), where)
+            config = self._lora_config(name, targets)
+            self._check_ranks(name, available[name], config)
+            self.adapters[name] = inject_adapter(available[name], config, where)
             self.adapter_targets[name] = targets
         if spec.conv_rank is not None and not self._conv_submodules:
             raise UserError(f"adapter.conv_rank={spec.conv_rank}: no adapted submodule of the {head.family} head has "
@@ -195,6 +192,19 @@ class LoRAAdaptationModule(pl.LightningModule):
         for p in self.head.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+
+    def _check_ranks(self, name: str, model: nn.Module, config: Any) -> None:
+        """Refuse a rank at or above a targeted layer's smaller side before PEFT allocates it, naming the key that
+        set it (``adapter.r``, ``adapter.conv_rank`` or the submodule's own), the layer and its shape."""
+        found = oversized_rank(model, config)
+        if found is None:
+            return
+        field = "conv_rank" if found.patterned else "r"
+        own = (self.spec.per_submodule or {}).get(name, {})
+        key = f"adapter.per_submodule.{name}.{field}" if field in own else f"adapter.{field}"
+        raise UserError(f"{key}={found.rank} must be smaller than the layers it adapts: {self.head.family}.{name} "
+                        f"layer '{found.layer}' is {found.shape}; valid: {field} < {found.smallest} (the smallest "
+                        "side among them)")
 
     def _lora_config(self, name: str, targets: list[str]):
         """The submodule's LoraConfig: its own per_submodule values, plus conv LoRA at conv_rank/conv_alpha."""
@@ -399,11 +409,41 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # strict_loading is off (frozen weights are absent on purpose), so check the adapter part here.
-        state, keep = checkpoint.get("state_dict", {}), self.trainable_names()
-        missing, unexpected = sorted(keep - set(state)), sorted(set(state) - keep)
-        if missing or unexpected:
-            raise UserError(
-                "checkpoint does not fit this adapter configuration: "
-                f"{len(missing)} trainable tensors missing (e.g. {missing[:1]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); resume with the same model and adapter"
-            )
+        if (misfit := self.checkpoint_misfit(checkpoint.get("state_dict", {}))) is not None:
+            raise UserError(f"checkpoint does not fit this adapter configuration: {misfit}; resume with the same "
+                            "model and adapter")
+
+    def checkpoint_misfit(self, state: Mapping[str, Any]) -> str | None:
+        """What keeps ``state`` (a checkpoint's adapter-only state_dict) from loading into this module, as words:
+        the first trainable tensor it lacks, the first whose shape (a rank) differs, or the first it holds that
+        this module does not train; None when it fits."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        for name, param in own.items():
+            if name not in state:
+                return f"{self._described(name)} is trained by this run but not in the checkpoint"
+            saved = tuple(getattr(state[name], "shape", ()))
+            if saved != tuple(param.shape):
+                return f"{self._described(name)} {_shape_words(name, saved, tuple(param.shape))}"
+        extra = next((name for name in state if name not in own), None)
+        return None if extra is None else f"the checkpoint trains {self._described(extra)}, which this run does not"
+
+    def _described(self, name: str) -> str:
+        """``layer <path> of <family>.<submodule>`` for a LoRA tensor; the tensor's name otherwise."""
+        layer, lora, _ = name.partition(".lora_")
+        if not lora:
+            return f"tensor {name}"
+        param = dict(self.named_parameters()).get(name)  # None: a tensor only the checkpoint has
+        sub = next((sub for sub, peft in self.adapters.items() if param is not None and
+                    any(p is param for p in peft.parameters())), None)
+        return f"layer {layer.removeprefix('head.')} of {self.head.family}{f'.{sub}' if sub else ''}"
+
+
+def _shape_words(name: str, saved: tuple[int, ...], mine: tuple[int, ...]) -> str:
+    """``has rank 8 in the checkpoint and 4 in this run`` for a LoRA factor (A: rank first, B: rank second),
+    else the two shapes."""
+    factor = re.search(r"\.lora_(?:embedding_)?([AB])\.", name)
+    axis = None if factor is None else 0 if factor.group(1) == "A" else 1
+    if axis is not None and len(saved) == len(mine) > axis and saved[:axis] + saved[axis + 1:] == \
+            mine[:axis] + mine[axis + 1:]:
+        return f"has rank {saved[axis]} in the checkpoint and {mine[axis]} in this run"
+    return f"has shape {list(saved)} in the checkpoint and {list(mine)} in this run"

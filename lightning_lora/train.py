@@ -34,6 +34,7 @@ from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
 from lightning_lora.config import CONFIG_NAME, config_dir
+from lightning_lora.config_checks import check_config, check_resume_fits
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
@@ -279,6 +280,24 @@ def _resolve_callbacks(cfg: DictConfig) -> None:
         raise err from None
 
 
+def _read_resumed(cfg: DictConfig, spec: AdapterSpec) -> dict[str, Any] | None:
+    """The checkpoint ``resume`` names, read once (weights only) before any model loads and compared with this
+    run's model family and adapter settings; None for a fresh start (``last`` with no checkpoint yet included)."""
+    resume = cfg.get("resume")
+    if not resume:
+        return None
+    if resume == "last":
+        path = Path(cfg.paths.output_dir).resolve() / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            return None
+    else:
+        path = Path(resolve_resume(str(resume), Path.cwd()))  # a missing checkpoint is one line
+    checkpoint = AtomicCheckpointIO().load_checkpoint(path)
+    family = getattr(_class_of(cfg.model), "family", None)
+    check_resume_fits(checkpoint, spec.to_dict(), family, f"resume={resume}")
+    return checkpoint
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -323,19 +342,22 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
     _resolve_callbacks(cfg)  # e.g. a save cadence of a run with no length: before any model loads
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
+    check_config(cfg)  # every other value, one table (config_checks.RULES): before any model or corpus loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
     init_family = _check_init_from(spec.init_from)
+    resumed = _read_resumed(cfg, spec)
     output_dir = Path(cfg.paths.output_dir).resolve()
     # a file, read-only, used by another run (resume: null), locked by a running one: one line, nothing written
     with hold_run_dir(output_dir, cfg.get("resume"), cfg.get("overwrite", False), rank_zero_only.rank) as removed:
         if removed:
             _print(f"overwrite=true: removed the previous run's {', '.join(removed)} from {output_dir}")
-        return _run_in(cfg, output_dir, started, spec, schedule, init_family)
+        return _run_in(cfg, output_dir, started, spec, schedule, init_family, resumed)
 
 
 def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec, schedule: ScheduleSpec,
-            init_family: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The rest of ``run``, in the run directory it holds."""
+            init_family: str, resumed: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rest of ``run``, in the run directory it holds (``resumed``: the checkpoint ``resume`` names, read and
+    compared with the config already; compared with the built module here)."""
     _print(f"Run directory: {output_dir}")
     if rank_zero_only.rank == 0:
         for stale in clean_stale_temporaries(output_dir):  # left by a killed write (under the lock: not a live one)
@@ -353,6 +375,10 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
         head, spec, optimizer=instantiate(cfg.optimizer), scheduler=schedule,
         gradient_checkpointing=cfg.get("gradient_checkpointing", False),
     )
+    if resumed is not None and (misfit := module.checkpoint_misfit(resumed["state_dict"])) is not None:
+        raise UserError(f"resume={cfg.resume}: {misfit}; resume with the checkpoint's model and adapter settings, "
+                        "or start a fresh run (resume=null)")
+    del resumed  # Lightning reads the checkpoint again as fit starts
     _print(module.adapter_summary())
     if rank_zero_only.rank == 0:
         write_run_files(output_dir, cfg, module)

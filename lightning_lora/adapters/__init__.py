@@ -24,6 +24,7 @@ from lightning_lora.adapters.inject import (
     format_adapter_summary,
     inject_adapter,
     layer_names_summary,
+    oversized_rank,
     spatial_conv_targets,
 )
 from lightning_lora.adapters.io import (
@@ -68,6 +69,7 @@ __all__ = [
     "merge_and_unload",
     "merge_into",
     "merge_lora_weights",
+    "oversized_rank",
     "print_trainable_parameters",
     "read_adapter_file",
     "read_adapters",

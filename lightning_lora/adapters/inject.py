@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -67,6 +68,69 @@ def spatial_conv_targets(model: nn.Module, targets: list[str]) -> list[str]:
         if hits and all(isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.kernel_size) > 1 for m in hits):
             out.append(target)
     return out
+
+
+def rank_limit(module: nn.Module) -> tuple[int, str] | None:
+    """The layer's weight seen as a matrix: its smaller side (a LoRA rank at or above it adds parameters and no
+    expressive power) and its shape in words; None for a layer type without one (attention)."""
+    if isinstance(module, nn.Linear):
+        return min(module.in_features, module.out_features), f"Linear({module.in_features} -> {module.out_features})"
+    if isinstance(module, nn.Embedding):
+        return min(module.num_embeddings, module.embedding_dim), \
+            f"Embedding({module.num_embeddings}, {module.embedding_dim})"
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        kernel = "x".join(map(str, module.kernel_size))
+        return min(fan_in, module.out_channels), \
+            f"{type(module).__name__}({module.in_channels} -> {module.out_channels}, kernel {kernel})"
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2 style: [in, out]
+        fan_in, fan_out = module.weight.shape
+        return min(fan_in, fan_out), f"Conv1D({fan_in} -> {fan_out})"
+    return None
+
+
+def _targeted(config: LoraConfig, name: str, module: nn.Module) -> bool:
+    """Whether PEFT would put LoRA into ``name`` (its own matching; ``all-linear`` as every Linear)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if config.target_modules == ALL_LINEAR:
+        return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    hit = check_target_module_exists(config, name)
+    return bool(hit) and type(hit).__name__ != "_ExcludedModule" and _is_lora_layer_type(module)
+
+
+@dataclass(frozen=True)
+class OversizedRank:
+    """A targeted layer whose LoRA rank is not below its smaller side; ``smallest``: the least side among the
+    layers taking the same rank (the valid ranks are below it); ``patterned``: the rank came from rank_pattern."""
+
+    layer: str
+    shape: str
+    rank: int
+    smallest: int
+    patterned: bool
+
+
+def oversized_rank(model: nn.Module, config: LoraConfig) -> OversizedRank | None:
+    """The first layer ``config`` targets in ``model`` whose rank (its ``rank_pattern`` entry, else ``r``) is at
+    least its smaller side: checked before PEFT allocates ``r x side`` tensors (``r=100000000`` is gigabytes)."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = dict(config.rank_pattern or {})
+    first: OversizedRank | None = None
+    smallest: dict[bool, int] = {}
+    for name, module in model.named_modules():
+        if not name or not _targeted(config, name, module) or (limit := rank_limit(module)) is None:
+            continue
+        key = get_pattern_key(patterns.keys(), name) if patterns else name
+        patterned = key in patterns
+        rank = patterns[key] if patterned else config.r
+        smallest[patterned] = min(smallest.get(patterned, limit[0]), limit[0])
+        if first is None and rank >= limit[0]:
+            first = OversizedRank(name, limit[1], rank, 0, patterned)
+    if first is None:
+        return None
+    return OversizedRank(first.layer, first.shape, first.rank, smallest[first.patterned], first.patterned)
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, where: str = "model") -> PeftModel:
