@@ -512,9 +512,9 @@ def _not_bert(case: FamilyCase) -> bool:
 
 @pytest.fixture
 def two_threads():
-    """Two intra-op threads whatever the machine: bit-identical after a resume then also says that no kernel sums in
-    an order that follows thread timing (with one thread such a race cannot happen; see test_determinism.py). The
-    subprocess tests above run with OMP_NUM_THREADS=1: they prove the resume logic, not that."""
+    """Two intra-op threads whatever the machine, so the multi-threaded kernels run too (with one, a kernel whose sums
+    race across threads cannot race at all; test_determinism.py looks for those). The subprocess tests above run
+    with OMP_NUM_THREADS=1: they prove the resume logic, not thread determinism."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
