@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import compose_train
-from families import BY_NAME, case_fixtures
+from families import BY_NAME, FamilyCase, case_fixtures, params
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
@@ -108,6 +108,19 @@ def test_a_trellis_training_step_runs_no_racing_kernel(case_name: str, request) 
     assert not seen.racing, f"{case_name}: kernels whose sums race across threads: {seen.racing}"
     if case_name == "trellis_slat_tiny":  # the sparse upsample gathered repeated rows, the fixed-order way
         assert seen.repeated_gathers > 0
+
+
+@pytest.mark.parametrize("case", params(slow=lambda case: True, where=lambda case: case.family != "flow3d"))
+def test_no_other_family_runs_a_racing_kernel(case: FamilyCase, request) -> None:
+    """The same check over the other rows of the family matrix, on each row's own batch (slow: builds every base;
+    none ran one when this was written)."""
+    fixtures = case_fixtures(case, request)
+    torch.manual_seed(0)
+    module = LoRAAdaptationModule(instantiate(case.compose(fixtures).model),
+                                  AdapterSpec(r=4, alpha=8, dropout=0.0, init="random"))
+    with RacingKernels() as seen:
+        module.head.training_step(case.batch(fixtures)).loss.backward()
+    assert not seen.racing, f"{case.name}: kernels whose sums race across threads: {seen.racing}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
