@@ -510,6 +510,18 @@ def _not_bert(case: FamilyCase) -> bool:
     return case.name != "bert"
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads whatever the machine, so the multi-threaded kernels run too (with one, a kernel whose sums
+    race across threads cannot race at all; test_determinism.py looks for those). The subprocess tests above run
+    with OMP_NUM_THREADS=1: they prove the resume logic, not thread determinism."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("case", params(slow=lambda case: True, where=_not_bert))
 def test_every_family_resumes_bit_identically(tmp_path, case: FamilyCase, request) -> None:
     """Stop after 2 of 6 steps, resume=last, compare with the uninterrupted run (in process)."""

@@ -17,6 +17,15 @@ from lightning_lora.errors import UserError
 _PRIVATE = object()  # marks the validation-free internal constructor path
 
 
+def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``source[index]`` along dim 0 for an ``index`` that repeats rows, with a backward that sums the repeats in a
+    fixed order. On CPU the backward of ``source[index]`` (an accumulating ``index_put``) adds them with racing
+    atomics across threads (PyTorch lists it as non-deterministic), so identical runs drifted apart by ~1e-8
+    after a few dozen steps; ``index_select``'s backward adds in index order there. On CUDA it is the other way
+    round (``index_select``'s backward uses atomics, ``index_put``'s sorts), so each device keeps its fixed one."""
+    return source.index_select(0, index) if source.device.type == "cpu" else source[index]
+
+
 class SparseTensor:
     """Sparse voxels: ``coords`` LongTensor ``[N, 4]`` = (batch, x, y, z) and ``feats`` ``[N, ...]``.
 
@@ -93,7 +102,7 @@ class SparseTensor:
         """Expand a ``[B, C]`` per-item tensor to one row per voxel ``[N, C]``."""
         if per_item.shape[0] != self.batch_size:
             raise UserError(f"per-item tensor has batch {per_item.shape[0]}, sparse tensor has {self.batch_size}")
-        return per_item[self.batch_index]
+        return gather_rows(per_item, self.batch_index)
 
     # --- moves ---------------------------------------------------------------------------------------------
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseTensor:

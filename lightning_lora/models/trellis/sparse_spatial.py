@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_lora.models.trellis.sparse import SparseTensor
+from lightning_lora.models.trellis.sparse import SparseTensor, gather_rows
 from lightning_lora.models.trellis.sparse_conv import linear_code
 
 _UP_KEY = "upsample_{factor}"
@@ -43,7 +43,8 @@ def sparse_upsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
     if entry is None:
         raise ValueError("sparse_upsample needs a tensor produced by sparse_downsample (no upsample cache found)")
     coords, counts, resolution, fine_cache, idx = entry
-    return SparseTensor._trusted(coords, x.feats[idx], resolution, counts, fine_cache)
+    # each coarse row goes to up to factor**3 fine voxels: gather_rows sums their gradients in a fixed order
+    return SparseTensor._trusted(coords, gather_rows(x.feats, idx), resolution, counts, fine_cache)
 
 
 class SparseDownsample(nn.Module):
