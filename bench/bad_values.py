@@ -47,6 +47,10 @@ CASES: list[tuple[str, list[str]]] = [
     ("rank 10^8 (larger than every layer)", ["adapter.r=100000000"]),
     ("resume an r=8 checkpoint with r=4", ["resume=<ckpt>", "adapter.r=4"]),
     ("resume with fewer targets", ["resume=<ckpt>", "adapter.targets=[query]"]),
+    ("pairs file not UTF-8 (line 2)", ["data=pairs", "data.train_path=<latin1>", "data.val_path=<pairs>"]),
+    ("pairs file with invalid JSON", ["data=pairs", "data.train_path=<badjson>", "data.val_path=<pairs>"]),
+    ("fresh run in a used run directory", ["hydra.run.dir=<ckpt>"]),
+    ("run directory is a file", ["hydra.run.dir=<pairs>"]),
 ]
 
 
@@ -95,6 +99,10 @@ def main() -> None:
     base = [f"model.pretrained={bert}", f"paths.cache_dir={work / 'cache'}", *SMALL]
     pairs = work / "pairs.jsonl"
     pairs.write_text("".join(f'{{"query": "q{i}", "positive": "def f{i}(): ..."}}\n' for i in range(8)))
+    latin1, badjson = work / "latin1.jsonl", work / "bad.jsonl"
+    latin1.write_bytes(pairs.read_bytes().splitlines(keepends=True)[0] + '{"query": "caf\xe9", "positive": "x"}\n'
+                       .encode("latin-1"))
+    badjson.write_text(pairs.read_text().splitlines(keepends=True)[0] + '{"query": "q", "positive": }\n')
 
     started, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, "-c", "import lightning_lora.train"], cwd=REPO, env=env)
@@ -105,8 +113,10 @@ def main() -> None:
 
     rows, load_before = [], os.getloadavg()
     for i, (what, bad) in enumerate(CASES):
-        bad = [b.replace("<ckpt>", str(work / "r8")).replace("<pairs>", str(pairs)) for b in bad]
-        seconds, cpu, rc, last = run([*base, *bad, f"hydra.run.dir={work / f'case{i}'}"], env)
+        bad = [b.replace("<ckpt>", str(work / "r8")).replace("<pairs>", str(pairs)).replace("<latin1>", str(latin1))
+               .replace("<badjson>", str(badjson)) for b in bad]
+        run_dir = [] if any(b.startswith("hydra.run.dir=") for b in bad) else [f"hydra.run.dir={work / f'case{i}'}"]
+        seconds, cpu, rc, last = run([*base, *bad, *run_dir], env)
         rows.append((what, " ".join(b.replace(str(work), "$TMP") for b in bad), seconds, cpu, rc,
                      last.replace(str(work), "$TMP")))
         print(f"{seconds:6.2f} s ({cpu:5.2f} s CPU)  rc={rc}  {what}: {last[:150]}", flush=True)
