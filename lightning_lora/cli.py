@@ -370,7 +370,7 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
                                                 "rank above a layer's size keeps it whole, e.g. 9999)")
     e.add_argument("--conv-rank", "--conv_rank", dest="conv_rank", default=None,
                    help="rank for convs with a kernel > 1 (default: --rank)")
-    e.add_argument("--min-diff", type=float, default=1e-3,
+    e.add_argument("--min-diff", "--min_diff", dest="min_diff", type=float, default=1e-3,
                    help="skip weights whose delta max-abs is <= this (a finite number >= 0)")
     e.add_argument("--clamp-quantile", type=float, default=None,
                    help="clamp factors at this quantile of their absolute values (off by default; hurts accuracy)")

@@ -7,9 +7,10 @@ The seed's shell blocks are below as the seed writes them, run in a directory la
 ``lightning-lora sample lbm``, ``python lora/test_reconstruction_simple.py`` (which takes no arguments: its inputs
 are written in the script) -> ``lightning-lora validate`` with those inputs spelt out. Every flag is the seed's.
 
-``exact_base.ckpt`` is what LBM's training writes (a Lightning checkpoint: ``{"state_dict": {"model.<key>": ...}}``,
-the keys ``gojasper/LBM``'s ``convert_checkpoint_to_safetensors.py`` strips ``model.`` from), with the tiny
-model's ``config.yaml`` beside it (a released-size base needs none: LBM's architecture is the default).
+``exact_base.ckpt`` is what the scripts' ``create_exact_base_model.py`` saves (yonderwonder-ai/LBM_lora, the seed's
+repository): ``torch.save({"model_state_dict": <the LBM model's state dict without LPIPS>, "config": ...,
+"source_config": <the LBM config.yaml it was built from>, ...})``, beside ``exact_base.safetensors`` (the same
+tensors). A Lightning training checkpoint of LBM (``{"state_dict": {"model.<key>": ...}}``) is taken as well.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import json
 import math
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import assert_one_error_line
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lightning_lora.cli import main
 from lightning_lora.models.lbm import WEIGHTS_FILE
@@ -87,12 +88,25 @@ def seed_argv(block: str, extra: str = "") -> list[str]:
 
 
 # --------------------------------------------------------------------------- the seed's directory, tiny
+def write_exact_base(folder: Path, path: Path) -> None:
+    """The base as the scripts' step 0 saves it: the tensors under ``model_state_dict`` with the config it came
+    from (here the tiny model's, whose architecture it describes) and the script's other entries, plus the
+    ``.safetensors`` twin."""
+    state = load_file(str(folder / WEIGHTS_FILE))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": state, "config": {k: v for k, v in config.items() if not isinstance(v, dict)},
+                "backbone_signature": "stabilityai/stable-diffusion-xl-base-1.0", "architecture": "LBM",
+                "torch_dtype": "torch.float32", "source_config": config, "initialization": "exact_architecture_match",
+                "created_from": "inference_config_initialization", "lpips_excluded": True,
+                "note": "LPIPS can be loaded separately during training if needed"}, path)
+    save_file(state, path.with_suffix(".safetensors"))
+
+
 def write_lightning_ckpt(folder: Path, path: Path) -> None:
     """The base as LBM's training saves it: a Lightning checkpoint whose state_dict holds the model as ``model.``."""
     state = load_file(str(folder / WEIGHTS_FILE))
-    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"epoch": 0, "global_step": 0, "state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
-    shutil.copy(folder / "config.yaml", path.with_name("config.yaml"))  # the tiny architecture (see the docstring)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +115,7 @@ def seed_dir(tmp_path_factory) -> dict:
     base = Path(ensure_tiny_lbm(root / "base_folder"))
     sizes = write_tuned_copy(base, root / "examples/inference/ckpts/relighting", decay=DECAY)
     for where in ("lora/exact_base.ckpt", "lora/checkpoints/exact_base.ckpt"):
-        write_lightning_ckpt(base, root / where)
-    shutil.copy(base / WEIGHTS_FILE, root / "lora/exact_base.safetensors")  # step 0's second format
+        write_exact_base(base, root / where)
     assets = root / "examples/inference/ckpts/relighting/assets"
     assets.mkdir()
     ramp = np.linspace(0, 255, SOURCE_SIZE[1] * SOURCE_SIZE[0] * 3).reshape(SOURCE_SIZE[1], SOURCE_SIZE[0], 3)
@@ -183,16 +196,17 @@ def test_validate_bands_count_hand_computed_errors(in_seed_dir, tmp_path, capsys
 
 
 def test_the_base_file_extracts_as_the_folder_does(in_seed_dir, tmp_path):
-    """exact_base.ckpt (Lightning layout), exact_base.safetensors and the LBM folder give the same LoRA."""
+    """exact_base.ckpt, exact_base.safetensors, a Lightning checkpoint and the LBM folder give the same LoRA."""
+    write_lightning_ckpt(in_seed_dir["base"], tmp_path / "last.ckpt")
     outs = {}
     for name, base in (("ckpt", "lora/exact_base.ckpt"), ("safetensors", "lora/exact_base.safetensors"),
-                       ("folder", str(in_seed_dir["base"]))):
+                       ("lightning", str(tmp_path / "last.ckpt")), ("folder", str(in_seed_dir["base"]))):
         outs[name] = tmp_path / f"{name}.safetensors"
         assert main(["extract", "--base_model_path", base, "--tuned_model_path", TUNED,
                      "--save_to", str(outs[name]), "--rank", "8", "--conv_rank", "4"]) == 0
     loras = {k: load_file(str(v)) for k, v in outs.items()}
     assert len(loras["folder"]) == 2 * len(in_seed_dir["sizes"])
-    for name in ("ckpt", "safetensors"):
+    for name in ("ckpt", "safetensors", "lightning"):
         assert loras[name].keys() == loras["folder"].keys()
         assert all(torch.equal(loras[name][k], v) for k, v in loras["folder"].items()), name
 
@@ -241,7 +255,27 @@ def test_unknown_picture_suffix_and_bad_base_file_are_one_line(in_seed_dir, tmp_
     assert_one_error_line(rc, err, "unknown picture suffix '.gif'; valid: .png, .jpg, .jpeg, .webp")
     assert not (tmp_path / "out.gif").exists()
     bad = tmp_path / "exact_base.ckpt"
-    torch.save({"state_dict": {"model.something.weight": torch.zeros(2, 2)}}, bad)
-    shutil.copy(in_seed_dir["base"] / "config.yaml", tmp_path / "config.yaml")
+    config = yaml.safe_load((in_seed_dir["base"] / "config.yaml").read_text())
+    torch.save({"model_state_dict": {"something.weight": torch.zeros(2, 2)}, "source_config": config}, bad)
     rc, _, err = run([*argv, "--base_model_path", str(bad), "--output_path", str(tmp_path / "o.jpg")], capsys)
-    assert_one_error_line(rc, err, "tensors belong to no LBM part, e.g. 'model.something.weight'")
+    assert_one_error_line(rc, err, "tensors belong to no LBM part, e.g. 'something.weight'")
+    code = tmp_path / "code.ckpt"  # a pickle that would run code: refused unread (weights_only=True)
+    torch.save({"model_state_dict": {}, "source_config": config, "hook": Path("x")}, code)
+    rc, _, err = run([*argv, "--base_model_path", str(code), "--output_path", str(tmp_path / "c.jpg")], capsys)
+    assert_one_error_line(rc, err, "not a weights-only torch file")
+
+
+def test_the_scripts_other_flags_are_aliases():
+    """The scripts' flags beyond the README's commands that mean one of ours (extract_lora_native.py's --min_diff,
+    inference_native.py's --num_inference_steps), parsed into our options."""
+    from lightning_lora.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["extract", "--base_model_path", "b", "--tuned_model_path", "t", "--save_to", "o",
+                              "--conv_rank", "8", "--min_diff", "0.01", "--verbose"])
+    assert (args.base, args.tuned, args.out, args.conv_rank, args.min_diff, args.verbose) == (
+        "b", "t", "o", "8", 0.01, True)
+    args = parser.parse_args(["sample", "lbm", "--base_model_path", "b", "--lora_path", "l", "--source_image", "s",
+                              "--output_path", "o.jpg", "--lora_scale", "0.5", "--num_inference_steps", "3"])
+    assert (args.pretrained, args.lora, args.source, args.out, args.scale, args.steps) == (
+        "b", ["l"], "s", "o.jpg", 0.5, 3)

@@ -3,7 +3,8 @@
 Accepted inputs, all read lazily where the format allows (one tensor at a time from safetensors):
 - a ``.safetensors`` file;
 - a weights-only torch file (``.pt``/``.pth``/``.ckpt``/``.bin`` or any name): a mapping of names to tensors,
-  or a Lightning-style ``{"state_dict": {...}}``, loaded with ``torch.load(weights_only=True)``;
+  or a Lightning-style ``{"state_dict": {...}}`` (or ``{"model_state_dict": {...}}``), loaded with
+  ``torch.load(weights_only=True)``;
 - a diffusers-style folder: every ``*.safetensors`` below it; with more than one file, keys are prefixed by
   the file's relative folder (``unet/diffusion_pytorch_model.safetensors`` -> ``unet.<key>``); a variant file
   (``*.fp16.safetensors``) is skipped when the plain file is next to it;
@@ -168,8 +169,9 @@ def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], tuple[dict, str | 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: neither a safetensors file nor a weights-only torch file ({first[:160]})") from None
     whole, inner = obj, None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj, inner = obj["state_dict"], "state_dict"
+    if isinstance(obj, Mapping):  # Lightning's checkpoint, or PyTorch's tutorial convention (and LBM LoRA scripts')
+        inner = next((k for k in ("state_dict", "model_state_dict") if isinstance(obj.get(k), Mapping)), None)
+        obj = obj[inner] if inner else obj
     if not isinstance(obj, Mapping) or not obj:
         raise UserError(f"{path}: expected a mapping of tensor names to tensors, got {type(obj).__name__}")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}

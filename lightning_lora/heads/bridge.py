@@ -266,7 +266,8 @@ class BridgeHead(LatentHead):
                                          "adapters/final")
         parser.add_argument("--source", "--source_image", dest="source", required=True,
                             help="source image (.png/.jpg/...)")
-        parser.add_argument("--steps", type=int, default=1, help="Euler steps over the bridge (LBM: 1)")
+        parser.add_argument("--steps", "--num_inference_steps", dest="steps", type=int, default=1,
+                            help="Euler steps over the bridge (LBM: 1)")
         parser.add_argument("--size", default=None, help="WIDTHxHEIGHT to resize the source to (default: its own "
                                                          "size, rounded down to the VAE's factor)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior draw and the bridge noise")

@@ -9,10 +9,12 @@ A released LBM folder (``jasperai/LBM_relighting``, ``LBM_normals``, ``LBM_depth
 - ``num_iterations``: a training counter (ignored here).
 
 A single weights file stands for a folder too (the LBM LoRA scripts' ``exact_base.ckpt``/``.safetensors``): a
-``.safetensors`` file, or a weights-only torch file holding the same keys, bare or as a Lightning checkpoint's
-``state_dict`` under LBM's training wrapper (``model.denoiser.*``, as ``gojasper/LBM``'s training checkpoints are;
-its ``convert_checkpoint_to_safetensors.py`` strips that ``model.``). Its config is ``<stem>.yaml`` or
-``config.yaml`` beside it; without one, LBM's released architecture and LBM's default settings apply.
+``.safetensors`` file, or a weights-only torch file holding the same keys: bare, as the scripts'
+``create_exact_base_model.py`` saves them (``{"model_state_dict": ..., "source_config": <the LBM config>, ...}``), or
+as a Lightning checkpoint's ``state_dict`` under LBM's training wrapper (``model.denoiser.*``, as
+``gojasper/LBM``'s training checkpoints are; its ``convert_checkpoint_to_safetensors.py`` strips that ``model.``).
+Its config is ``<stem>.yaml`` or ``config.yaml`` beside it, else the checkpoint's own ``source_config``; without
+either, LBM's released architecture and LBM's default settings apply.
 
 The architectures are not in the folder: LBM builds the UNet in code and takes the VAE config and the
 flow-matching scheduler config from SDXL on the Hub. Here they are constants (``LBM_UNET``, ``SDXL_VAE``,
@@ -127,7 +129,7 @@ def check_lbm_folder(pretrained: str | os.PathLike | None, key: str = "model.pre
     if path.is_file():
         return path, config_beside(path), path
     if not path.is_dir():
-        raise UserError(f"{key}: nothing at {path} (give an LBM folder: a .yaml config + {WEIGHTS_FILE}, "
+        raise UserError(f"{key}: no folder at {path} (give an LBM folder: a .yaml config + {WEIGHTS_FILE}, "
                         "as jasperai/LBM_relighting ships, a single LBM .safetensors/.ckpt file, or a Hub id)")
     configs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CONFIG_SUFFIXES)
     if not configs and (path / CONFIG_JSON).is_file():
@@ -157,15 +159,22 @@ def config_beside(weights: Path) -> Path | None:
     return next((weights.with_name(n) for n in names if weights.with_name(n).is_file()), None)
 
 
-def read_weights(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an LBM weights file: safetensors, or a weights-only torch file (never unpickled beyond
-    tensors and containers), bare or a Lightning checkpoint's ``state_dict`` with LBM's ``model.`` wrapper."""
+#: where a torch checkpoint keeps the model's tensors: the LBM LoRA scripts' ``exact_base.ckpt``, Lightning's
+STATE_KEYS = ("model_state_dict", "state_dict")
+#: where the LBM LoRA scripts' ``exact_base.ckpt`` keeps the LBM config it was built from
+EMBEDDED_CONFIG = "source_config"
+
+
+def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(tensors, the LBM config stored in the file or None) of an LBM weights file: safetensors, or a weights-only
+    torch file (tensors and plain containers only; anything else is refused unread), bare, the scripts'
+    ``{"model_state_dict": ..., "source_config": ...}``, or a Lightning ``state_dict`` with LBM's ``model.``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if file.suffix.lower() not in TORCH_SUFFIXES:
         try:
-            return load_file(str(file))
+            return load_file(str(file)), None
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
     try:
@@ -173,8 +182,12 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # UnpicklingError (code in the pickle), RuntimeError, EOFError, BadZipFile, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{file}: not a weights-only torch file ({first[:160]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    embedded = None
+    if isinstance(obj, dict):
+        found = obj.get(EMBEDDED_CONFIG)
+        embedded = found if isinstance(found, dict) else None
+        inner = next((k for k in STATE_KEYS if isinstance(obj.get(k), dict)), None)
+        obj = obj[inner] if inner else obj
     if not isinstance(obj, dict):
         raise UserError(f"{file}: expected a mapping of tensor names to tensors, got {type(obj).__name__}")
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -182,7 +195,7 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
         k.startswith(LIGHTNING_PREFIX + DENOISER_PREFIX) for k in state)
     if wrapped:  # a training checkpoint: the LBM model is the Lightning module's ``model``
         state = {k[len(LIGHTNING_PREFIX):]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
-    return state
+    return state, embedded
 
 
 def read_config(file: Path) -> dict[str, Any]:
@@ -253,9 +266,9 @@ def load_lbm(pretrained: str | os.PathLike | None, key: str = "model.pretrained"
     """Denoiser, VAE and scheduler of an LBM folder (weights loaded strictly from ``model.safetensors``) or of a
     single LBM weights file."""
     path, config_file, weights = check_lbm_folder(pretrained, key)
-    config = read_config(config_file) if config_file is not None else {}
-    denoiser, vae, scheduler = build_modules(*architecture(config, config_file or weights), config_file)
-    state = read_weights(weights)
+    state, embedded = read_weights(weights)
+    config = read_config(config_file) if config_file is not None else dict(embedded or {})
+    denoiser, vae, scheduler = build_modules(*architecture(config, config_file or weights), config_file or weights)
     parts: dict[str, dict[str, torch.Tensor]] = {DENOISER_PREFIX: {}, VAE_PREFIX: {}}
     unexpected = []
     for name, tensor in state.items():
@@ -267,8 +280,9 @@ def load_lbm(pretrained: str | os.PathLike | None, key: str = "model.pretrained"
     if unexpected:
         raise UserError(f"{weights}: {len(unexpected)} tensors belong to no LBM part, e.g. {unexpected[0]!r} "
                         f"(expected {DENOISER_PREFIX}*, {VAE_PREFIX}*)")
-    hint = "" if config_file is not None else (f"; no config beside it, so LBM's released architecture was assumed: "
-                                               f"put its config as {weights.stem}.yaml or config.yaml beside it")
+    hint = "" if config_file is not None or embedded else (
+        f"; no config beside it, so LBM's released architecture was assumed: put its config as {weights.stem}.yaml "
+        "or config.yaml beside it")
     _load_part(denoiser, parts[DENOISER_PREFIX], DENOISER_PREFIX, weights, hint)
     _load_part(vae, parts[VAE_PREFIX], VAE_PREFIX, weights, hint)
     denoiser.eval()
