@@ -279,3 +279,11 @@ def test_the_scripts_other_flags_are_aliases():
                               "--output_path", "o.jpg", "--lora_scale", "0.5", "--num_inference_steps", "3"])
     assert (args.pretrained, args.lora, args.source, args.out, args.scale, args.steps) == (
         "b", ["l"], "s", "o.jpg", 0.5, 3)
+
+
+def test_band_edges_as_the_seed_reads_them():
+    from lightning_lora.adapters.extract import QUALITY_BANDS, band_counts, quality_band
+
+    edges = [0.0, 0.0499, 0.05, 0.4999, 0.5, 1.0, 1.0001, float("nan")]
+    assert [QUALITY_BANDS.index(quality_band(e)) for e in edges] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert list(band_counts(edges).values()) == [2, 2, 2, 2]

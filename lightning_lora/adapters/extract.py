@@ -134,26 +134,25 @@ def validate_lora(base, tuned, factors: Mapping[str, Factors], resolve: Mapping[
     return results, uncovered
 
 
-#: the LBM LoRA scripts' reading of a module's relative error: (upper bound, label); the last band is open
-QUALITY_BANDS: tuple[tuple[float, str], ...] = (
-    (0.05, "< 5%: excellent"),
-    (0.5, "5-50%: good, minor artifacts"),
-    (1.0, "50-100%: poor, noticeable degradation"),
-    (math.inf, "> 100%: more noise than signal (increase the rank)"),
-)
+#: the LBM LoRA scripts' reading of a module's relative error (README "Relative Error Interpretation"), in order
+QUALITY_BANDS = ("< 5%: excellent", "5-50%: good, minor artifacts", "50-100%: poor, noticeable degradation",
+                 "> 100%: more noise than signal (increase the rank)")
 
 
 def quality_band(rel_error: float) -> str:
-    """The band of one relative error: [0, 5%), [5%, 50%), [50%, 100%], above 100% (NaN: the last)."""
-    for bound, label in QUALITY_BANDS[:-1]:
-        if rel_error < bound or (bound == 1.0 and rel_error == 1.0):
-            return label
-    return QUALITY_BANDS[-1][1]
+    """The band of one relative error: [0, 5%), [5%, 50%), [50%, 100%], above 100% (NaN too)."""
+    if rel_error < 0.05:
+        return QUALITY_BANDS[0]
+    if rel_error < 0.5:
+        return QUALITY_BANDS[1]
+    if rel_error <= 1.0:
+        return QUALITY_BANDS[2]
+    return QUALITY_BANDS[3]
 
 
 def band_counts(errors: Iterable[float]) -> dict[str, int]:
     """How many modules fall in each quality band, every band listed (in order) even when empty."""
-    counts = {label: 0 for _, label in QUALITY_BANDS}
+    counts = dict.fromkeys(QUALITY_BANDS, 0)
     for e in errors:
         counts[quality_band(e)] += 1
     return counts
