@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 #: the commands of this module; anything else on the command line is looked for among the heads' commands
 GENERIC_COMMANDS = ("extract", "validate", "inspect", "merge", "combine")
+#: the layer list the LBM LoRA scripts' reconstruction test writes (seed 001), beside the validated LoRA here
+SEED_LAYER_LIST = "lora_layer_names.txt"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,9 +61,10 @@ def _human(n: float) -> str:
 
 
 def _open_pair(base: str, tuned: str):
-    from lightning_lora.adapters.checkpoints import check_same_keys, open_weights
+    from lightning_lora.adapters.checkpoints import align_prefix, check_same_keys, open_weights
 
     b, t = open_weights(base), open_weights(tuned)
+    align_prefix(b, t)  # a Lightning training checkpoint (model.<key>) against released weights (<key>)
     check_same_keys(b, t)
     return b, t
 
@@ -123,6 +126,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     print(f"extracted {len(result.factors)} modules ({len(result.skipped_small)} unchanged within "
           f"--min-diff={args.min_diff:g}) with method={args.method}"
           + (f" ({result.fallbacks} redone with the full SVD)" if result.fallbacks else ""))
+    if args.verbose:
+        for r in result.results:
+            print(f"  {r.name}: rank {r.rank}, rel_error {r.rel_error:.4g}, energy {r.energy:.4g}, shape "
+                  f"{list(r.shape)}")
     print(f"relative error: mean {sum(errors) / len(errors):.4g}, worst {worst.rel_error:.4g} ({worst.name})")
     print(f"parameters: {params:,}; wrote {out}" + "".join(f", {p}" for p in extra))
     return 0
@@ -131,7 +138,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- validate
 def cmd_validate(args: argparse.Namespace) -> int:
     from lightning_lora.adapters.checkpoints import module_weights
-    from lightning_lora.adapters.extract import validate_lora
+    from lightning_lora.adapters.extract import band_counts, quality_band, validate_lora
     from lightning_lora.adapters.formats import read_lora, resolve_modules
     from lightning_lora.fileio import atomic_write_text
 
@@ -146,6 +153,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         layers_out = Path(lora_path.stem + "_layers.txt")
     else:
         layers_out = lora_path.with_name(lora_path.stem + "_layers.txt")
+    # the LBM LoRA scripts' list, regenerated on every validation as they do; written only with the default names
+    seed_list = None if args.layers_out else layers_out.with_name(SEED_LAYER_LIST)
     report = Path(args.report) if args.report else None
     for p, flag in ((report, "--report"), (layers_out, "--layers-out")):
         if p is not None:
@@ -162,6 +171,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"modules: {len(results)}; success rate {len(ok)}/{len(results)} = {100 * len(ok) / len(results):.1f}% "
           f"under relative error {args.threshold:g}")
     print(f"relative error: mean {mean:.4g}; energy retained: mean {energy:.4g}")
+    print("modules per relative-error band:")
+    for label, count in band_counts(r.rel_error for r in results).items():
+        print(f"  {label}: {count}")
+    if args.verbose:
+        print("per module:")
+        for r in results:
+            print(f"  {r.name}: rel_error {r.rel_error:.4g} ({quality_band(r.rel_error).split(':')[0]}), energy "
+                  f"{r.energy:.4g}, rank {r.rank}, shape {list(r.shape)}")
     print("worst modules:")
     for r in sorted(results, key=lambda r: -r.rel_error)[:5]:
         print(f"  {r.name}: rel_error {r.rel_error:.4g}, energy {r.energy:.4g}, rank {r.rank}, shape {list(r.shape)}")
@@ -178,8 +195,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             writer.writerow([name, "", 0, "1", "0", 0])
         atomic_write_text(report, buf.getvalue())
         print(f"wrote {report}")
-    atomic_write_text(layers_out, "".join(f"{n}\n" for n in lora.modules))
+    names = "".join(f"{n}\n" for n in lora.modules)
+    atomic_write_text(layers_out, names)
     print(f"wrote {layers_out}")
+    if seed_list is not None and seed_list != layers_out:
+        atomic_write_text(seed_list, names)
+        print(f"wrote {seed_list} (the same list under the LBM LoRA scripts' name, replaced on every validate)")
     return 0
 
 
@@ -339,13 +360,17 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("extract", help="extract a LoRA from a base and a fine-tuned checkpoint by truncated SVD")
-    e.add_argument("--base", required=True, help="base weights (.safetensors, .pt/.ckpt/.bin, folder, TRELLIS pair, "
-                                                         "or a Hub id)")
-    e.add_argument("--tuned", required=True, help="fine-tuned weights with the same keys and shapes")
-    e.add_argument("--out", required=True, help="output LoRA (.safetensors, self-describing)")
-    e.add_argument("--rank", default="32", help="rank for linear and 1x1-conv weights, or 'full' (default 32)")
-    e.add_argument("--conv-rank", default=None, help="rank for convs with a kernel > 1 (default: --rank)")
-    e.add_argument("--min-diff", type=float, default=1e-3,
+    e.add_argument("--base", "--base_model_path", dest="base", required=True,
+                   help="base weights (.safetensors, .pt/.ckpt/.bin, folder, TRELLIS pair, or a Hub id)")
+    e.add_argument("--tuned", "--tuned_model_path", dest="tuned", required=True,
+                   help="fine-tuned weights with the same keys and shapes")
+    e.add_argument("--out", "--save_to", dest="out", required=True,
+                   help="output LoRA (.safetensors, self-describing)")
+    e.add_argument("--rank", default="32", help="rank for linear and 1x1-conv weights, or 'full' (default 32; a "
+                                                "rank above a layer's size keeps it whole, e.g. 9999)")
+    e.add_argument("--conv-rank", "--conv_rank", dest="conv_rank", default=None,
+                   help="rank for convs with a kernel > 1 (default: --rank)")
+    e.add_argument("--min-diff", "--min_diff", dest="min_diff", type=float, default=1e-3,
                    help="skip weights whose delta max-abs is <= this (a finite number >= 0)")
     e.add_argument("--clamp-quantile", type=float, default=None,
                    help="clamp factors at this quantile of their absolute values (off by default; hurts accuracy)")
@@ -361,16 +386,19 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
                    help="CPU threads for the SVDs (1 is often fastest on a busy machine)")
     e.add_argument("--family", default="", help="family recorded in the file's metadata (e.g. sd, trellis)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    e.add_argument("--verbose", action="store_true", help="print one line per extracted module")
     e.set_defaults(func=cmd_extract)
 
     v = sub.add_parser("validate", help="per-module reconstruction error of a LoRA against base and tuned weights")
-    v.add_argument("--base", required=True)
-    v.add_argument("--tuned", required=True)
-    v.add_argument("--lora", required=True, help="LoRA file or PEFT directory")
+    v.add_argument("--base", "--base_model_path", dest="base", required=True)
+    v.add_argument("--tuned", "--tuned_model_path", dest="tuned", required=True)
+    v.add_argument("--lora", "--lora_path", dest="lora", required=True, help="LoRA file or PEFT directory")
     v.add_argument("--report", default=None, help="write a per-module CSV here")
     v.add_argument("--threshold", type=float, default=0.05, help="relative error counted as a success (0.05)")
-    v.add_argument("--layers-out", default=None, help="LoRA layer names, one a line (default <lora>_layers.txt)")
+    v.add_argument("--layers-out", default=None, help="LoRA layer names, one a line (default <lora>_layers.txt, "
+                                                      f"and {SEED_LAYER_LIST} beside it, replaced each time)")
     v.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    v.add_argument("--verbose", action="store_true", help="print one line per module")
     v.set_defaults(func=cmd_validate)
 
     i = sub.add_parser("inspect", help="describe a LoRA file or PEFT directory")

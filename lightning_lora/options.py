@@ -86,12 +86,13 @@ def npz_array(path: str, key: str, flag: str):
 
 def add_lora_folding(parser: argparse.ArgumentParser, formats: str) -> None:
     """``--lora PATH[:WEIGHT]`` (repeatable), ``--scale``, ``--allow-partial``: read by :func:`scaled_loras`."""
-    parser.add_argument("--lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
+    parser.add_argument("--lora", "--lora_path", dest="lora", action="append", metavar="FILE_OR_DIR[:WEIGHT]",
                         help=f"adapter ({formats}); repeat for several, each with its weight")
-    parser.add_argument("--scale", type=finite_float, default=1.0,
+    parser.add_argument("--scale", "--lora_scale", dest="scale", type=finite_float, default=1.0,
                         help="multiplies every LoRA weight (1.0 = as trained)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="apply a LoRA even if some modules match nothing")
+    parser.add_argument("--verbose", action="store_true", help="print one line per module folded in")
 
 
 def scaled_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
@@ -99,17 +100,39 @@ def scaled_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     return [(p, w * args.scale) for p, w in (weighted(spec, "--lora") for spec in args.lora or [])]
 
 
-def add_png_output(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--out`` (.png) and ``--overwrite``: read by :func:`png_out`."""
+#: picture formats a sample command writes, told by the ``--out`` suffix (PIL's format names)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def add_image_output(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--out`` (.png/.jpg/.webp; alias ``--output_path``) and ``--overwrite``: read by
+    :func:`image_out`."""
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="output .png")
+    parser.add_argument("--out", "--output_path", dest="out", required=True,
+                        help="output picture: .png, .jpg/.jpeg or .webp (the suffix picks the format)")
     parser.add_argument("--overwrite", action="store_true")
 
 
-def png_out(args: argparse.Namespace) -> Path:
-    """The checked ``--out`` of :func:`add_png_output`."""
+def image_out(args: argparse.Namespace) -> Path:
+    """The checked ``--out`` of :func:`add_image_output`: a known picture suffix, not an existing file."""
     out = Path(args.out)
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        raise UserError(f"--out {out}: unknown picture suffix {out.suffix or '(none)'!r}; valid: "
+                        + ", ".join(IMAGE_FORMATS))
     check_out(out, args.overwrite)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: the picture is written as .png")
     return out
+
+
+def image_bytes(picture, path: Path) -> bytes:
+    """A [3, H, W] float tensor in [0, 1] encoded in the format ``path``'s suffix names (JPEG/WebP at quality 95:
+    PIL's default 75 blurs small pictures)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    array = (picture.detach().float().cpu().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **({} if fmt == "PNG" else {"quality": 95}))
+    return buffer.getvalue()

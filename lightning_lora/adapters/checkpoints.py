@@ -3,11 +3,15 @@
 Accepted inputs, all read lazily where the format allows (one tensor at a time from safetensors):
 - a ``.safetensors`` file;
 - a weights-only torch file (``.pt``/``.pth``/``.ckpt``/``.bin`` or any name): a mapping of names to tensors,
-  or a Lightning-style ``{"state_dict": {...}}``, loaded with ``torch.load(weights_only=True)``;
+  or a Lightning-style ``{"state_dict": {...}}`` (or ``{"model_state_dict": {...}}``), loaded with
+  ``torch.load(weights_only=True)``;
 - a diffusers-style folder: every ``*.safetensors`` below it; with more than one file, keys are prefixed by
   the file's relative folder (``unet/diffusion_pytorch_model.safetensors`` -> ``unet.<key>``); a variant file
   (``*.fp16.safetensors``) is skipped when the plain file is next to it;
 - a TRELLIS ``<name>.json`` + ``<name>.safetensors`` pair, given by either file.
+
+A training checkpoint often keeps the model under its Lightning module's attribute (``model.<key>``) while the
+released weights do not: ``align_prefix`` matches such a pair by dropping that one leading name.
 
 The file type is told from the content, not the suffix.
 """
@@ -67,6 +71,7 @@ class WeightSource:
         self._tensors: dict[str, torch.Tensor] | None = None
         self._container: tuple[dict, str | None] | None = None  # torch file: (whole object, state-dict key)
         self.files: dict[str, Path] = {}
+        self.prefix = ""  # a leading name dropped from every key (``drop_prefix``), put back when writing
         self._open()
 
     # ------------------------------------------------------------------ opening
@@ -137,6 +142,15 @@ class WeightSource:
         for key in self._shapes:
             yield key, self.get(key)
 
+    def drop_prefix(self, prefix: str) -> None:
+        """Name every tensor without ``prefix`` (which every key has), e.g. a Lightning wrapper's ``model.``."""
+        cut = len(prefix)
+        self._shapes = {k[cut:]: v for k, v in self._shapes.items()}
+        self._where = {k[cut:]: v for k, v in self._where.items()}
+        if self._tensors is not None:
+            self._tensors = {k[cut:]: v for k, v in self._tensors.items()}
+        self.prefix += prefix
+
     def identity(self) -> dict[str, str]:
         """What a LoRA file records about this checkpoint: its name, format and number of tensors."""
         return {"path": self.path.name, "kind": self.kind, "tensors": str(len(self._shapes))}
@@ -155,8 +169,9 @@ def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], tuple[dict, str | 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: neither a safetensors file nor a weights-only torch file ({first[:160]})") from None
     whole, inner = obj, None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj, inner = obj["state_dict"], "state_dict"
+    if isinstance(obj, Mapping):  # Lightning's checkpoint, or PyTorch's tutorial convention (and LBM LoRA scripts')
+        inner = next((k for k in ("state_dict", "model_state_dict") if isinstance(obj.get(k), Mapping)), None)
+        obj = obj[inner] if inner else obj
     if not isinstance(obj, Mapping) or not obj:
         raise UserError(f"{path}: expected a mapping of tensor names to tensors, got {type(obj).__name__}")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -167,6 +182,18 @@ def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], tuple[dict, str | 
 
 def open_weights(path: str | os.PathLike) -> WeightSource:
     return WeightSource(path)
+
+
+def align_prefix(base: WeightSource, tuned: WeightSource) -> str:
+    """When one checkpoint's keys are exactly the other's under one more leading name (every key ``model.<key>``,
+    as a Lightning module keeps its wrapped model), drop that name there; returns it ("" when nothing changed)."""
+    for wrapped, bare in ((base, tuned), (tuned, base)):
+        keys = wrapped.keys()
+        first = keys[0].split(".", 1)[0] + "." if keys and "." in keys[0] else ""
+        if first and all(k.startswith(first) for k in keys) and {k[len(first):] for k in keys} == set(bare.keys()):
+            wrapped.drop_prefix(first)
+            return first
+    return ""
 
 
 def check_same_keys(base: WeightSource, tuned: WeightSource, limit: int = 3) -> None:
@@ -199,7 +226,7 @@ def write_weights_like(source: WeightSource, out: str | os.PathLike, updates: Ma
 
         whole, inner = source._container
         state = dict(whole[inner] if inner else whole)
-        state.update({k: v.contiguous() for k, v in updates.items()})
+        state.update({source.prefix + k: v.contiguous() for k, v in updates.items()})
         obj = dict(whole, **{inner: state}) if inner else state
         buf = io.BytesIO()
         torch.save(obj, buf)
@@ -220,7 +247,7 @@ def write_weights_like(source: WeightSource, out: str | os.PathLike, updates: Ma
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the base is a safetensors file, so write a .safetensors file")
     (rel,) = source.files
-    tensors = {k: updates.get(k, v).contiguous() for k, v in source.items()}
+    tensors = {source.prefix + k: updates.get(k, v).contiguous() for k, v in source.items()}
     atomic_write_bytes(out, save(tensors, metadata=source.metadata[rel] or None))
     if source.kind == "trellis":
         cfg = source.path.with_suffix(".json")

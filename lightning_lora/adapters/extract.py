@@ -134,6 +134,30 @@ def validate_lora(base, tuned, factors: Mapping[str, Factors], resolve: Mapping[
     return results, uncovered
 
 
+#: the LBM LoRA scripts' reading of a module's relative error (README "Relative Error Interpretation"), in order
+QUALITY_BANDS = ("< 5%: excellent", "5-50%: good, minor artifacts", "50-100%: poor, noticeable degradation",
+                 "> 100%: more noise than signal (increase the rank)")
+
+
+def quality_band(rel_error: float) -> str:
+    """The band of one relative error: [0, 5%), [5%, 50%), [50%, 100%], above 100% (NaN too)."""
+    if rel_error < 0.05:
+        return QUALITY_BANDS[0]
+    if rel_error < 0.5:
+        return QUALITY_BANDS[1]
+    if rel_error <= 1.0:
+        return QUALITY_BANDS[2]
+    return QUALITY_BANDS[3]
+
+
+def band_counts(errors: Iterable[float]) -> dict[str, int]:
+    """How many modules fall in each quality band, every band listed (in order) even when empty."""
+    counts = dict.fromkeys(QUALITY_BANDS, 0)
+    for e in errors:
+        counts[quality_band(e)] += 1
+    return counts
+
+
 def _finite_delta(base, tuned, key: str) -> torch.Tensor:
     """tuned − base for ``key`` in float32; a NaN/Inf in either (or an overflowing difference) is named with its
     checkpoint and weight instead of failing inside the SVD."""

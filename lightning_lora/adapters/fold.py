@@ -45,7 +45,7 @@ def lora_source(path: Path, inside: Sequence[str] = ()) -> Path:
 
 def fold_loras(layers: Mapping[str, nn.Module], loras: Sequence[tuple[Path, float]], allow_partial: bool = False,
                *, what: str = "a layer", where: str = "the model", prefixes: Sequence[str] = (),
-               inside: Sequence[str] = ()) -> list[str]:
+               inside: Sequence[str] = (), verbose: bool = False) -> list[str]:
     """Fold each LoRA (any format ``read_lora`` knows) into the weights of ``layers`` (by module name):
     W += weight · alpha/r · B·A. A file whose modules match no layer is an error; one that matches only
     some is an error unless ``allow_partial``. ``what``/``where`` name the layers and the model in those errors;
@@ -79,5 +79,8 @@ def fold_loras(layers: Mapping[str, nn.Module], loras: Sequence[tuple[Path, floa
                     raise UserError(f"--lora {path}: module {name!r} makes a delta of shape {list(f.weight_shape)} "
                                     f"but {layer} has shape {list(w.shape)}")
                 w.copy_(merge_into(w, [(f, weight)], name=f"{layer} (from --lora {path})"))
+                if verbose:
+                    reports.append(f"  {layer}: rank {f.rank}, alpha {f.alpha:g}, scale {weight * f.scale:g}, "
+                                   f"shape {list(w.shape)}")
         reports.append(f"{path} (weight {weight:g}): {len(matched)} of {total} modules applied")
     return reports

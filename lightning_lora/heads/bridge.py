@@ -102,7 +102,8 @@ def _sample_size(spec: str | None) -> tuple[int, int] | None:
 class BridgeHead(LatentHead):
     """LoRA on an LBM denoiser (latent bridge matching, image to image), from a local LBM folder.
 
-    The folder is a released LBM model's (one ``.yaml`` config + ``model.safetensors``; ``models/lbm.py``).
+    The folder is a released LBM model's (one ``.yaml`` config + ``model.safetensors``; ``models/lbm.py``), or a
+    single LBM weights file (``exact_base.ckpt``) with its config beside it.
     Training follows ``gojasper/LBM``'s ``LBMModel.forward``: with z = VAE(target) and z_s = VAE(source),
     a timestep t from ``timesteps`` (with ``timestep_probs``; LBM: 250/500/750/1000 equiprobable), σ = the
     flow-matching scheduler's sigma at t (t/1000), x_t = σ·z_s + (1-σ)·z + b·√(σ(1-σ))·ε (b =
@@ -160,7 +161,7 @@ class BridgeHead(LatentHead):
         _check_bridge_settings({k: v for k, v in given.items() if v is not None}, "model.")  # before loading
         parts = load_lbm(pretrained)
         settings = {k: _setting(v, parts.config, k, BRIDGE_DEFAULTS[k]) for k, v in given.items()}
-        _check_bridge_settings(settings, f"{parts.config_file}: ")  # what the folder's config adds
+        _check_bridge_settings(settings, f"{parts.config_file or parts.path}: ")  # what the folder's config adds
         self.bridge_noise_sigma = float(settings["bridge_noise_sigma"])
         self.timestep_sampling = str(settings["timestep_sampling"])
         self.logit_mean, self.logit_std = float(settings["logit_mean"]), float(settings["logit_std"])
@@ -258,15 +259,19 @@ class BridgeHead(LatentHead):
     # ------------------------------------------------------------------ lightning-lora sample lbm
     @classmethod
     def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--pretrained", required=True, help="local LBM folder (a .yaml config + model.safetensors)")
+        parser.add_argument("--pretrained", "--base_model_path", dest="pretrained", required=True,
+                            help="LBM folder (a .yaml config + model.safetensors), a single LBM weights file "
+                                 "(.safetensors/.ckpt, config as <stem>.yaml or config.yaml beside it), or a Hub id")
         options.add_lora_folding(parser, "lightning_lora/PEFT/kohya/diffusers file, an extracted LoRA, or a run's "
                                          "adapters/final")
-        parser.add_argument("--source", required=True, help="source image (.png/.jpg/...)")
-        parser.add_argument("--steps", type=int, default=1, help="Euler steps over the bridge (LBM: 1)")
+        parser.add_argument("--source", "--source_image", dest="source", required=True,
+                            help="source image (.png/.jpg/...)")
+        parser.add_argument("--steps", "--num_inference_steps", dest="steps", type=int, default=1,
+                            help="Euler steps over the bridge (LBM: 1)")
         parser.add_argument("--size", default=None, help="WIDTHxHEIGHT to resize the source to (default: its own "
                                                          "size, rounded down to the VAE's factor)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior draw and the bridge noise")
-        options.add_png_output(parser)
+        options.add_image_output(parser)
 
     @classmethod
     def run_sample(cls, args: argparse.Namespace) -> int:
@@ -274,12 +279,11 @@ class BridgeHead(LatentHead):
         from PIL import Image
 
         from lightning_lora.adapters.finite import require_finite
-        from lightning_lora.callbacks.sample_previews import png_bytes
         from lightning_lora.data.images import describe_error, load_rgb, to_tensor
         from lightning_lora.fileio import atomic_write_bytes
         from lightning_lora.models.lbm import check_lbm_folder
 
-        out = options.png_out(args)
+        out = options.image_out(args)
         if args.steps < 1:
             raise UserError(f"--steps={args.steps} must be >= 1 (LBM translates in 1)")
         source_path = Path(args.source)
@@ -293,7 +297,8 @@ class BridgeHead(LatentHead):
         check_lbm_folder(args.pretrained, "--pretrained")
         head = cls(args.pretrained, pixel_loss_weight=0.0, num_inference_steps=args.steps)
         head.eval().to(options.device(args.device))
-        for line in apply_lbm_loras(head.denoiser, options.scaled_loras(args), allow_partial=args.allow_partial):
+        for line in apply_lbm_loras(head.denoiser, options.scaled_loras(args), allow_partial=args.allow_partial,
+                                    verbose=args.verbose):
             print(line)
         f = head.vae_factor
         w, h = size or image.size
@@ -302,7 +307,7 @@ class BridgeHead(LatentHead):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         result = head.translate(to_tensor(image)[None], args.steps, seed=args.seed)[0]
         require_finite([(out.name, result)], "the translated picture", hint="; nothing was written")
-        atomic_write_bytes(out, png_bytes(((result.cpu() + 1) / 2).clamp(0, 1)))
+        atomic_write_bytes(out, options.image_bytes((result + 1) / 2, out))
         print(f"wrote {out} ({w}x{h}, {args.steps} step{'s' if args.steps != 1 else ''}, seed {args.seed})")
         return 0
 
@@ -476,9 +481,10 @@ def lbm_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
     return {**named, **{k[len(DENOISER_PREFIX):]: m for k, m in named.items()}}
 
 
-def apply_lbm_loras(denoiser: nn.Module, loras: list[tuple[Path, float]], allow_partial: bool = False) -> list[str]:
+def apply_lbm_loras(denoiser: nn.Module, loras: list[tuple[Path, float]], allow_partial: bool = False,
+                    verbose: bool = False) -> list[str]:
     """Fold LoRAs (any format ``read_lora`` knows, or a run's adapter snapshot) into an LBM denoiser."""
     from lightning_lora.adapters.fold import fold_loras
 
     return fold_loras(lbm_layers(denoiser), loras, allow_partial, what="a denoiser layer", where="the denoiser",
-                      prefixes=("denoiser",), inside=(LBM_FILE, "denoiser"))
+                      prefixes=("denoiser",), inside=(LBM_FILE, "denoiser"), verbose=verbose)

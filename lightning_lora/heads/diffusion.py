@@ -424,16 +424,15 @@ class DiffusionHead(LatentHead):
         parser.add_argument("--resolution", type=int, default=None,
                             help="a positive multiple of 8 (default: the UNet's sample size x VAE factor)")
         parser.add_argument("--seed", type=int, default=0)
-        options.add_png_output(parser)
+        options.add_image_output(parser)
 
     @classmethod
     def run_sample(cls, args: argparse.Namespace) -> int:
         """One picture from the folder's own pipeline (its scheduler), LoRAs folded into the weights."""
         from lightning_lora.adapters.finite import require_finite
-        from lightning_lora.callbacks.sample_previews import png_bytes
         from lightning_lora.fileio import atomic_write_bytes
 
-        out = options.png_out(args)
+        out = options.image_out(args)
         if args.resolution is not None:  # the pipeline's own rule, before anything loads (the VAE's after)
             check_sample_size(args.resolution, 8)
         folder = check_pipeline_folder(args.pretrained, key="--pretrained")
@@ -443,7 +442,8 @@ class DiffusionHead(LatentHead):
         diffusers_logging.disable_progress_bar()
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         pipe.to(options.device(args.device))
-        for line in apply_loras(pipe, options.scaled_loras(args), allow_partial=args.allow_partial):
+        for line in apply_loras(pipe, options.scaled_loras(args), allow_partial=args.allow_partial,
+                                verbose=args.verbose):
             print(line)
         size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         check_sample_size(size, pipe.vae_scale_factor)
@@ -451,7 +451,7 @@ class DiffusionHead(LatentHead):
                      guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed),
                      output_type="pt").images[0]
         require_finite([(out.name, image)], "the sampled picture", hint="; nothing was written")
-        atomic_write_bytes(out, png_bytes(image.float().cpu()))
+        atomic_write_bytes(out, options.image_bytes(image, out))
         print(f"wrote {out} ({size}x{size}, {args.steps} steps, guidance {args.guidance:g}, seed {args.seed})")
         return 0
 
@@ -487,9 +487,10 @@ def pipeline_layers(pipe: Any) -> dict[str, nn.Module]:
     return named_layers({part: getattr(pipe, part) for part in LORA_PARTS}, rename=canonical_name)
 
 
-def apply_loras(pipe: Any, loras: list[tuple[Path, float]], allow_partial: bool = False) -> list[str]:
+def apply_loras(pipe: Any, loras: list[tuple[Path, float]], allow_partial: bool = False, verbose: bool = False,
+                ) -> list[str]:
     """Fold LoRAs into a Stable Diffusion pipeline's UNet/text-encoder weights (see ``adapters.fold``)."""
     from lightning_lora.adapters.fold import fold_loras
 
     return fold_loras(pipeline_layers(pipe), loras, allow_partial, what="a UNet or text-encoder layer",
-                      where="the pipeline", inside=(DIFFUSERS_FILE,))
+                      where="the pipeline", inside=(DIFFUSERS_FILE,), verbose=verbose)

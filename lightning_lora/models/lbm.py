@@ -8,6 +8,14 @@ A released LBM folder (``jasperai/LBM_relighting``, ``LBM_normals``, ``LBM_depth
 - ``vae.vae_model.*``: the SDXL ``AutoencoderKL``;
 - ``num_iterations``: a training counter (ignored here).
 
+A single weights file stands for a folder too (the LBM LoRA scripts' ``exact_base.ckpt``/``.safetensors``): a
+``.safetensors`` file, or a weights-only torch file holding the same keys: bare, as the scripts'
+``create_exact_base_model.py`` saves them (``{"model_state_dict": ..., "source_config": <the LBM config>, ...}``), or
+as a Lightning checkpoint's ``state_dict`` under LBM's training wrapper (``model.denoiser.*``, as
+``gojasper/LBM``'s training checkpoints are; its ``convert_checkpoint_to_safetensors.py`` strips that ``model.``).
+Its config is ``<stem>.yaml`` or ``config.yaml`` beside it, else the checkpoint's own ``source_config``; without
+either, LBM's released architecture and LBM's default settings apply.
+
 The architectures are not in the folder: LBM builds the UNet in code and takes the VAE config and the
 flow-matching scheduler config from SDXL on the Hub. Here they are constants (``LBM_UNET``, ``SDXL_VAE``,
 ``FLOW_SCHEDULER``), so nothing is downloaded; a config may carry ``unet:``, ``vae:`` and ``scheduler:``
@@ -94,7 +102,7 @@ class LBMParts:
     scheduler: Any  # diffusers FlowMatchEulerDiscreteScheduler (training sigmas)
     config: dict[str, Any] = field(default_factory=dict)  # the folder's config file, as read
     path: Path | None = None
-    config_file: Path | None = None
+    config_file: Path | None = None  # None: a single weights file without a config (LBM's own architecture)
 
 
 #: what an LBM repository on the Hub holds that the loader reads: its config and weights
@@ -102,18 +110,27 @@ LBM_FILES = ("*.yaml", "*.yml", "*.json", "*.safetensors")
 
 
 # --------------------------------------------------------------------------- the folder
-def check_lbm_folder(pretrained: str | os.PathLike | None, key: str = "model.pretrained") -> tuple[Path, Path, Path]:
-    """(folder, config file, weights file) of an LBM folder (local, or a Hub id such as jasperai/LBM_relighting,
-    fetched into the cache); a missing part is a one-line error."""
+#: the prefix LBM's Lightning training wrapper puts before the model's keys (``self.model = LBMModel(...)``)
+LIGHTNING_PREFIX = "model."
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_lbm_folder(pretrained: str | os.PathLike | None, key: str = "model.pretrained",
+                     ) -> tuple[Path, Path | None, Path]:
+    """(folder or file, config file, weights file) of an LBM folder (local, or a Hub id such as
+    jasperai/LBM_relighting, fetched into the cache) or of a single LBM weights file (config: ``None`` when none is
+    beside it); a missing part is a one-line error."""
     from lightning_lora import hub
 
     if not pretrained:
-        raise UserError(f"{key} is required: pass {key}=<LBM folder with a .yaml config and {WEIGHTS_FILE}, or a Hub "
-                        "id such as jasperai/LBM_relighting>")
+        raise UserError(f"{key} is required: pass {key}=<LBM folder with a .yaml config and {WEIGHTS_FILE}, an LBM "
+                        "weights file (.safetensors/.ckpt), or a Hub id such as jasperai/LBM_relighting>")
     path = hub.resolve(pretrained, key=key, allow_patterns=LBM_FILES)
+    if path.is_file():
+        return path, config_beside(path), path
     if not path.is_dir():
         raise UserError(f"{key}: no folder at {path} (give an LBM folder: a .yaml config + {WEIGHTS_FILE}, "
-                        "as jasperai/LBM_relighting ships, or its Hub id)")
+                        "as jasperai/LBM_relighting ships, a single LBM .safetensors/.ckpt file, or a Hub id)")
     configs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CONFIG_SUFFIXES)
     if not configs and (path / CONFIG_JSON).is_file():
         configs = [path / CONFIG_JSON]
@@ -132,6 +149,53 @@ def check_lbm_folder(pretrained: str | os.PathLike | None, key: str = "model.pre
             found = f" (found {', '.join(others)}; which one?)" if others else ""
             raise UserError(f"{key}={path} has no {WEIGHTS_FILE}{found}")
     return path, configs[0], weights
+
+
+def config_beside(weights: Path) -> Path | None:
+    """The config of a single LBM weights file: ``<stem>.yaml``/``.yml``, else ``config.yaml``/``.yml``/``.json``
+    in its folder; None (LBM's released architecture) when there is none. Any other YAML there (a training config)
+    is not taken for it."""
+    names = [weights.stem + s for s in CONFIG_SUFFIXES] + ["config" + s for s in CONFIG_SUFFIXES] + [CONFIG_JSON]
+    return next((weights.with_name(n) for n in names if weights.with_name(n).is_file()), None)
+
+
+#: where a torch checkpoint keeps the model's tensors: the LBM LoRA scripts' ``exact_base.ckpt``, Lightning's
+STATE_KEYS = ("model_state_dict", "state_dict")
+#: where the LBM LoRA scripts' ``exact_base.ckpt`` keeps the LBM config it was built from
+EMBEDDED_CONFIG = "source_config"
+
+
+def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(tensors, the LBM config stored in the file or None) of an LBM weights file: safetensors, or a weights-only
+    torch file (tensors and plain containers only; anything else is refused unread), bare, the scripts'
+    ``{"model_state_dict": ..., "source_config": ...}``, or a Lightning ``state_dict`` with LBM's ``model.``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if file.suffix.lower() not in TORCH_SUFFIXES:
+        try:
+            return load_file(str(file)), None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (code in the pickle), RuntimeError, EOFError, BadZipFile, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{file}: not a weights-only torch file ({first[:160]})") from None
+    embedded = None
+    if isinstance(obj, dict):
+        found = obj.get(EMBEDDED_CONFIG)
+        embedded = found if isinstance(found, dict) else None
+        inner = next((k for k in STATE_KEYS if isinstance(obj.get(k), dict)), None)
+        obj = obj[inner] if inner else obj
+    if not isinstance(obj, dict):
+        raise UserError(f"{file}: expected a mapping of tensor names to tensors, got {type(obj).__name__}")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    wrapped = not any(k.startswith(DENOISER_PREFIX) for k in state) and any(
+        k.startswith(LIGHTNING_PREFIX + DENOISER_PREFIX) for k in state)
+    if wrapped:  # a training checkpoint: the LBM model is the Lightning module's ``model``
+        state = {k[len(LIGHTNING_PREFIX):]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+    return state, embedded
 
 
 def read_config(file: Path) -> dict[str, Any]:
@@ -184,31 +248,27 @@ def build_modules(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str
         raise UserError(f"{where}cannot build the LBM modules from the config: {first[:200]}") from None
 
 
-def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, file: Path) -> None:
+def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, file: Path,
+               hint: str = "") -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
         raise UserError(f"{file}: {len(missing)} tensors of the {prefix[:-1]} are missing, e.g. {prefix}{missing[0]}; "
-                        "is it a checkpoint of this architecture?")
+                        f"is it a checkpoint of this architecture?{hint}")
     for key, value in own.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(f"{file}: {prefix}{key} has shape {list(state[key].shape)} but the model needs "
-                            f"{list(value.shape)} (the config does not describe these weights)")
+                            f"{list(value.shape)} (the config does not describe these weights{hint})")
     module.load_state_dict(state, strict=True)
 
 
 def load_lbm(pretrained: str | os.PathLike | None, key: str = "model.pretrained") -> LBMParts:
-    """Denoiser, VAE and scheduler of an LBM folder, weights loaded strictly from ``model.safetensors``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Denoiser, VAE and scheduler of an LBM folder (weights loaded strictly from ``model.safetensors``) or of a
+    single LBM weights file."""
     path, config_file, weights = check_lbm_folder(pretrained, key)
-    config = read_config(config_file)
-    denoiser, vae, scheduler = build_modules(*architecture(config, config_file), config_file)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+    state, embedded = read_weights(weights)
+    config = read_config(config_file) if config_file is not None else dict(embedded or {})
+    denoiser, vae, scheduler = build_modules(*architecture(config, config_file or weights), config_file or weights)
     parts: dict[str, dict[str, torch.Tensor]] = {DENOISER_PREFIX: {}, VAE_PREFIX: {}}
     unexpected = []
     for name, tensor in state.items():
@@ -220,8 +280,11 @@ def load_lbm(pretrained: str | os.PathLike | None, key: str = "model.pretrained"
     if unexpected:
         raise UserError(f"{weights}: {len(unexpected)} tensors belong to no LBM part, e.g. {unexpected[0]!r} "
                         f"(expected {DENOISER_PREFIX}*, {VAE_PREFIX}*)")
-    _load_part(denoiser, parts[DENOISER_PREFIX], DENOISER_PREFIX, weights)
-    _load_part(vae, parts[VAE_PREFIX], VAE_PREFIX, weights)
+    hint = "" if config_file is not None or embedded else (
+        f"; no config beside it, so LBM's released architecture was assumed: put its config as {weights.stem}.yaml "
+        "or config.yaml beside it")
+    _load_part(denoiser, parts[DENOISER_PREFIX], DENOISER_PREFIX, weights, hint)
+    _load_part(vae, parts[VAE_PREFIX], VAE_PREFIX, weights, hint)
     denoiser.eval()
     vae.eval()
     return LBMParts(denoiser, vae, scheduler, config, path, config_file)
@@ -267,9 +330,11 @@ __all__ = [
     "architecture",
     "build_modules",
     "check_lbm_folder",
+    "config_beside",
     "denoiser_layers",
     "lbm_state_dict",
     "load_lbm",
     "read_config",
+    "read_weights",
     "save_lbm_folder",
 ]
