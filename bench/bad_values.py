@@ -20,6 +20,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,15 @@ CASES: list[tuple[str, list[str]]] = [
     ("pairs file with invalid JSON", ["data=pairs", "data.train_path=<badjson>", "data.val_path=<pairs>"]),
     ("fresh run in a used run directory", ["hydra.run.dir=<ckpt>"]),
     ("run directory is a file", ["hydra.run.dir=<pairs>"]),
+]
+# an epoch that yields no batch (the tiny SD preset on webdataset shards: these replace the BERT settings above)
+SHARDS = ["model=sd_tiny", "data=webdataset", "data.batch_size=2", "~callbacks.sample_previews",
+          "validate_before=false", "validate_after=false", "trainer.max_epochs=-1",
+          "callbacks.adapter_checkpoint.every_n_steps=0",
+          "callbacks.model_checkpoint.every_n_train_steps=0"]
+SHARD_CASES: list[tuple[str, list[str]]] = [
+    ("an empty local shard, endless epochs", ["data.train_shards=<empty>"]),
+    ("an empty piped shard, endless epochs (the empty-epoch guard)", ["data.train_shards='pipe:cat <empty>'"]),
 ]
 
 
@@ -111,12 +121,19 @@ def main() -> None:
     warm_seconds, _, rc, last = run([*base, f"hydra.run.dir={work / 'r8'}"], env)
     assert rc == 0, last
 
+    empty = work / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    shards = [*SHARDS, f"paths.cache_dir={work / 'cache'}"]
+    # not counted: builds the tiny SD folder into the cache once, as the first run on a machine would
+    run([*shards, f"data.train_shards={empty}", f"hydra.run.dir={work / 'sd-warm-up'}"], env)
     rows, load_before = [], os.getloadavg()
-    for i, (what, bad) in enumerate(CASES):
+    cases = [(what, bad, base) for what, bad in CASES] + [(what, bad, shards) for what, bad in SHARD_CASES]
+    for i, (what, bad, start) in enumerate(cases):
         bad = [b.replace("<ckpt>", str(work / "r8")).replace("<pairs>", str(pairs)).replace("<latin1>", str(latin1))
-               .replace("<badjson>", str(badjson)) for b in bad]
+               .replace("<badjson>", str(badjson)).replace("<empty>", str(empty)) for b in bad]
         run_dir = [] if any(b.startswith("hydra.run.dir=") for b in bad) else [f"hydra.run.dir={work / f'case{i}'}"]
-        seconds, cpu, rc, last = run([*base, *bad, *run_dir], env)
+        seconds, cpu, rc, last = run([*start, *bad, *run_dir], env)
         rows.append((what, " ".join(b.replace(str(work), "$TMP") for b in bad), seconds, cpu, rc,
                      last.replace(str(work), "$TMP")))
         print(f"{seconds:6.2f} s ({cpu:5.2f} s CPU)  rc={rc}  {what}: {last[:150]}", flush=True)
