@@ -4,8 +4,9 @@ One short ``model=sd15`` run (the seed's recipe: r = alpha = 4, gaussian init, U
 text-encoder LoRA on q_proj/v_proj as its section 6C) with the pretrained id replaced by the tiny diffusers folder
 (``DiffusionHead.build_tiny``); then the seed's own code blocks, each below in a ``seed_*`` function as the seed
 writes it, with only its names filled: ``model_id``/``MODEL_ID`` = the tiny folder, its file paths = this run's
-files, ``"cuda"`` = the test device. Every block's UNet (and text-encoder) outputs are compared with the trained
-module's (max abs difference), and the adapter weights must act as stated (weight 0 = the base model's output).
+files, ``"cuda"`` = ``"cuda"`` when there is one, else ``"cpu"`` (the seed's complete example's own line). Every
+block's UNet (and text-encoder) outputs are compared with the trained module's (max abs difference), and the
+adapter weights must act as stated (weight 0 = the base model's output). The fp16 blocks run on the CPU too.
 
 Seed blocks and where they run:
 - 2A load the UNet in fp16 and freeze it, 2B ``LoraConfig`` + ``unet.add_adapter``, 2C count the trainable
@@ -307,9 +308,9 @@ def probe(unet, text_encoder, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unet_probe(unet, hidden: torch.Tensor) -> torch.Tensor:
-    dtype = next(unet.parameters()).dtype
+    weight = next(unet.parameters())
     with torch.no_grad():
-        return unet(PROBE_X.to(dtype), PROBE_T, hidden.to(dtype)).sample.float()
+        return unet(PROBE_X.to(weight), PROBE_T.to(weight.device), hidden.to(weight)).sample.float().cpu()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -453,8 +454,8 @@ def test_seed_inference_pipeline(trained, base, tmp_path):
     seed_step2b_add_lora(unet)
     lora_weights = torch.load(str(trained.final / SEED_STATE_FILE))
     set_peft_model_state_dict(unet, lora_weights)
-    torch.manual_seed(0)
-    pipeline, image = seed_step7_inference(str(trained.tiny), unet, "cpu", str(tmp_path / "output_naruto.png"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the seed's own choice (its complete example)
+    pipeline, image = seed_step7_inference(str(trained.tiny), unet, device, str(tmp_path / "output_naruto.png"))
     assert image.size == (32, 32) and (tmp_path / "output_naruto.png").is_file()
     assert pipeline.unet is unet and unet.dtype == torch.float16
     assert max_diff(unet_probe(pipeline.unet, trained.hidden), trained.pred) < 1e-2  # fp16 rounding only
