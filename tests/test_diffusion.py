@@ -12,7 +12,14 @@ from conftest import compose_train
 from helpers import image_batches
 
 from lightning_lora.errors import UserError
-from lightning_lora.heads.diffusion import DIFFUSERS_FILE, KOHYA_FILE, DiffusionHead, apply_loras, min_snr_weights
+from lightning_lora.heads.diffusion import (
+    DIFFUSERS_FILE,
+    KOHYA_FILE,
+    SEED_STATE_FILE,
+    DiffusionHead,
+    apply_loras,
+    min_snr_weights,
+)
 from lightning_lora.models.sd_tiny import ensure_tiny_sd
 from lightning_lora.module import LoRAAdaptationModule
 from lightning_lora.train import run
@@ -311,7 +318,7 @@ def test_train_entry_on_digits_writes_every_format_and_previews(tiny_sd, cache_d
     assert metrics["global_step"] == 4 and set(metrics["after"]) == {"val/loss"}
     for snapshot in ("step_0000002", "final"):
         names = sorted(p.name for p in (out / "adapters" / snapshot).iterdir())
-        assert names == [DIFFUSERS_FILE, KOHYA_FILE, "unet"]
+        assert names == sorted([DIFFUSERS_FILE, KOHYA_FILE, SEED_STATE_FILE, "unet"])
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["base.png", "step_0000002.png",
                                                                   "step_0000004.png"]
     assert (out / "checkpoints" / "last.ckpt").is_file()  # its keys: test_families.py (sd_tiny)

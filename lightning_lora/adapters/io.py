@@ -7,6 +7,7 @@ the model first and says which module does not fit, instead of PEFT's warning or
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -52,6 +53,23 @@ def adapter_state(peft_model: PeftModel) -> Tensors:
         state_dict.update(peft_model.named_buffers())
     state = get_peft_model_state_dict(peft_model, state_dict=state_dict)
     return {k.replace(FSDP_WRAPPED, ""): v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def in_place_state(peft_model: PeftModel) -> Tensors:
+    """The adapter weights under the names ``get_peft_model_state_dict`` gives the bare model adapted in place
+    (diffusers' ``unet.add_adapter(config)``, PEFT's ``inject_adapter_in_model``): PEFT's saved keys without the
+    wrapper's ``base_model.model.``, so ``set_peft_model_state_dict(model, state)`` on such a model loads each one."""
+    return {k.removeprefix("base_model.model."): v for k, v in adapter_state(peft_model).items()}
+
+
+def save_tensor_dict(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """``torch.save`` of a plain dict of tensors (``torch.load(weights_only=True)`` reads it), written atomically:
+    for tools whose users load adapters with ``torch.load``; this package itself never unpickles such a file."""
+    if not tensors:
+        raise UserError(f"{path}: no adapter tensors to save")
+    buffer = io.BytesIO()
+    torch.save(dict(tensors), buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def normalize_keys(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> Tensors:

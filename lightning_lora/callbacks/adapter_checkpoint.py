@@ -71,7 +71,8 @@ class AdapterCheckpoint(Callback):
             return
         present = {int(m.group(1)) for p in self.dirpath.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()}
         steps = sorted(present | set(self._outside))
-        for step in steps[:len(steps) - self.keep_last] if self.keep_last else steps:
+        # max(0, ...): with fewer snapshots than keep_last a negative slice end would still drop the oldest ones
+        for step in steps[:max(0, len(steps) - self.keep_last)]:
             shutil.rmtree(self.dirpath / self.step_dirname(step), ignore_errors=True)
             for file in self._outside.pop(step, []):
                 if file not in self._final_files:

@@ -44,6 +44,9 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+#: seed 002's own save (Step 6 / its complete example): ``torch.save(get_peft_model_state_dict(unet), ...)`` of a UNet
+#: adapted in place (``unet.add_adapter``), read back with ``set_peft_model_state_dict(unet_new, torch.load(...))``
+SEED_STATE_FILE = "lora_weights.pth"
 #: Stable Diffusion 1.5 on the Hub (its home since runwayml/stable-diffusion-v1-5 was taken down)
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -397,9 +400,12 @@ class DiffusionHead(LatentHead):
     # ------------------------------------------------------------------ exports
     def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
                         run_dir: Path | None = None) -> list[Path]:
-        """diffusers ``pytorch_lora_weights.safetensors`` and a kohya-style file next to the PEFT directories."""
+        """diffusers ``pytorch_lora_weights.safetensors``, a kohya-style file and seed 002's ``lora_weights.pth``
+        (the UNet's, as ``get_peft_model_state_dict`` names them for a UNet adapted in place) next to the PEFT
+        directories."""
         from lightning_lora.adapters.factors import is_spatial
         from lightning_lora.adapters.formats import write_diffusers, write_kohya
+        from lightning_lora.adapters.io import in_place_state, save_tensor_dict
 
         modules = self.snapshot_modules(snapshot, adapters)
         conv = [f for f in modules.values() if is_spatial(f.weight_shape)]
@@ -409,8 +415,11 @@ class DiffusionHead(LatentHead):
                     "conv_alpha": Counter(f.alpha for f in conv).most_common(1)[0][0]}
         metadata = {"ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1",
                     "ss_output_name": self.name}
-        return [write_diffusers(snapshot / DIFFUSERS_FILE, modules),
-                write_kohya(snapshot / KOHYA_FILE, modules, metadata=metadata)]
+        written = [write_diffusers(snapshot / DIFFUSERS_FILE, modules),
+                   write_kohya(snapshot / KOHYA_FILE, modules, metadata=metadata)]
+        if "unet" in adapters:  # the seed saves the UNet's only (its text-encoder LoRA is a PeftModel of its own)
+            written.append(save_tensor_dict(snapshot / SEED_STATE_FILE, in_place_state(adapters["unet"])))
+        return written
 
     # ------------------------------------------------------------------ lightning-lora sample sd
     @classmethod
