@@ -305,3 +305,95 @@ def test_band_edges_as_the_seed_reads_them():
     edges = [0.0, 0.0499, 0.05, 0.4999, 0.5, 1.0, 1.0001, float("nan")]
     assert [QUALITY_BANDS.index(quality_band(e)) for e in edges] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert list(band_counts(edges).values()) == [2, 2, 2, 2]
+
+
+# --------------------------------------------------------------------------- 4. fine-tuning an existing LoRA
+# The seed's lora/lora_relight_config.yaml as it shows it (its closing "..." dropped); the test makes the shards
+SEED_FINETUNE_CONFIG = '''
+train_shards:
+  - "test_dataset/train_single.tar"
+validation_shards:
+  - "test_dataset/val_single.tar"
+
+# Path to the exact base model
+base_model_path: "lora/checkpoints/exact_base.ckpt"
+
+# Path to the pre-existing LoRA weights you want to fine-tune
+lora_weights_path: "lora/checkpoints/my_lora.safetensors"
+
+# Defines which of the injected LoRA modules should be trained.
+# Add the names of layers you want to train into this list.
+trainable_lora_modules:
+  - "attn1"
+  - "attn2"
+  - "up_blocks"
+
+# Training parameters
+wandb_project: null
+batch_size: 4
+learning_rate: 0.0002
+'''
+#: the seed config's keys -> ours (README, "LBM LoRA scripts"); wandb_project: null means no wandb run
+SEED_CONFIG_KEYS = {"train_shards": "data.train_shards", "validation_shards": "data.validation_shards",
+                    "base_model_path": "model.pretrained", "lora_weights_path": "adapter.init_from",
+                    "trainable_lora_modules": "adapter.trainable", "batch_size": "data.batch_size",
+                    "learning_rate": "optimizer.lr"}
+
+
+def seed_config_overrides(text: str) -> list[str]:
+    """Hydra overrides for the seed's config: lists of shards joined with '::' (several patterns), other lists as
+    lists."""
+    overrides = []
+    for key, value in yaml.safe_load(text).items():
+        if key == "wandb_project":
+            assert value is None  # the seed's value; a project name would need logger=wandb
+            continue
+        if isinstance(value, list):
+            value = "::".join(value) if key.endswith("shards") else f"[{','.join(value)}]"
+        overrides.append(f"{SEED_CONFIG_KEYS[key]}={value}")
+    return overrides
+
+
+def write_pair_shard(path: Path, n: int, seed: int) -> None:
+    import tarfile
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for field in ("source", "target"):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+                info = tarfile.TarInfo(f"{i:04d}.{field}.png")
+                info.size = len(buffer.getvalue())
+                tar.addfile(info, io.BytesIO(buffer.getvalue()))
+
+
+def test_seed_finetune_config_trains_only_its_layers(in_seed_dir, tmp_path, capsys):
+    """Step 4: the seed's config, key for key, fine-tunes the extracted LoRA on its base .ckpt; only the LoRA
+    layers whose names hold attn1/attn2/up_blocks move, the others stay bit-identical."""
+    from helpers import train_main
+
+    from lightning_lora.adapters.io import read_adapter_file
+
+    lora = Path("lora/checkpoints/my_lora.safetensors")
+    if not lora.is_file():
+        assert run(seed_argv(SEED_EXTRACT), capsys)[0] == 0
+    write_pair_shard(Path("test_dataset/train_single.tar"), 8, 0)
+    write_pair_shard(Path("test_dataset/val_single.tar"), 4, 1)
+    rc = train_main(["model=lbm_tiny", "data=paired_shards", *seed_config_overrides(SEED_FINETUNE_CONFIG),
+                     "trainer.max_steps=2", "trainer.precision=32-true", "scheduler.name=constant",
+                     "scheduler.warmup_ratio=0.0", "~callbacks.progress_bar", "~callbacks.sample_previews",
+                     "validate_before=false", "validate_after=false", f"paths.cache_dir={tmp_path / 'cache'}",
+                     f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    _, states, _ = read_adapter_file(lora)
+    start = {k.split("denoiser.", 1)[1]: v for k, v in states[""].items() if "lora_" in k}
+    final = load_file(tmp_path / "run" / "adapters" / "final" / "denoiser" / "adapter_model.safetensors")
+    final = {k.removeprefix("base_model.model."): v for k, v in final.items() if "lora_" in k}
+    assert final.keys() == start.keys() and len(final) == 2 * len(in_seed_dir["sizes"])
+    chosen = {k for k in final if any(p in k for p in ("attn1", "attn2", "up_blocks"))}
+    assert 0 < len(chosen) < len(final)
+    for key, value in final.items():
+        assert torch.equal(value, start[key]) is (key not in chosen), key
