@@ -166,7 +166,13 @@ class LoRAAdaptationModule(pl.LightningModule):
                                 f"adapted: {chosen}")
         head.requires_grad_(False)
         self._conv_submodules: list[str] = []
-        for name in chosen:
+        #: the submodules trained whole (adapter.enabled=false), by name; empty with LoRA
+        self.full_submodules: dict[str, nn.Module] = {}
+        if not spec.enabled:  # full fine-tuning: same module, no LoRA
+            self.full_submodules = {name: available[name] for name in chosen}
+            for module in self.full_submodules.values():
+                module.requires_grad_(True)
+        for name in chosen if spec.enabled else ():
             where = f"{head.family}.{name}"
             if spec.init_from:
                 if name not in initial:
@@ -257,10 +263,15 @@ class LoRAAdaptationModule(pl.LightningModule):
                 p.requires_grad_(name in selected)
 
     def parameter_counts(self) -> list[ParamCount]:
+        if self.full_submodules:
+            return [count_parameters(name, module) for name, module in self.full_submodules.items()]
         return [count_parameters(name, peft.base_model.model) for name, peft in self.adapters.items()]
 
     def adapter_summary(self) -> str:
         """The 'Applying LoRA adapters' block (rank, alpha, targets, original/trainable params per submodule)."""
+        if self.full_submodules:
+            counts = ", ".join(f"{c.name} {c.trainable:,}" for c in self.parameter_counts())
+            return f"Full fine-tuning (adapter.enabled=false, no LoRA): trainable params {counts}"
         return format_adapter_summary(
             self.spec.r, self.spec.alpha, self.spec.dropout, self.adapter_targets, self.parameter_counts()
         )
@@ -283,6 +294,8 @@ class LoRAAdaptationModule(pl.LightningModule):
 
                 tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
                 written.append(atomic_write_bytes(directory / HEAD_PARAMETERS, save(tensors)))
+            if self.full_submodules:  # full fine-tuning: the head writes the whole trained weights instead
+                return written + self.head.export_full_weights(directory, list(self.full_submodules))
             step = self.global_step if step is None else step
             run_dir = Path(run_dir) if run_dir else None
             return written + self.head.export_adapters(directory, self.adapters, step, run_dir)
