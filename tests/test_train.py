@@ -137,6 +137,9 @@ def test_cli_run_directory_and_resume(tmp_path, tiny_bert, cache_dir) -> None:
     assert events
     adapters = {f"adapters/{d}/encoder/{f}" for d in ("step_0000002", "step_0000004", "final")
                 for f in ("adapter_config.json", "adapter_model.safetensors")}
+    # the embedders' whole-model PEFT export beside the per-submodule ones
+    adapters |= {f"adapters/{d}/model/{f}" for d in ("step_0000002", "step_0000004", "final")
+                 for f in ("adapter_config.json", "adapter_model.safetensors", "whole_model.json")}
     assert files - events == {
         ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log",
         "config.yaml", "command.txt", "model_summary.txt", "metrics.json", "environment.json",
