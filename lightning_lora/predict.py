@@ -1,9 +1,10 @@
-"""Embedding inference with trained adapters: ``Predictor.from_pretrained(base, run/adapters/final)``.
+"""Embedding inference with trained adapters: ``Predictor(run_dir)`` or ``Predictor.from_pretrained(base, snapshot)``.
 
 ::
 
     from lightning_lora.predict import Predictor
 
+    p = Predictor(model_path="outputs/...")                     # a run, a snapshot, its model/, or a model folder
     p = Predictor.from_pretrained("/models/clip-vit-b32", "outputs/.../adapters/final")
     q = p.encode_text(["a red cat"], role="query")             # [1, D], L2-normalised, on the CPU
     d = p.encode_image(["cat.jpg", "dog.jpg"], dim=256)         # Matryoshka: first 256 dims, re-normalised
