@@ -392,13 +392,14 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def _param_groups(self, params: list[nn.Parameter]) -> list[nn.Parameter] | list[dict[str, Any]]:
         """One group, or one per submodule with its own ``adapter.per_submodule.<name>.lr``."""
-        own = {name: lr for name in self.adapters if (lr := self.spec.lr_for(name)) is not None}
+        trained = self.adapters or self.full_submodules  # with full fine-tuning a submodule's lr is its own too
+        own = {name: lr for name in trained if (lr := self.spec.lr_for(name)) is not None}
         if not own:
             return params
         groups: list[dict[str, Any]] = []
         claimed: set[int] = set()
         for name, lr in own.items():
-            mine = [p for p in self.adapters[name].parameters() if p.requires_grad]
+            mine = [p for p in trained[name].parameters() if p.requires_grad]
             claimed.update(id(p) for p in mine)
             groups.append({"params": mine, "lr": lr})
         rest = [p for p in params if id(p) not in claimed]
