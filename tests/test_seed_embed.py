@@ -31,6 +31,7 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from lightning_lora.adapters import AdapterSpec
+from lightning_lora.fileio import path_bytes
 from lightning_lora.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,8 +140,9 @@ def test_seed_configs_map_to_ours(tiny_bert, tmp_path) -> None:
 
 # --------------------------------------------------------------------------- short runs
 class Trained:
-    def __init__(self, out: Path, objects: dict[str, Any], caught: list[str]) -> None:
+    def __init__(self, out: Path, metrics: dict[str, Any], objects: dict[str, Any], caught: list[str]) -> None:
         self.out, self.head, self.module, self.warnings = out, objects["head"], objects["module"], caught
+        self.metrics = metrics
         self.final = out / "adapters" / "final"
         self.step = sorted((out / "adapters").glob("step_*"))[-1]
 
@@ -154,8 +156,8 @@ def _train(tmp: Path, overrides: list[str]) -> Trained:
         cfg.paths.output_dir = str(tmp / "run")
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
-        _, objects = run(cfg)
-    return Trained(tmp / "run", objects, [str(w.message) for w in caught])
+        metrics, objects = run(cfg)
+    return Trained(tmp / "run", metrics, objects, [str(w.message) for w in caught])
 
 
 def _bert(tiny_bert: Path) -> list[str]:
@@ -343,6 +345,11 @@ def test_full_fine_tuning_changes_the_base_and_lora_does_not(bert_full, bert_lor
     names = {k.removeprefix("head.embedder.encoder.") for k in ckpt["state_dict"]}
     assert names == {n for n, _ in bert_full.head.embedder.encoder.named_parameters()} and len(names) > 20
     assert "Full fine-tuning" in bert_full.module.adapter_summary()
+    # the sweep column adapter_bytes: LoRA without its whole-model copy, full fine-tuning the whole model
+    lora_bytes, full_bytes = bert_lora.metrics["adapter_bytes"], bert_full.metrics["adapter_bytes"]
+    assert lora_bytes == path_bytes(bert_lora.final) - path_bytes(bert_lora.final / "model") > 0
+    assert full_bytes == path_bytes(bert_full.final) > 10 * lora_bytes
+    print(f"adapter_bytes: LoRA r16 {lora_bytes:,}, full fine-tuning {full_bytes:,}")
     counts = bert_full.module.parameter_counts()
     everything = sum(p.numel() for p in bert_full.head.embedder.encoder.parameters())
     assert counts[0].trainable == counts[0].original == everything
