@@ -79,6 +79,48 @@ epochs: 3
 data_path: "data/train.jsonl"
 output_dir: "output_lora"
 """
+SEED_QUICK_EXPERIMENT = """
+model_name: "Qwen/Qwen3-VL-Embedding-2B"
+use_lora: true
+lora_r: 8
+lora_alpha: 16
+batch_size: 32
+learning_rate: 1e-4
+epochs: 1
+"""
+SEED_PRODUCTION = """
+model_name: "Qwen/Qwen3-VL-Embedding-2B"
+use_lora: true
+lora_r: 32
+lora_alpha: 64
+lora_dropout: 0.1
+batch_size: 64
+learning_rate: 5e-5
+epochs: 3
+gradient_checkpointing: true
+"""
+SEED_FSDP = """
+model_name: "Qwen/Qwen3-VL-Embedding-8B"
+use_fsdp: true
+use_lora: true
+lora_r: 16
+lora_alpha: 32
+batch_size: 16
+learning_rate: 2e-5
+epochs: 3
+gradient_checkpointing: true
+"""
+SEED_MRL = """
+use_lora: true
+use_mrl: true
+mrl_dims: [1024, 768, 512, 256]
+"""
+#: the seed's per-family target blocks ("Target Modules"), and the layer kinds each gives on our tiny models
+SEED_FAMILY_TARGETS = {
+    "qwen3_vl_tiny": (["q_proj", "v_proj", "query", "value", "key"], {"q_proj", "v_proj"}),  # Vision-Language
+    "clip_tiny": (["q_proj", "v_proj", "out_proj"], {"q_proj", "v_proj", "out_proj"}),  # CLIP Models
+    "bert": (["query", "key", "value", "dense"], {"query", "key", "value", "dense"}),  # Text Models (BERT, Qwen)
+}
 SEED_CLI_OVERRIDE = "use_lora=true lora_r=32 lora_alpha=64"  # python run.py config.yaml --config_override ...
 SEED_TARGETS = ["q_proj", "v_proj", "query", "value", "key", "dense"]
 
@@ -109,14 +151,20 @@ NOT_OURS = {
 
 
 def seed_overrides(text: str, **paths: str) -> list[str]:
-    """The seed's YAML as our command-line overrides (``paths`` replace its example paths)."""
+    """The seed's YAML as our command-line overrides (``paths`` replace its example paths; ``use_fsdp`` picks the
+    strategy group; the other ``NOT_OURS`` switches have no flag of their own and are left out)."""
     out = []
     for key, value in yaml.safe_load(text).items():
+        if key == "use_fsdp":
+            out += ["strategy=fsdp"] if value else []
+            continue
+        if key in NOT_OURS:
+            continue
         value = paths.get(key, value)
         if isinstance(value, bool):
             value = str(value).lower()
         elif isinstance(value, list):
-            value = "[" + ",".join(value) + "]"
+            value = "[" + ",".join(map(str, value)) + "]"
         out.append(f"{SEED_KEYS[key]}={value}")
     return out
 
@@ -136,6 +184,34 @@ def test_seed_configs_map_to_ours(tiny_bert, tmp_path) -> None:
     full = AdapterSpec.from_config(compose_train(["adapter.enabled=false"]).adapter)
     assert full.enabled is False
     assert not set(NOT_OURS) & set(SEED_KEYS)
+    quick = compose_train(["model=qwen3_vl_embedding", *seed_overrides(SEED_QUICK_EXPERIMENT)])
+    assert (quick.adapter.r, quick.adapter.alpha, quick.data.batch_size, quick.trainer.max_epochs) == (8, 16, 32, 1)
+    assert quick.model.pretrained == "Qwen/Qwen3-VL-Embedding-2B"
+    prod = compose_train(["model=qwen3_vl_embedding", *seed_overrides(SEED_PRODUCTION)])
+    assert (prod.adapter.r, prod.adapter.alpha, prod.adapter.dropout) == (32, 64, 0.1) and prod.gradient_checkpointing
+    assert prod.optimizer.lr == pytest.approx(5e-5)
+    fsdp = compose_train(["model=qwen3_vl_embedding", *seed_overrides(SEED_FSDP)])
+    assert fsdp.trainer.strategy._target_.endswith("FSDPStrategy") and fsdp.model.pretrained.endswith("-8B")
+    mrl = compose_train(seed_overrides(SEED_MRL))
+    assert list(mrl.model.mrl_dims) == [1024, 768, 512, 256]
+
+
+@pytest.mark.parametrize("family", sorted(SEED_FAMILY_TARGETS))
+def test_seed_target_blocks_per_family(family, tiny_bert, tmp_path) -> None:
+    from hydra.utils import instantiate
+
+    from lightning_lora.module import LoRAAdaptationModule
+
+    targets, kinds = SEED_FAMILY_TARGETS[family]
+    preset = _bert(tiny_bert) if family == "bert" else [f"model={family}"]
+    head = instantiate(compose_train([*preset, f"paths.cache_dir={tmp_path / 'cache'}"]).model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = LoRAAdaptationModule(head, {"targets": targets})
+    got = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in module.trainable_names() if ".lora_A." in n}
+    assert got == kinds
+    unmatched = sorted(set(targets) - kinds)
+    assert any(f"{unmatched} match no module" in str(w.message) for w in caught) == bool(unmatched)
 
 
 # --------------------------------------------------------------------------- short runs
@@ -363,6 +439,30 @@ def test_full_fine_tuning_changes_the_base_and_lora_does_not(bert_full, bert_lor
                        tokens["attention_mask"]).detach()
     predictor = Predictor(model_path=bert_full.out)
     assert predictor.adapters == {} and (predictor.encode_text(TEXTS) - plain).abs().max() < 1e-5
+
+
+def test_full_fine_tuning_snapshot_of_clip(tmp_path, pictures) -> None:
+    """CLIP trained whole: the snapshot's model/ is a CLIPModel folder; plain transformers and the Predictor agree."""
+    from hydra.utils import instantiate
+    from transformers import AutoModel
+
+    from lightning_lora.module import LoRAAdaptationModule
+    from lightning_lora.predict import Predictor
+
+    head = instantiate(compose_train([*CLIP[:2], f"paths.cache_dir={tmp_path / 'cache'}"]).model)
+    module = LoRAAdaptationModule(head, {"enabled": False})
+    assert module.adapters == {} and set(module.full_submodules) == {"text", "vision"}
+    with torch.no_grad():  # a trained vision tower differs from the base one
+        head.embedder.vision.visual_projection.weight.mul_(-1.0)
+    module.save_adapters(tmp_path / "snap")
+    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["model"]
+    plain = AutoModel.from_pretrained(str(tmp_path / "snap" / "model")).eval()
+    predictor = Predictor(tmp_path / "snap")
+    with torch.no_grad():
+        pixels = head.embedder.image_processor(images=[_rgb(p) for p in pictures], return_tensors="pt")["pixel_values"]
+        features = plain.get_image_features(pixel_values=pixels)
+    expected = F.normalize(getattr(features, "pooler_output", features), dim=-1)  # an output object in some versions
+    assert (predictor.encode_image(pictures) - expected).abs().max() < 1e-5
 
 
 def test_init_from_with_full_fine_tuning_is_one_line(tmp_path) -> None:
