@@ -161,7 +161,13 @@ class LoRAAdaptationModule(pl.LightningModule):
                                 f"adapted: {chosen}")
         head.requires_grad_(False)
         self._conv_submodules: list[str] = []
-        for name in chosen:
+        #: the submodules trained whole (adapter.enabled=false), by name; empty with LoRA
+        self.full_submodules: dict[str, nn.Module] = {}
+        if not spec.enabled:  # full fine-tuning: same module, no LoRA
+            self.full_submodules = {name: available[name] for name in chosen}
+            for module in self.full_submodules.values():
+                module.requires_grad_(True)
+        for name in chosen if spec.enabled else ():
             where = f"{head.family}.{name}"
             if spec.init_from:
                 if name not in initial:
@@ -267,10 +273,15 @@ class LoRAAdaptationModule(pl.LightningModule):
                 p.requires_grad_(name in selected)
 
     def parameter_counts(self) -> list[ParamCount]:
+        if self.full_submodules:
+            return [count_parameters(name, module) for name, module in self.full_submodules.items()]
         return [count_parameters(name, peft.base_model.model) for name, peft in self.adapters.items()]
 
     def adapter_summary(self) -> str:
         """The 'Applying LoRA adapters' block (rank, alpha, targets, original/trainable params per submodule)."""
+        if self.full_submodules:
+            counts = ", ".join(f"{c.name} {c.trainable:,}" for c in self.parameter_counts())
+            return f"Full fine-tuning (adapter.enabled=false, no LoRA): trainable params {counts}"
         return format_adapter_summary(
             self.spec.r, self.spec.alpha, self.spec.dropout, self.adapter_targets, self.parameter_counts()
         )
@@ -293,6 +304,8 @@ class LoRAAdaptationModule(pl.LightningModule):
 
                 tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
                 written.append(atomic_write_bytes(directory / HEAD_PARAMETERS, save(tensors)))
+            if self.full_submodules:  # full fine-tuning: the head writes the whole trained weights instead
+                return written + self.head.export_full_weights(directory, list(self.full_submodules))
             step = self.global_step if step is None else step
             run_dir = Path(run_dir) if run_dir else None
             return written + self.head.export_adapters(directory, self.adapters, step, run_dir)
@@ -389,13 +402,14 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def _param_groups(self, params: list[nn.Parameter]) -> list[nn.Parameter] | list[dict[str, Any]]:
         """One group, or one per submodule with its own ``adapter.per_submodule.<name>.lr``."""
-        own = {name: lr for name in self.adapters if (lr := self.spec.lr_for(name)) is not None}
+        trained = self.adapters or self.full_submodules  # with full fine-tuning a submodule's lr is its own too
+        own = {name: lr for name in trained if (lr := self.spec.lr_for(name)) is not None}
         if not own:
             return params
         groups: list[dict[str, Any]] = []
         claimed: set[int] = set()
         for name, lr in own.items():
-            mine = [p for p in self.adapters[name].parameters() if p.requires_grad]
+            mine = [p for p in trained[name].parameters() if p.requires_grad]
             claimed.update(id(p) for p in mine)
             groups.append({"params": mine, "lr": lr})
         rest = [p for p in params if id(p) not in claimed]

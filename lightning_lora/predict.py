@@ -1,9 +1,10 @@
-"""Embedding inference with trained adapters: ``Predictor.from_pretrained(base, run/adapters/final)``.
+"""Embedding inference with trained adapters: ``Predictor(run_dir)`` or ``Predictor.from_pretrained(base, snapshot)``.
 
 ::
 
     from lightning_lora.predict import Predictor
 
+    p = Predictor(model_path="outputs/...")                     # a run, a snapshot, its model/, or a model folder
     p = Predictor.from_pretrained("/models/clip-vit-b32", "outputs/.../adapters/final")
     q = p.encode_text(["a red cat"], role="query")             # [1, D], L2-normalised, on the CPU
     d = p.encode_image(["cat.jpg", "dog.jpg"], dim=256)         # Matryoshka: first 256 dims, re-normalised
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from lightning_lora.adapters.io import WHOLE_MODEL_MARK, is_submodule_dir
 from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_directory
@@ -35,10 +37,11 @@ from lightning_lora.models.embedders import Embedder, Item, build_embedder, dete
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
+WHOLE_MODEL_DIR = "model"  # a snapshot's whole-model export (heads/embedding.py writes it)
 #: the embedder classes a run's ``model.embedder._target_`` may name, by family
 _FAMILY_OF_CLASS = {"TextEmbedder": "text", "ClipEmbedder": "clip", "Qwen3VLEmbedder": "qwen3_vl"}
 #: ``model.*`` keys of the text path (no ``model.embedder``) that change how an item is encoded
-_TEXT_SETTINGS = ("pooling", "query_prefix", "doc_prefix", "query_max_length", "doc_max_length", "name")
+_TEXT_SETTINGS = ("pooling", "query_prefix", "doc_prefix", "query_max_length", "doc_max_length", "name", "dtype")
 #: embedder arguments that are about training, not encoding
 _TRAINING_ONLY = ("_target_", "pretrained", "targets", "config_overrides")
 
@@ -87,7 +90,7 @@ def find_adapters(embedder: Embedder, adapter_dir: str | os.PathLike) -> dict[st
             raise UserError(f"adapter_dir={root} is a single PEFT directory; the {embedder.family} embedder has "
                             f"several submodules ({', '.join(available)}): give the run's adapters/final")
         return {defaults[0]: root}
-    found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / ADAPTER_CONFIG).is_file()}
+    found = {p.name: p for p in sorted(root.iterdir()) if is_submodule_dir(p)}
     if not found:
         raise UserError(f"adapter_dir: no PEFT adapter ({ADAPTER_CONFIG}) in {root} or its subfolders; "
                         "give a run's adapters/final")
@@ -124,10 +127,99 @@ def load_peft(module: torch.nn.Module, path: Path, where: str) -> PeftModel:
     return peft
 
 
-class Predictor:
-    """Batched, L2-normalised embeddings from an :class:`Embedder` with (optionally) PEFT adapters loaded."""
+def _newest_snapshot(run: Path) -> Path:
+    """A run's ``adapters/final``, or its newest ``adapters/step_N`` (a run stopped before the end)."""
+    final = run / "adapters" / "final"
+    if final.is_dir():
+        return final
+    steps = sorted((run / "adapters").glob("step_*")) if (run / "adapters").is_dir() else []
+    if not steps:
+        raise UserError(f"model_path={run} is a run directory without adapter snapshots (adapters/final or "
+                        "adapters/step_N); did the run write any?")
+    return steps[-1]
 
-    def __init__(self, embedder: Embedder, adapters: Mapping[str, PeftModel] | None = None) -> None:
+
+def resolve_model_path(model_path: str | os.PathLike) -> tuple[Path | None, Path | None]:
+    """(base folder, adapter snapshot) that ``Predictor(model_path)`` loads; one of them is None."""
+    path = Path(os.path.expanduser(str(model_path)))
+    if not path.is_dir():
+        raise UserError(f"model_path={model_path}: no such directory (give a run directory, its adapters/final, "
+                        "an adapters/step_N snapshot, or a model folder)")
+    if (path / RUN_CONFIG).is_file() and (path / "adapters").is_dir():
+        return None, _newest_snapshot(path)
+    if (path / WHOLE_MODEL_MARK).is_file() or (path.name == WHOLE_MODEL_DIR and full_model_dir(path.parent)):
+        return None, path.parent  # a snapshot's whole-model export: the snapshot it belongs to
+    if (path / ADAPTER_CONFIG).is_file() or full_model_dir(path) or any(is_submodule_dir(d) for d in path.iterdir()):
+        return None, path
+    if (path / "config.json").is_file():
+        return path, None
+    raise UserError(f"model_path={path} holds no run, adapter snapshot, PEFT adapter or model folder (config.json)")
+
+
+def full_model_dir(snapshot: Path) -> Path | None:
+    """The whole model a full fine-tuning snapshot holds (``<snapshot>/model/``, a transformers folder), or None
+    (a LoRA snapshot: its ``model/`` is a PEFT directory)."""
+    folder = snapshot / WHOLE_MODEL_DIR
+    if (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
+        return folder
+    return None
+
+
+def _load(base_path: str | os.PathLike | None, adapter_dir: str | os.PathLike | None, family: str,
+          device: str | torch.device | None, embedder_kwargs: Mapping[str, Any]
+          ) -> tuple[Embedder, dict[str, PeftModel]]:
+    """The embedder with the run's settings and its adapters loaded (see ``Predictor.from_pretrained``)."""
+    if adapter_dir is not None:  # a Hub id: fetched into the cache (base_path is resolved by model_folder)
+        from lightning_lora.adapters.io import adapter_source
+
+        adapter_dir = adapter_source(adapter_dir, key="adapter_dir")
+    run_base, run_family, settings = run_settings(adapter_dir) if adapter_dir is not None else (None, "auto", {})
+    full = full_model_dir(Path(adapter_dir)) if adapter_dir is not None else None
+    if full is not None:  # full fine-tuning: the snapshot is the whole trained model
+        base_path, adapter_dir = full, None
+    if base_path is None:
+        if run_base is None:
+            raise UserError("base_path is required: no run config.yaml next to the adapter names the base model")
+        base_path = run_base
+    if family == "auto":
+        family = run_family
+    if family == "auto" or family != detect_family(base_path):
+        settings = {}  # the run's settings belong to another kind of model than this base folder
+    embedder = build_embedder(base_path, family, **{**settings, **embedder_kwargs})
+    adapters = {}
+    if adapter_dir is not None:
+        modules = embedder.adaptable_submodules()
+        with quiet_transformers():
+            for name, path in find_adapters(embedder, adapter_dir).items():
+                adapters[name] = load_peft(modules[name], path, f"{embedder.family}.{name}")
+    if device is not None:
+        embedder.to(device)
+    return embedder, adapters
+
+
+class Predictor:
+    """Batched, L2-normalised embeddings from an :class:`Embedder` with (optionally) PEFT adapters loaded.
+
+    ``Predictor(model_path)`` (vembed-factory's call) takes a run directory (its ``adapters/final``, or its newest
+    ``adapters/step_*`` when the run has no final one), a snapshot (``adapters/final``, ``adapters/step_N``), a
+    snapshot's whole-model export (``adapters/<snapshot>/model``), or a plain model folder; the base model and the
+    encoding settings come from the run's ``config.yaml``. A full fine-tuning run's snapshot (``model/``, a whole
+    model folder) is loaded as the model itself. ``Predictor(embedder, adapters)`` wraps objects already built.
+    """
+
+    def __init__(self, model_path: str | os.PathLike | Embedder | None = None,
+                 adapters: Mapping[str, PeftModel] | None = None, *, device: str | torch.device | None = None,
+                 **embedder_kwargs: Any) -> None:
+        if isinstance(model_path, Embedder):
+            embedder = model_path
+        elif model_path is None:
+            raise UserError("Predictor needs model_path: a run directory, its adapters/final, or a model folder")
+        else:
+            if adapters is not None:
+                raise UserError("Predictor(model_path, adapters=...): adapters come from model_path; pass "
+                                "adapters only beside an Embedder")
+            base_path, adapter_dir = resolve_model_path(model_path)
+            embedder, adapters = _load(base_path, adapter_dir, "auto", device, embedder_kwargs)
         self.embedder = embedder.eval()
         self.adapters: dict[str, PeftModel] = dict(adapters or {})
 
@@ -138,29 +230,7 @@ class Predictor:
         """Load the base model folder (``family``: ``auto`` | ``text`` | ``clip`` | ``qwen3_vl``), then every
         adapter in ``adapter_dir``. The embedder gets the settings of the run that wrote ``adapter_dir`` (its
         ``config.yaml``), then ``embedder_kwargs`` (pooling, prefixes, instruction, dtype, ...) over them."""
-        if adapter_dir is not None:  # a Hub id: fetched into the cache (base_path is resolved by model_folder)
-            from lightning_lora.adapters.io import adapter_source
-
-            adapter_dir = adapter_source(adapter_dir, key="adapter_dir")
-        run_base, run_family, settings = run_settings(adapter_dir) if adapter_dir is not None else (None, "auto", {})
-        if base_path is None:
-            if run_base is None:
-                raise UserError("base_path is required: no run config.yaml next to the adapter names the base model")
-            base_path = run_base
-        if family == "auto":
-            family = run_family
-        if family == "auto" or family != detect_family(base_path):
-            settings = {}  # the run's settings belong to another kind of model than this base folder
-        embedder = build_embedder(base_path, family, **{**settings, **embedder_kwargs})
-        adapters = {}
-        if adapter_dir is not None:
-            modules = embedder.adaptable_submodules()
-            with quiet_transformers():
-                for name, path in find_adapters(embedder, adapter_dir).items():
-                    adapters[name] = load_peft(modules[name], path, f"{embedder.family}.{name}")
-        if device is not None:
-            embedder.to(device)
-        return cls(embedder, adapters)
+        return cls(*_load(base_path, adapter_dir, family, device, embedder_kwargs))
 
     @property
     def family(self) -> str:
@@ -228,4 +298,4 @@ class Predictor:
         return out
 
 
-__all__ = ["Predictor", "find_adapters", "load_peft", "run_settings"]
+__all__ = ["Predictor", "find_adapters", "full_model_dir", "load_peft", "resolve_model_path", "run_settings"]

@@ -333,6 +333,14 @@ def comparison_table(before: dict[str, float], after: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _adapter_bytes(snapshot: Path) -> int:
+    """The snapshot's size without its whole-model PEFT export (a second copy of the same LoRA tensors)."""
+    from lightning_lora.adapters.io import WHOLE_MODEL_MARK
+
+    copies = [d for d in snapshot.iterdir() if (d / WHOLE_MODEL_MARK).is_file()] if snapshot.is_dir() else []
+    return path_bytes(snapshot) - sum(path_bytes(d) for d in copies)
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter as ``cfg`` says; returns (metrics, the objects built)."""
     started = time.time()
@@ -409,7 +417,7 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
         "global_step": trainer.global_step,
         "trainable_params": sum(c.trainable for c in module.parameter_counts()),
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
-        "adapter_bytes": path_bytes(adapter_dir) if adapter_dir and adapter_dir.exists() else 0,
+        "adapter_bytes": _adapter_bytes(adapter_dir) if adapter_dir and adapter_dir.exists() else 0,
         "fit_seconds": round(fit_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
     }

@@ -86,11 +86,16 @@ def test_spec_scaling_and_lora_config() -> None:
 
 
 # ---------------------------------------------------------------- injection
-def test_target_that_matches_nothing_lists_existing_layers() -> None:
+def test_targets_that_match_nothing_list_existing_layers() -> None:
     with pytest.raises(UserError) as info:
-        inject_adapter(_model(), AdapterSpec().lora_config(["to_q", "to_v"]), where="denoiser")
+        inject_adapter(_model(), AdapterSpec().lora_config(["to_v", "to_w"]), where="denoiser")
     msg = str(info.value)
-    assert "'to_v'" in msg and "denoiser" in msg and "to_qkv x2" in msg and "to_out x4" in msg
+    assert "['to_v', 'to_w'] match no module in denoiser" in msg and "to_qkv x2" in msg and "to_out x4" in msg
+    # one target list for several families: the listed targets that match nothing are named in a warning
+    with pytest.warns(UserWarning, match=r"adapter targets \['to_v'\] match no module in denoiser; LoRA goes into "
+                                         r"\['to_q'\]"):
+        peft = inject_adapter(_model(), AdapterSpec().lora_config(["to_q", "to_v"]), where="denoiser")
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft.named_parameters() if ".lora_A." in n} == {"to_q"}
 
 
 def test_target_on_unsupported_layer_type_is_refused() -> None:

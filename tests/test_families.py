@@ -37,6 +37,7 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from lightning_lora.adapters import AdapterSpec, load_lora_weights, merge_adapter, merge_lora_weights, unmerge_adapter
+from lightning_lora.adapters.io import is_submodule_dir
 from lightning_lora.module import LoRAAdaptationModule
 from lightning_lora.strategies import BlockMatcher, block_names
 from lightning_lora.train import run
@@ -101,8 +102,7 @@ def _reloaded(case: FamilyCase, run: Trained) -> tuple[Any, dict[str, Any]]:
     head = _fresh_head(run)
     final = run.dir / "adapters" / "final"
     subs = head.adaptable_submodules()
-    pefts = {p.name: load_lora_weights(subs[p.name], p) for p in sorted(final.iterdir())
-             if (p / "adapter_config.json").is_file()}
+    pefts = {p.name: load_lora_weights(subs[p.name], p) for p in sorted(final.iterdir()) if is_submodule_dir(p)}
     return head, pefts
 
 
@@ -143,7 +143,7 @@ def test_frozen_base_weights_are_unchanged(case: FamilyCase, trained: Trained) -
 @pytest.mark.parametrize("case", ROWS)
 def test_saved_adapter_reloads_to_the_same_outputs(case: FamilyCase, trained: Trained) -> None:
     final = trained.dir / "adapters" / "final"
-    saved = sorted(p.name for p in final.iterdir() if (p / "adapter_config.json").is_file())
+    saved = sorted(p.name for p in final.iterdir() if is_submodule_dir(p))  # not the embedders' whole-model dir
     assert saved == sorted(case.adapted)
     fresh = _fresh_head(trained)
     base = _probe(case, fresh, trained.fixtures)

@@ -85,7 +85,7 @@ def test_run_in_process_trains_and_writes_a_loadable_adapter(fast_cfg, tiny_bert
         (["adapter.r=2.5"], "adapter.r=2.5 must be a positive integer"),
         (["adapter.alpha=-1"], "adapter.alpha=-1.0 must be > 0"),
         (["adapter.dropout=1.5"], "adapter.dropout=1.5 is outside [0, 1)"),
-        (["adapter.targets=[query,valeu]"], "adapter target 'valeu' matches no module in embedding.encoder; layers"),
+        (["adapter.targets=[valeu]"], "adapter target 'valeu' matches no module in embedding.encoder; layers"),
         (["model.pretrained=/nonexistent/model"], "model.pretrained: no such model folder: /nonexistent/model"),
         (["data=pairs", "data.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
         (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt: no checkpoint"),
@@ -137,6 +137,9 @@ def test_cli_run_directory_and_resume(tmp_path, tiny_bert, cache_dir) -> None:
     assert events
     adapters = {f"adapters/{d}/encoder/{f}" for d in ("step_0000002", "step_0000004", "final")
                 for f in ("adapter_config.json", "adapter_model.safetensors")}
+    # the embedders' whole-model PEFT export beside the per-submodule ones
+    adapters |= {f"adapters/{d}/model/{f}" for d in ("step_0000002", "step_0000004", "final")
+                 for f in ("adapter_config.json", "adapter_model.safetensors", "whole_model.json")}
     assert files - events == {
         ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log",
         "config.yaml", "command.txt", "model_summary.txt", "metrics.json", "environment.json",

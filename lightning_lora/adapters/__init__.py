@@ -37,6 +37,7 @@ from lightning_lora.adapters.io import (
     read_tensor_file,
     save_adapter_file,
     save_peft_dir,
+    save_whole_model_dir,
 )
 from lightning_lora.adapters.merge import merge_adapter, merge_and_unload, set_adapter_scale, unmerge_adapter
 from lightning_lora.adapters.spec import AdapterSpec
@@ -80,6 +81,7 @@ __all__ = [
     "save_lora_state_dict",
     "save_lora_weights",
     "save_peft_dir",
+    "save_whole_model_dir",
     "set_adapter_scale",
     "spatial_conv_targets",
     "unmerge_adapter",

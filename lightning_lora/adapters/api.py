@@ -32,6 +32,7 @@ from lightning_lora.adapters.io import (
     FSDP_WRAPPED,
     adapter_source,
     describes_itself,
+    is_submodule_dir,
     load_adapter_state,
     read_adapter_file,
     read_peft_dir,
@@ -96,7 +97,7 @@ def _one_part(path: Path) -> Path:
     several, the caller must say which (one model takes one adapter here)."""
     if not path.is_dir() or (path / CONFIG_NAME).is_file():
         return path
-    parts = sorted(d for d in path.iterdir() if (d / CONFIG_NAME).is_file())
+    parts = sorted(d for d in path.iterdir() if is_submodule_dir(d))
     if len(parts) > 1:
         raise UserError(f"{path} holds adapters for {[d.name for d in parts]}; give one of them, e.g. {parts[0]}")
     return parts[0] if parts else path

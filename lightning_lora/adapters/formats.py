@@ -36,6 +36,7 @@ from lightning_lora.adapters.io import (
     adapter_source,
     config_dict,
     describes_itself,
+    is_submodule_dir,
     read_adapter_file,
     read_peft_dir,
     read_tensor_file,
@@ -139,7 +140,7 @@ def read_lora(path: str | os.PathLike) -> LoraSet:
 
 def snapshot_parts(path: Path) -> list[Path]:
     """The PEFT directories of a run's adapter snapshot (``adapters/final/<submodule>/``), by submodule name."""
-    return sorted(d for d in path.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file())
+    return sorted(d for d in path.iterdir() if is_submodule_dir(d))
 
 
 def _read_snapshot(path: Path) -> LoraSet:

@@ -40,24 +40,29 @@ def layer_names_summary(model: nn.Module, limit: int = 30) -> str:
     return ", ".join(parts) + (f", ... ({more} more)" if more > 0 else "")
 
 
-def check_targets(model: nn.Module, targets: list[str] | str, where: str) -> None:
-    """Raise a one-line UserError for each target that matches nothing or matches an unsupported layer."""
+def check_targets(model: nn.Module, targets: list[str] | str, where: str) -> list[str]:
+    """The listed targets that match no module in ``model`` (allowed: one target list may serve several model
+    families, e.g. ``[q_proj, v_proj, query, value]`` for CLIP and BERT alike). A one-line UserError when none of
+    them matches, or when a target matches only layers LoRA cannot wrap."""
     if isinstance(targets, str):  # a regex or "all-linear": PEFT's own semantics, checked by PEFT
-        return
+        return []
+    targets = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)  # PEFT keeps a set
     named = [(n, m) for n, m in model.named_modules() if n]
+    unmatched = []
     for target in targets:
         hits = [(n, m) for n, m in named if matches_target(n, target)]
         if not hits:
-            raise UserError(
-                f"adapter target {target!r} matches no module in {where}; layers there: "
-                f"{layer_names_summary(model)}"
-            )
-        if not any(_is_lora_layer_type(m) for _, m in hits):
+            unmatched.append(target)
+        elif not any(_is_lora_layer_type(m) for _, m in hits):
             n, m = hits[0]
             raise UserError(
                 f"adapter target {target!r} in {where} matches '{n}' ({type(m).__name__}), which LoRA cannot "
                 f"wrap; target its Linear/Conv layers instead: {layer_names_summary(m)}"
             )
+    if targets and len(unmatched) == len(targets):
+        named_targets = f"target {unmatched[0]!r} matches" if len(unmatched) == 1 else f"targets {unmatched} match"
+        raise UserError(f"adapter {named_targets} no module in {where}; layers there: {layer_names_summary(model)}")
+    return unmatched
 
 
 def spatial_conv_targets(model: nn.Module, targets: list[str]) -> list[str]:
@@ -139,7 +144,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, where: str = "model") -
     The module object itself is modified (its target layers become LoRA layers), so code that holds
     ``model`` keeps working; the returned ``PeftModel`` wraps that same object.
     """
-    check_targets(model, config.target_modules, where)
+    if unmatched := check_targets(model, config.target_modules, where):
+        matched = sorted(t for t in config.target_modules if t not in unmatched)
+        warnings.warn(f"adapter targets {unmatched} match no module in {where}; LoRA goes into {matched} there",
+                      UserWarning, stacklevel=2)
     model.requires_grad_(False)
     return get_peft_model(model, config)
 

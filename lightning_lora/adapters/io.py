@@ -226,6 +226,54 @@ def save_peft_dir(peft_model: PeftModel, directory: str | os.PathLike, *, base_m
     return Path(directory)
 
 
+#: marks a snapshot's whole-model PEFT directory (``<snapshot>/model/``): not one more submodule's adapter
+WHOLE_MODEL_MARK = "whole_model.json"
+
+
+def is_submodule_dir(directory: Path) -> bool:
+    """A snapshot's PEFT directory for one submodule (not its whole-model export)."""
+    return directory.is_dir() and (directory / CONFIG_NAME).is_file() and not (directory / WHOLE_MODEL_MARK).is_file()
+
+
+def save_whole_model_dir(adapters: Mapping[str, PeftModel], prefixes: Mapping[str, str],
+                         directory: str | os.PathLike, *, base_model: str | None = None,
+                         adapter_name: str = "default") -> Path:
+    """The submodules' adapters as ONE PEFT directory of the model they are parts of, for
+    ``PeftModel.from_pretrained(<whole model>, directory)``: ``prefixes[sub]`` is where submodule ``sub`` sits in
+    that model (``""`` when its module names already are the whole model's). Targets are the adapted layers' full
+    names (a short name such as ``dense`` would also hit layers of the whole model that were never trained, e.g. a
+    pooler); ranks and alphas that differ per submodule go into ``rank_pattern``/``alpha_pattern``."""
+    from peft.tuners.lora import LoraLayer
+
+    state: Tensors = {}
+    targets: list[str] = []
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    keep: set[str] = set()
+    first = next(iter(adapters.values())).peft_config[adapter_name]
+    for sub, peft_model in adapters.items():
+        prefix = prefixes[sub]
+        for key, value in adapter_state(peft_model).items():
+            state["base_model.model." + prefix + key.removeprefix("base_model.model.")] = value
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                full = prefix + name
+                targets.append(full)
+                if module.r[adapter_name] != first.r:
+                    ranks[re.escape(full)] = module.r[adapter_name]
+                if module.lora_alpha[adapter_name] != first.lora_alpha:
+                    alphas[re.escape(full)] = module.lora_alpha[adapter_name]
+        keep.update(prefix + m for m in peft_model.peft_config[adapter_name].modules_to_save or [])
+    data = config_dict(first, base_model)
+    data.update(target_modules=sorted(targets), rank_pattern=ranks, alpha_pattern=alphas,
+                modules_to_save=sorted(keep) or None)
+    with atomic_directory(directory) as tmp:
+        atomic_write_bytes(tmp / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
+        atomic_write_text(tmp / WHOLE_MODEL_MARK, json.dumps({"submodules": dict(prefixes)}, indent=2))
+    return Path(directory)
+
+
 def read_peft_dir(directory: str | os.PathLike) -> tuple[LoraConfig, Tensors]:
     directory = Path(directory)
     if not directory.is_dir():
@@ -346,7 +394,7 @@ def adapter_source(path: str | os.PathLike, key: str = "") -> Path:
     resolved = hub.resolve(path, key=key, allow_patterns=ADAPTER_FILES)
     if resolved.is_dir() and not (resolved / CONFIG_NAME).is_file():
         files = sorted(resolved.glob("*.safetensors"))
-        subdirs = [d for d in resolved.iterdir() if (d / CONFIG_NAME).is_file()]
+        subdirs = [d for d in resolved.iterdir() if is_submodule_dir(d)]
         if len(files) == 1 and not subdirs and files[0].name != WEIGHTS_NAME:
             return files[0]
     return resolved
@@ -365,7 +413,7 @@ def read_adapters(path: str | os.PathLike) -> tuple[dict[str, tuple[LoraConfig, 
         return {sub: (configs[sub], states[sub]) for sub in configs}, meta["family"]
     if (path / CONFIG_NAME).is_file():
         return {"": read_peft_dir(path)}, ""
-    subdirs = sorted(d for d in path.iterdir() if (d / CONFIG_NAME).is_file()) if path.is_dir() else []
+    subdirs = sorted(d for d in path.iterdir() if is_submodule_dir(d)) if path.is_dir() else []
     if not subdirs:
         raise UserError(
             f"no adapter at {path}: expected a .safetensors adapter file, a PEFT directory ({CONFIG_NAME} + "

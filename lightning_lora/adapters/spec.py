@@ -35,6 +35,9 @@ class AdapterSpec:
     submodule name to its own list (``{unet: [to_q, to_v], text_encoder: [q_proj]}``).
     """
 
+    #: false: no LoRA; the adapted submodules are trained whole (full fine-tuning, the baseline LoRA is compared
+    #: against), through the same module, checkpoints and snapshots (full weights then)
+    enabled: bool = True
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -64,7 +67,7 @@ class AdapterSpec:
             raise UserError(f"adapter.dropout={self.dropout} is outside [0, 1); use e.g. 0.0 or 0.05")
         choice(self.init, "adapter.init", INITS)
         choice(self.bias, "adapter.bias", BIASES)
-        for flag in ("rslora", "dora"):
+        for flag in ("enabled", "rslora", "dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise UserError(f"adapter.{flag}={getattr(self, flag)!r} must be true or false")
         self.targets = _targets(self.targets)
@@ -76,6 +79,9 @@ class AdapterSpec:
         if self.conv_alpha is not None:
             self.conv_alpha = _positive_float("adapter.conv_alpha", self.conv_alpha)
         self.per_submodule = _per_submodule(self.per_submodule)
+        if self.init_from is not None and not self.enabled:
+            raise UserError(f"adapter.init_from={self.init_from} starts a LoRA adapter, but adapter.enabled=false "
+                            "trains the whole model from the base weights; drop one of them")
         if self.init_from is not None:
             from lightning_lora import hub
 

@@ -28,6 +28,9 @@ from torch import nn
 
 from lightning_lora.errors import UserError
 
+#: a full fine-tuning snapshot's weights (``TaskHead.export_full_weights``' default)
+FULL_WEIGHTS = "full_weights.safetensors"
+
 
 @dataclass
 class StepOutput:
@@ -120,6 +123,20 @@ class TaskHead(nn.Module, abc.ABC):
         ``lora_ckpts/``). Returns the files written.
         """
         return []
+
+    def export_full_weights(self, snapshot: Path, submodules: list[str]) -> list[Path]:
+        """Write a snapshot of a full fine-tuning run (``adapter.enabled=false``): the trained ``submodules`` whole.
+
+        Default: ``full_weights.safetensors`` with every tensor of those submodules, keyed ``<submodule>.<name>``;
+        a family may write its own loadable format instead (the embedding head: a transformers model folder)."""
+        from safetensors.torch import save
+
+        from lightning_lora.fileio import atomic_write_bytes
+
+        available = self.adaptable_submodules()
+        tensors = {f"{sub}.{k}": v.detach().cpu().contiguous()
+                   for sub in submodules for k, v in available[sub].state_dict().items()}
+        return [atomic_write_bytes(snapshot / FULL_WEIGHTS, save(tensors))]
 
     # ------------------------------------------------------------------ class-level hooks for shared tools
     @classmethod

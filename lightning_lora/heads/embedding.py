@@ -19,13 +19,25 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, RetrievalRecall
 
+from lightning_lora.adapters import save_whole_model_dir
 from lightning_lora.checks import optional_positive_int
 from lightning_lora.errors import UserError
+from lightning_lora.fileio import atomic_directory
 from lightning_lora.heads.base import StepOutput, TaskHead
-from lightning_lora.models.embedders import Embedder, TextEmbedder, item_key, pool  # noqa: F401 (pool: re-export)
+from lightning_lora.models.embedders import (  # noqa: F401 (pool: re-export)
+    Embedder,
+    TextEmbedder,
+    item_key,
+    pool,
+    quiet_transformers,
+)
+
+#: a snapshot's whole-model export: a PEFT directory of the whole AutoModel (LoRA), or the model folder (full)
+WHOLE_MODEL_DIR = "model"
 
 
 def info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float | torch.Tensor,
@@ -215,6 +227,7 @@ class EmbeddingHead(TaskHead):
         gradient_cache: dict[str, Any] | None = None,
         embedder: Embedder | None = None,
         vision: bool = False,
+        dtype: str | None = None,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -227,10 +240,10 @@ class EmbeddingHead(TaskHead):
                 raise UserError("model.pretrained is required: pass model.pretrained=<local Hugging Face model folder>")
             try:
                 embedder = TextEmbedder(pretrained, pooling, query_prefix, doc_prefix, query_max_length,
-                                        doc_max_length, {"encoder": list(targets)}, config_overrides, name)
+                                        doc_max_length, {"encoder": list(targets)}, config_overrides, name, dtype)
             except UserError as e:
-                raise UserError(f"model.{e}" if str(e).startswith(("pooling=", "query_max", "doc_max")) else str(e)
-                                ) from None
+                raise UserError(f"model.{e}" if str(e).startswith(("pooling=", "query_max", "doc_max"))
+                                else str(e)) from None
         self.embedder = embedder
         if vision and not embedder.vision_names:
             raise UserError(f"model.vision=true but the {embedder.family} embedder has no vision tower")
@@ -256,6 +269,24 @@ class EmbeddingHead(TaskHead):
 
     def enable_gradient_checkpointing(self) -> None:
         self.embedder.enable_gradient_checkpointing()
+
+    def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
+                        run_dir: Path | None = None) -> list[Path]:
+        """Beside the per-submodule PEFT directories, ``model/``: every adapter as ONE PEFT directory of the whole
+        transformers model, so ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), "<snapshot>/model")``
+        loads it (vembed-factory's and HF Trainer's ``checkpoint-N/``)."""
+        if not adapters:
+            return []
+        prefixes = self.embedder.submodule_prefixes()
+        return [save_whole_model_dir(adapters, {sub: prefixes[sub] for sub in adapters}, snapshot / WHOLE_MODEL_DIR,
+                                     base_model=self.embedder.source)]
+
+    def export_full_weights(self, snapshot: Path, submodules: list[str]) -> list[Path]:
+        """A full fine-tuning snapshot: ``model/``, the whole trained model as a transformers folder (tokenizer and
+        processor files too) that ``AutoModel.from_pretrained`` and ``Predictor(run_dir)`` load."""
+        with atomic_directory(snapshot / WHOLE_MODEL_DIR) as tmp, quiet_transformers():
+            self.embedder.save_pretrained(tmp)
+        return [snapshot / WHOLE_MODEL_DIR]
 
     @classmethod
     def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:

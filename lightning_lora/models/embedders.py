@@ -253,7 +253,7 @@ def checkpoint_activations(model: nn.Module) -> None:
 def _dtype_kwargs(dtype: str | None) -> dict[str, Any]:
     if dtype is None:
         return {}
-    choice(dtype, "dtype", ("float32", "bfloat16", "float16", "auto"), hint=" (or null for the default)")
+    choice(dtype, "model.dtype", ("float32", "bfloat16", "float16", "auto"), hint=" (or null for the default)")
     return {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
 
 
@@ -330,6 +330,12 @@ class Embedder(nn.Module):
     def hf_model(self) -> nn.Module:
         """The transformers model whose ``save_pretrained`` folder ``AutoModel.from_pretrained`` loads back."""
         raise NotImplementedError
+
+    def submodule_prefixes(self) -> dict[str, str]:
+        """Where each adaptable submodule sits in ``AutoModel.from_pretrained(folder)`` (its module-name prefix):
+        ``""`` when the submodule's module names already are the whole model's (a text encoder is the whole
+        model; CLIP's towers carry the ``CLIPModel``'s own names)."""
+        return dict.fromkeys(self.adaptable_submodules(), "")
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write the model as it is now (LoRA merged beforehand, if any) plus the base folder's tokenizer and
@@ -664,6 +670,9 @@ class Qwen3VLEmbedder(Embedder):
 
     def adaptable_submodules(self) -> dict[str, nn.Module]:
         return {"language": self.model.language_model, "vision": self.model.visual}
+
+    def submodule_prefixes(self) -> dict[str, str]:
+        return {"language": "language_model.", "vision": "visual."}  # Qwen3VLModel's attribute names
 
     # ------------------------------------------------------------ prompt
     def prompt(self, x: EmbedInput, role: str, image_tokens: int = 0, text: str | None = None) -> str:
