@@ -58,6 +58,9 @@ from lightning_lora.heads.base import StepOutput, TaskHead
 HERE = Path(__file__).resolve().parent
 CONF = HERE.parent / "conf" / "model"
 ADAPTER = {"r": 16, "alpha": 32}  # conf/adapter/r16.yaml
+# --scale tiny: the tiny models' narrowest targeted layers are 16 wide (Qwen3-VL's k_proj), and a rank must stay
+# below a layer's smaller side
+TINY_ADAPTER = {"r": 8, "alpha": 16}
 MODELS = ("sd15", "trellis_ss", "trellis_slat", "qwen3_vl_2b")
 LABELS = {"sd15": "SD 1.5 UNet", "trellis_ss": "TRELLIS-L sparse-structure flow",
           "trellis_slat": "TRELLIS-L structured-latent flow", "qwen3_vl_2b": "Qwen3-VL-2B (shape)"}
@@ -289,12 +292,12 @@ def build(model: str, tiny: bool, batch: int, device: str, frozen_dtype: str | N
     return head, inputs, what
 
 
-def prepare(head: TaskHead, mode: str, checkpointing: bool) -> nn.Module:
+def prepare(head: TaskHead, mode: str, checkpointing: bool, adapter: dict[str, int] = ADAPTER) -> nn.Module:
     """The module whose trainable parameters the optimizer steps: LoRA via the project's module, or full."""
     if mode == "lora":
         from lightning_lora.module import LoRAAdaptationModule
 
-        return LoRAAdaptationModule(head, ADAPTER, gradient_checkpointing=checkpointing)
+        return LoRAAdaptationModule(head, adapter, gradient_checkpointing=checkpointing)
     head.requires_grad_(False)
     for name in head.default_submodules():
         head.adaptable_submodules()[name].requires_grad_(True)
@@ -377,7 +380,8 @@ def run_job(job: dict[str, Any], builders: Mapping[str, Builder] | None = None) 
     try:
         head, batch, inputs = build(job["model"], job["scale"] == "tiny", job["batch"], device, frozen, builders)
         params, full_trainable = parameter_counts(head)
-        module = prepare(head, job["mode"], job["checkpointing"]).to(device)
+        adapter = TINY_ADAPTER if job["scale"] == "tiny" else ADAPTER
+        module = prepare(head, job["mode"], job["checkpointing"], adapter).to(device)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
         rss_built = current_rss()
@@ -416,7 +420,8 @@ def run_here(job: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- report
 def row(r: dict[str, Any]) -> str:
-    mode = f"LoRA r={ADAPTER['r']}" if r["mode"] == "lora" else "full"
+    rank = (TINY_ADAPTER if r.get("scale") == "tiny" else ADAPTER)["r"]
+    mode = f"LoRA r={rank}" if r["mode"] == "lora" else "full"
     first = f"| {LABELS[r['model']]} | {r.get('inputs', '')} | {mode} | {'on' if r['checkpointing'] else 'off'} | " \
             f"{r['batch']} |"
     if r["status"] != "ok":
