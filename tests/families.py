@@ -119,10 +119,11 @@ CASES = (
     FamilyCase("qwen3_vl_tiny", "embedding", lambda _: ["model=qwen3_vl_tiny", "model.vision=true"],
                ("data=digits_retrieval", "data.num_images=48", "data.batch_size=8"),
                lambda f: image_text_batch(f["pictures"]), _embedding_probe, ("language", "vision"),
-               fixtures=("pictures",)),
+               fixtures=("pictures",), slow_ddp=True),  # DDP with a vision tower: clip_tiny's row runs it by default
     FamilyCase("sd_tiny", "diffusion", lambda _: ["model=sd_tiny"],
                ("data=digits", "data.num_images=40", "data.batch_size=4"),
-               lambda _: next(iter(image_batches(n=4, batch_size=4))), _sd_probe, ("unet",)),
+               lambda _: next(iter(image_batches(n=4, batch_size=4))), _sd_probe, ("unet",),
+               slow_ddp=True),  # DDP over a latent-diffusion head: lbm_tiny's row runs it by default
     # webdataset shards: DDP needs samples_per_epoch (each process streams its share)
     FamilyCase("lbm_tiny", "diffusion", lambda _: ["model=lbm_tiny"],
                ("data=digits_pairs", "data.num_images=40", "data.batch_size=4", "data.samples_per_epoch=32"),

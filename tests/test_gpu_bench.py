@@ -57,6 +57,7 @@ def test_tiny_scale_times_every_model_on_cpu(tmp_path) -> None:
     assert "all in one process" in out.read_text()
 
 
+@pytest.mark.slow  # the one-process smoke above covers the code; this adds only the child process
 def test_tiny_configuration_in_a_child_process(tmp_path) -> None:
     out = tmp_path / "results.md"
     args = ["--device", "cpu", "--scale", "tiny", "--steps", "1", "--warmup", "0", "--models", "trellis_slat",
