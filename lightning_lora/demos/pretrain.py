@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", type=int, default=0, metavar="N",
+                        help="then draw N samples per digit (plain and red prompts) and print the judge's shares")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     import torch
@@ -46,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(user_message(err), file=sys.stderr)
         return 2
-    print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)")
+    print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
+    if args.judge:
+        from lightning_lora.demos.sd_demo import judge_base
+
+        for style in ("plain", "red"):
+            scores = judge_base(path, style, args.judge)
+            print(f"judge, {args.judge} samples per digit, {style} prompts: digit accuracy "
+                  f"{scores['digit_accuracy']:.2f}, {style} style share {scores['value']:.2f}", flush=True)
     return 0
 
 

@@ -97,3 +97,11 @@ class DigitStyleMeasure:
         grid = images.view(len(digits), self.seeds, *images.shape[1:])[:, :self.shown]
         return {"metric": f"{self.style} style share (judge)", "value": scores["style_share"],
                 "digit_accuracy": scores["digit_accuracy"], "images": grid}
+
+
+def judge_base(path: str | Path, style: str, seeds_per_digit: int = 10) -> dict[str, Any]:
+    """:class:`DigitStyleMeasure` on the base folder at ``path`` (no adapter), through the demo's own head."""
+    from lightning_lora.heads.diffusion import DiffusionHead
+
+    head = DiffusionHead(pretrained=str(path), resolution=16).eval()
+    return DigitStyleMeasure(style, seeds_per_digit)(head)
