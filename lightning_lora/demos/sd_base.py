@@ -2,8 +2,8 @@
 digits in the ``plain`` style, captioned "a handwritten digit 3", so that it draws the requested digit.
 
 Recipe (deterministic on one machine: fixed seeds, fixed data order, single-threaded data):
-1. the VAE as an autoencoder (L1 + a small KL) on the digits at 16 px; its ``scaling_factor`` is then set so the
-   latents have unit variance (as SD's 0.18215 does for its own VAE);
+1. the VAE as an autoencoder (L1 + a small KL) on the digits at 16 px in every style (a codec, not the generator);
+   its ``scaling_factor`` is then set so the latents have unit variance (as SD's 0.18215 does for its own VAE);
 2. the UNet and the text encoder together with SD's own objective (epsilon, scaled-linear DDPM noise), captions
    dropped to "" 10% of the time so that classifier-free guidance works.
 The result is written atomically as a real diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads it).
@@ -56,6 +56,9 @@ def train_base(vae_steps: int = 300, unet_steps: int = 1500, seed: int = 0, log=
     pipe = build_tiny_pipeline(seed)
     pipe.vae = small_vae(seed)
     pixels, labels = digit_tensors("plain")
+    # The VAE is a general image codec (as SD's, trained on all images): it sees both styles, or it could not carry
+    # a colour the UNet never saw (a grey-only decoder paints every latent grey). The UNet sees plain digits only.
+    codec_pixels = torch.cat([pixels, digit_tensors("red")[0]])
     g = torch.Generator().manual_seed(seed)
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
 
@@ -64,8 +67,8 @@ def train_base(vae_steps: int = 300, unet_steps: int = 1500, seed: int = 0, log=
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     start = time.perf_counter()
     for step in range(vae_steps):
-        idx = torch.randint(0, len(pixels), (16,), generator=g)
-        x = pixels[idx]
+        idx = torch.randint(0, len(codec_pixels), (16,), generator=g)
+        x = codec_pixels[idx]
         dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
         recon = vae.decode(z).sample
