@@ -67,7 +67,7 @@ def test_two_step_demo_writes_the_adaptation_block_and_diffusers_draws_the_same(
     assert Image.open(out / "samples" / "before_after.png").size == (2 * 18 - 2, 20 * 18 - 2)
 
     # the round trip: plain diffusers with the exported file draws what our sampler draws
-    head, prompt = objects["head"], "a red handwritten digit 3"
+    head, prompt = objects["head"], "a handwritten digit 3 in red"
     ours = head.sample([prompt], [0], num_inference_steps=4, guidance_scale=3.0)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

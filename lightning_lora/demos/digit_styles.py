@@ -17,9 +17,11 @@ INK = {"plain": (0.0, 0.0, 0.0), "red": (0.85, 0.0, 0.0)}
 
 
 def styled_caption(label: int, style: str) -> str:
-    """"a handwritten digit 3" (the digits demo's caption) or "a red handwritten digit 3"."""
+    """"a handwritten digit 3" (the digits demo's caption) or "a handwritten digit 3 in red": the style after the
+    digit, so the byte-level, causal text encoder sees the digit at the place the base learned it (measured: "a red
+    handwritten digit 3" kept the digit in 10% of samples)."""
     choice(style, "style", STYLES)
-    return f"a handwritten digit {label}" if style == "plain" else f"a {style} handwritten digit {label}"
+    return f"a handwritten digit {label}" if style == "plain" else f"a handwritten digit {label} in {style}"
 
 
 def draw_styled(pixels: np.ndarray, size: int, style: str) -> Image.Image:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("family", choices=sorted(BASES))
     parser.add_argument("--out", type=Path, default=None, help="the base's folder (default: under the cache)")
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", type=int, default=0, metavar="N",
                         help="then draw N samples per digit (plain and red prompts) and print the judge's shares")

@@ -49,7 +49,7 @@ def small_vae(seed: int = 0):
     )
 
 
-def train_base(vae_steps: int = 300, unet_steps: int = 1500, seed: int = 0, log=print):
+def train_base(vae_steps: int = 300, unet_steps: int = 3000, seed: int = 0, log=print):
     """The trained pipeline (see the module's recipe)."""
     from lightning_lora.models.sd_tiny import build_tiny_pipeline
 
@@ -123,7 +123,7 @@ def train_base(vae_steps: int = 300, unet_steps: int = 1500, seed: int = 0, log=
     return pipe
 
 
-def ensure_sd_digits_base(path: str | os.PathLike, vae_steps: int = 300, unet_steps: int = 1500, seed: int = 0,
+def ensure_sd_digits_base(path: str | os.PathLike, vae_steps: int = 300, unet_steps: int = 3000, seed: int = 0,
                           log=print) -> str:
     """The base's folder at ``path``, trained and written (atomically) the first time."""
     path = Path(path).expanduser()

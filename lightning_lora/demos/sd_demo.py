@@ -30,7 +30,7 @@ def write_styled_digits(root: str | Path, style: str, num_images: int | None, im
     choice(style, "data.style", STYLES)
     optional_positive_int(num_images, "data.num_images", got=True)
     positive_int(image_size, "data.image_size", got=True)
-    folder = Path(root).expanduser().resolve() / f"{style}_n{num_images or 'all'}_s{image_size}"
+    folder = Path(root).expanduser().resolve() / f"{style}_n{num_images or 'all'}_s{image_size}_c2"  # c2: captions
     if (folder / METADATA_FILE).is_file():
         return folder
     digits = load_digits()
@@ -46,7 +46,7 @@ def write_styled_digits(root: str | Path, style: str, num_images: int | None, im
 
 
 class StyledDigitsDataModule(pl.LightningDataModule):
-    """sklearn's digits in ``style`` captioned "a red handwritten digit 3", read as an image folder."""
+    """sklearn's digits in ``style`` captioned "a handwritten digit 3 in red", read as an image folder."""
 
     batch_kind: ClassVar[str] = CAPTIONED_IMAGES
 
