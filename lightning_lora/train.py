@@ -32,6 +32,7 @@ from omegaconf.errors import InterpolationResolutionError
 from lightning_lora import hub
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
+from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
 from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.config_checks import check_config, check_resume_fits
@@ -421,12 +422,17 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
         "fit_seconds": round(fit_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
     }
+    adaptation = next((cb.result for cb in trainer.callbacks if isinstance(cb, AdaptationReport) and cb.result), None)
+    if adaptation:  # a figure other than the loss, before and after (callbacks/adaptation.py)
+        metrics["adaptation"] = adaptation
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         _print(f"Adapter: {adapter_dir}")
         _print(f"Run directory: {output_dir}")
         if after:  # last, after every progress bar: the run's result is the last thing on the console
             _print(comparison_table(before, after))
+        if adaptation:
+            _print(report_line(adaptation))
     objects = {"cfg": cfg, "datamodule": datamodule, "head": head, "module": module, "trainer": trainer}
     return metrics, objects
 

@@ -2,6 +2,7 @@
 guard, a stop for an epoch that yields no batch, a checkpoint on SIGTERM, exact mid-epoch resume (generator states,
 data order), and the console (a progress bar of steps, no third-party noise)."""
 
+from lightning_lora.callbacks.adaptation import AdaptationReport
 from lightning_lora.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_lora.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.callbacks.console import StepProgressBar, quiet_lightning
@@ -11,5 +12,6 @@ from lightning_lora.callbacks.preemption import PreemptionCheckpoint
 from lightning_lora.callbacks.resume_state import ExactResume
 from lightning_lora.callbacks.sample_previews import SamplePreviews
 
-__all__ = ["AdapterCheckpoint", "AtomicCheckpointIO", "EmptyEpochGuard", "ExactResume", "NanGuard", "NoTrainingBatch",
+__all__ = ["AdaptationReport", "AdapterCheckpoint",
+           "AtomicCheckpointIO", "EmptyEpochGuard", "ExactResume", "NanGuard", "NoTrainingBatch",
            "PreemptionCheckpoint", "SamplePreviews", "StepProgressBar", "TrainingDiverged", "quiet_lightning"]

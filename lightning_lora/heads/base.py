@@ -106,6 +106,11 @@ class TaskHead(nn.Module, abc.ABC):
         """Pictures of what the model makes now, [rows, cols, 3, H, W] in [0, 1] (None: nothing to show)."""
         return None
 
+    def adaptation_measure(self) -> dict[str, Any] | None:
+        """A figure independent of the loss, read before and after training by ``callbacks.AdaptationReport``
+        when its config names no measure: ``{metric, value, images?, ...}`` (see there); None: nothing to report."""
+        return None
+
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory; must keep LoRA gradients flowing (non-reentrant checkpointing)."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")

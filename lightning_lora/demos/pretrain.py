@@ -1,0 +1,63 @@
+"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd [--out PATH] [--vae-steps N] ...``.
+
+The base is written (atomically) under the cache folder the demo experiments read (``$LIGHTNING_LORA_CACHE`` or
+``~/.cache/lightning_lora``), and reused when it is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning_lora.errors import UserError, user_message
+
+#: family -> the folder name of its base under the cache
+BASES = {"sd": "sd_digits_base"}
+
+
+def cache_dir() -> Path:
+    """The same folder as ``conf/paths``' ``cache_dir``."""
+    return Path(os.environ.get("LIGHTNING_LORA_CACHE") or Path(os.environ.get("HOME", ".")) / ".cache/lightning_lora")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_lora.demos.pretrain", description=__doc__)
+    parser.add_argument("family", choices=sorted(BASES))
+    parser.add_argument("--out", type=Path, default=None, help="the base's folder (default: under the cache)")
+    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", type=int, default=0, metavar="N",
+                        help="then draw N samples per digit (plain and red prompts) and print the judge's shares")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or cache_dir() / BASES[args.family]
+    start = time.perf_counter()
+    try:
+        from lightning_lora.demos.sd_base import ensure_sd_digits_base
+
+        path = ensure_sd_digits_base(out, args.vae_steps, args.unet_steps, args.seed,
+                                     log=lambda line: print(line, flush=True))
+    except UserError as err:
+        print(user_message(err), file=sys.stderr)
+        return 2
+    print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
+    if args.judge:
+        from lightning_lora.demos.sd_demo import judge_base
+
+        for style in ("plain", "red"):
+            scores = judge_base(path, style, args.judge)
+            print(f"judge, {args.judge} samples per digit, {style} prompts: digit accuracy "
+                  f"{scores['digit_accuracy']:.2f}, {style} style share {scores['value']:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
