@@ -60,6 +60,14 @@ def tiny_base(path: str, *, _parent_: DictConfig) -> str:
         return str(get_class(str(target)).build_tiny(Path(path).expanduser(), _parent_))
 
 
+def built_base(path: str, command: str) -> str:
+    """``${built:PATH,COMMAND}``: ``PATH`` when it exists; else one line saying which command builds it once (a
+    demo base that takes minutes to train is built on purpose, not on first use as the tiny stand-ins are)."""
+    if not Path(path).expanduser().exists():
+        raise UserError(f"{path} is not built yet: build it once with `{command}` (it is cached there after)")
+    return str(path)
+
+
 def cadence(total: int, count: int) -> int:
     """``${cadence:TOTAL,COUNT}``: the interval that saves ``COUNT`` times over a run of ``TOTAL`` steps (or epochs),
     at least 1, so a preset's save cadence stays proportional when the run is made longer or shorter."""
@@ -73,7 +81,8 @@ def cadence(total: int, count: int) -> int:
 def register_resolvers() -> None:
     from lightning_lora.rundir import fresh_dir
 
-    for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base), ("cadence", cadence)):
+    for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base), ("cadence", cadence),
+                           ("built", built_base)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     if not OmegaConf.has_resolver("fresh_dir"):

@@ -60,8 +60,9 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 
 def _is_instantiation(exc: BaseException) -> bool:
-    # Hydra's wrapper, told by name so that this module needs no hydra import
-    return any(cls.__name__ == "InstantiationException" for cls in type(exc).__mro__)
+    # Hydra's wrapper, or OmegaConf's around a resolver's error (``${built:...}``), told by name so that this module
+    # needs no hydra or omegaconf import
+    return any(cls.__name__ in ("InstantiationException", "InterpolationResolutionError") for cls in type(exc).__mro__)
 
 
 def find_user_error(exc: BaseException) -> UserError | None:

@@ -96,3 +96,11 @@ def test_full_demo_moves_the_judged_style(tmp_path):
     assert block["before"] <= 0.1 and block["after"] >= 0.8
     assert block["digit_accuracy"]["after"] >= 0.8
     assert np.isfinite(block["digit_accuracy"]["before"])
+
+
+def test_a_missing_demo_base_names_the_command_that_builds_it(tmp_path, capsys):
+    from helpers import assert_one_error_line, train_main
+
+    rc = train_main(["experiment=demo_sd", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert_one_error_line(rc, capsys.readouterr().err, "python -m lightning_lora.demos.pretrain sd")
+    assert not (tmp_path / "r" / "adapters").exists()
