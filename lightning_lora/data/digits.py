@@ -144,7 +144,26 @@ def write_digit_caption_shards(folder: Path, val_fraction: float = 0.1, per_shar
     return patterns["train"], patterns["validation"]
 
 
-class DigitCaptionsDataModule(pl.LightningDataModule):
+class ReadThroughDataModule(pl.LightningDataModule):
+    """A demo set written once and read through the data module users' own files go through (``self.inner``,
+    set by the subclass), so the demo exercises the same reading code."""
+
+    inner: pl.LightningDataModule
+
+    def setup(self, stage: str | None = None) -> None:
+        self.inner.trainer = self.trainer
+        self.inner.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        self.inner.trainer = self.trainer
+        return self.inner.train_dataloader()
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.inner.trainer = self.trainer
+        return self.inner.val_dataloader()
+
+
+class DigitCaptionsDataModule(ReadThroughDataModule):
     """The text-to-image demo (``data=digits``): sklearn's handwritten digits as captioned images, no download.
 
     Built once under ``root`` by :func:`write_digit_captions`, then read through the same code as user data:
@@ -162,7 +181,6 @@ class DigitCaptionsDataModule(pl.LightningDataModule):
         choice(format, "data.format", CAPTION_FORMATS)
         self.format = format
         self.folder = write_digit_captions(root, num_images=num_images, image_size=image_size, invert=invert)
-        self.inner: pl.LightningDataModule
         if format == "folder":
             self.inner = ImageFolderDataModule(str(self.folder), val_fraction=val_fraction, resolution=resolution,
                                                **kwargs)
@@ -171,18 +189,6 @@ class DigitCaptionsDataModule(pl.LightningDataModule):
             train, val = write_digit_caption_shards(self.folder, val_fraction, per_shard)
             self.inner = WebDatasetDataModule(train, val, image_key="png", caption_key="txt", resolution=resolution,
                                               samples_per_epoch=samples_per_epoch, **kwargs)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.inner.trainer = self.trainer
-        self.inner.setup(stage)
-
-    def train_dataloader(self) -> DataLoader:
-        self.inner.trainer = self.trainer
-        return self.inner.train_dataloader()
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.inner.trainer = self.trainer
-        return self.inner.val_dataloader()
 
 
 # --------------------------------------------------------------------------- image-to-image (data=digits_pairs)

@@ -14,10 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
-from torch.utils.data import DataLoader
-
 from lightning_lora.checks import choice, optional_positive_int, positive_int
+from lightning_lora.data.digits import ReadThroughDataModule
 from lightning_lora.data.images import CAPTIONED_IMAGES, METADATA_FILE, ImageFolderDataModule
 from lightning_lora.demos.digit_styles import STYLES, draw_styled, styled_caption
 from lightning_lora.fileio import atomic_directory
@@ -45,7 +43,7 @@ def write_styled_digits(root: str | Path, style: str, num_images: int | None, im
     return folder
 
 
-class StyledDigitsDataModule(pl.LightningDataModule):
+class StyledDigitsDataModule(ReadThroughDataModule):
     """sklearn's digits in ``style`` captioned "a handwritten digit 3 in red", read as an image folder."""
 
     batch_kind: ClassVar[str] = CAPTIONED_IMAGES
@@ -56,18 +54,6 @@ class StyledDigitsDataModule(pl.LightningDataModule):
         self.folder = write_styled_digits(root, style, num_images, image_size)
         self.inner = ImageFolderDataModule(str(self.folder), val_fraction=val_fraction, resolution=resolution,
                                            **kwargs)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.inner.trainer = self.trainer
-        self.inner.setup(stage)
-
-    def train_dataloader(self) -> DataLoader:
-        self.inner.trainer = self.trainer
-        return self.inner.train_dataloader()
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.inner.trainer = self.trainer
-        return self.inner.val_dataloader()
 
 
 @lru_cache(maxsize=2)
