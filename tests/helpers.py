@@ -5,7 +5,10 @@ tiny head) or in ``families.py`` (the family matrix)."""
 
 from __future__ import annotations
 
+import errno
+import io
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -169,3 +172,30 @@ def train_main(argv: list[str]) -> int:
                     handler.close()
             lg.handlers[:] = handlers
             lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------- a full disk
+class FullDisk(io.RawIOBase):
+    """A file object whose writes fail with ENOSPC after ``room`` bytes (what a full disk does)."""
+
+    def __init__(self, fd: int, room: int = 100) -> None:
+        self.fd, self.room = fd, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = min(len(data), self.room)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.write(self.fd, bytes(data[:n]))
+        self.room -= n
+        return n
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()

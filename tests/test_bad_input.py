@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from helpers import net_pair
+from helpers import FullDisk, net_pair
 from safetensors.torch import save_file
 
 from lightning_lora.cli import main as cli_main
@@ -159,39 +159,13 @@ def test_cli_unwritable_output_directory(files, capsys, monkeypatch) -> None:
     assert not list(ro.iterdir())
 
 
-class _FullDisk(io.RawIOBase):
-    """A file object whose writes fail with ENOSPC after ``room`` bytes (what a full disk does)."""
-
-    def __init__(self, fd: int, room: int = 100) -> None:
-        self.fd, self.room = fd, room
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        n = min(len(data), self.room)
-        if n == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.write(self.fd, bytes(data[:n]))
-        self.room -= n
-        return n
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self.fd)
-        super().close()
-
-
 def test_disk_full_leaves_the_old_file_and_no_temporary(files, capsys, monkeypatch) -> None:
     import lightning_lora.fileio as fileio
 
     d, _ = files
     out = d / "merged.safetensors"
     out.write_bytes(b"the previous merge")
-    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode="r": io.BufferedWriter(_FullDisk(fd)))
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode="r": io.BufferedWriter(FullDisk(fd)))
     rc = cli_main(["merge", "--base", str(d / "base.safetensors"), "--lora", str(d / "lora.safetensors"), "--out",
                    str(out), "--overwrite"])
     monkeypatch.undo()
@@ -214,7 +188,7 @@ def test_disk_full_during_an_adapter_snapshot_keeps_the_previous_one(tmp_path, m
     before = {p: p.read_bytes() for p in (tmp_path / "final").rglob("*") if p.is_file()}
     with torch.no_grad():
         next(p for p in module.parameters() if p.requires_grad).add_(1.0)
-    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode="r": io.BufferedWriter(_FullDisk(fd)))
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode="r": io.BufferedWriter(FullDisk(fd)))
     with pytest.raises(OSError, match="No space left on device"):
         module.save_adapters(tmp_path / "final")
     monkeypatch.undo()

@@ -10,7 +10,6 @@ and every file that existed before byte-identical afterwards.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
-from helpers import assert_one_error_line, file_bytes, net_pair, train_main
+from helpers import FullDisk, assert_one_error_line, file_bytes, net_pair, train_main
 from omegaconf import OmegaConf, open_dict
 
 from lightning_lora.fileio import TMP_PREFIX, atomic_directory, atomic_write_bytes, clean_stale_temporaries
@@ -528,33 +527,6 @@ def test_a_replaced_directory_keeps_its_mode_and_a_new_one_follows_the_umask(uma
     assert stat.S_IMODE((tmp_path / "shared").stat().st_mode) == 0o755
 
 
-# ---------------------------------------------------------------------------- a full disk
-class _FullDisk(io.RawIOBase):
-    """A file object whose writes fail with ENOSPC after ``room`` bytes (what a full disk does)."""
-
-    def __init__(self, fd: int, room: int = 100) -> None:
-        self.fd, self.room = fd, room
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        n = min(len(data), self.room)
-        if n == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.write(self.fd, bytes(data[:n]))
-        self.room -= n
-        return n
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self.fd)
-        super().close()
-
-
 def test_full_disk_leaves_no_empty_step_directory(tmp_path, monkeypatch) -> None:
     from tiny import TinyHead
 
@@ -565,7 +537,7 @@ def test_full_disk_leaves_no_empty_step_directory(tmp_path, monkeypatch) -> None
     module = LoRAAdaptationModule(TinyHead(), AdapterSpec(r=2, alpha=4, init="random"))
     module.save_adapters(tmp_path / "adapters" / "step_0000002")
     before = file_bytes(tmp_path)
-    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode="r": io.BufferedWriter(_FullDisk(fd)))
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode="r": io.BufferedWriter(FullDisk(fd)))
     with pytest.raises(OSError, match="No space left on device"):
         module.save_adapters(tmp_path / "adapters" / "step_0000004")
     monkeypatch.undo()
