@@ -4,8 +4,6 @@ before anything loads (in process for every pair, through the real CLI for one).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from conftest import REPO, compose_train, run_cli
 from families import RUN
@@ -124,11 +122,9 @@ def test_every_pair_that_cannot_work_stops_before_anything_loads(monkeypatch) ->
                 if data in TAKES[model]:
                     check_model_takes_data(cfg)
                     continue
-                started = time.perf_counter()
                 with pytest.raises(UserError) as info:
                     run(cfg)
                 message = str(info.value)
-                assert time.perf_counter() - started < 5, (model, data)
                 options = ", ".join(f"data={name}" for name in TAKES[model])
                 assert f"({HEADS[model]}) cannot train on data={data} (" in message, message
                 assert message.endswith(f"; data options it takes: {options}"), message
@@ -137,12 +133,11 @@ def test_every_pair_that_cannot_work_stops_before_anything_loads(monkeypatch) ->
     assert checked == len(TAKES) * len(DATA_OPTIONS) - sum(len(v) for v in TAKES.values())
 
 
-def test_a_mismatched_pair_stops_the_cli_in_seconds_with_one_line(tmp_path) -> None:
+def test_a_mismatched_pair_stops_the_cli_before_anything_is_built_with_one_line(tmp_path) -> None:
+    # "Early" is asserted by what does not exist afterwards, never by a timing (shared machines are noisy).
     cache = tmp_path / "cache"
-    started = time.perf_counter()
     proc = run_cli(["model=trellis_slat_tiny", "data=code_search", f"paths.cache_dir={cache}",
                     f"hydra.run.dir={tmp_path / 'run'}"])
-    elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         "error: model=trellis_slat_tiny (FlowMatching3DHead) cannot train on data=code_search (CodeSearchDataModule): "
@@ -150,7 +145,6 @@ def test_a_mismatched_pair_stops_the_cli_in_seconds_with_one_line(tmp_path) -> N
         "takes: data=trellis, data=trellis_demo"]
     assert not cache.exists()  # neither the tiny base nor the code-search corpus was built
     assert not (tmp_path / "run" / "config.yaml").exists()
-    assert elapsed < 60  # the interpreter and imports; the check itself is well under a second
 
 
 # ---------------------------------------------------------------------------- item: real presets, real defaults
