@@ -27,11 +27,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m lightning_lora.train
 
+# one worker per core (pytest-xdist), a test file's tests on one worker so module fixtures are built once
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-all: setup
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "slow or not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

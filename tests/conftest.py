@@ -17,11 +17,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="lightning-lora-hf-cache-")
 
 import pytest
+import torch
 from omegaconf import DictConfig, open_dict
 
 from lightning_lora.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (``-n 2``) each worker gets its share of the cores, so workers do not oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 # Small settings that make a real run take seconds: tiny model, few rows, short texts, no progress bar.
 FAST = [
