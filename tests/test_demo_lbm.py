@@ -60,6 +60,13 @@ def test_measure_compares_each_translated_source_with_its_own_target():
     assert torch.equal(result["images"][:, 0], result["images"][:, 1])
 
 
+def test_a_bad_held_out_range_is_one_line():
+    from lightning_lora.errors import UserError
+
+    with pytest.raises(UserError, match="0 <= start < stop <= 1797"):
+        TranslationMeasure("relight", start=1790, stop=1800)
+
+
 def test_two_step_demo_writes_the_adaptation_block_and_sample_lbm_draws_the_same(tiny_lbm, cache_dir, tmp_path):
     from PIL import Image
 

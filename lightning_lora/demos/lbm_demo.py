@@ -15,6 +15,9 @@ import torch
 
 from lightning_lora.checks import choice, positive_int
 from lightning_lora.data.digits import TRANSLATION_TRANSFORMS
+from lightning_lora.errors import UserError
+
+DIGITS = 1797  # sklearn's digits
 
 
 def translation_scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -40,8 +43,9 @@ class TranslationMeasure:
         self.transform = transform
         self.start = lbm_base.HELD_OUT[0] if start is None else start
         self.stop = lbm_base.HELD_OUT[1] if stop is None else stop
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"start={self.start}, stop={self.stop}: give 0 <= start < stop")
+        if not 0 <= self.start < self.stop <= DIGITS:
+            raise UserError(f"measure start={self.start}, stop={self.stop}: held-out digits need "
+                            f"0 <= start < stop <= {DIGITS} (sklearn has {DIGITS} digits)")
         self.resolution = positive_int(resolution or lbm_base.RESOLUTION, "resolution", got=True)
         self.steps = positive_int(num_inference_steps, "num_inference_steps", got=True)
         self.seed, self.shown = seed, shown
