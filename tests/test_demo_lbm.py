@@ -107,6 +107,24 @@ def test_two_step_demo_writes_the_adaptation_block_and_sample_lbm_draws_the_same
     assert (ours - base).abs().max() > 4.0 / 255  # the adapter changes the picture: the comparison can fail
 
 
+@pytest.mark.slow  # 10-30 s: the VAE encodes all 6800 codec images for its scale
+def test_pretrain_writes_a_released_layout_folder_that_the_tools_load_and_reuses_it(tmp_path, capsys):
+    from lightning_lora.demos.pretrain import main as pretrain
+    from lightning_lora.models.lbm import load_lbm
+
+    # two steps of each stage: the recipe's plumbing, not its quality (the slow test and the README measure that)
+    out = tmp_path / "base"
+    assert pretrain(["lbm", "--out", str(out), "--vae-steps", "2", "--unet-steps", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    parts = load_lbm(out)
+    assert parts.config["unet"]["block_out_channels"] == [32, 64] and parts.vae.config.scaling_factor != 1.0
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert pretrain(["lbm", "--out", str(out)]) == 0  # built: reused as it is, nothing trained
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "step" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_full_demo_raises_psnr_to_the_taught_translation(tmp_path):
     """The issue's target, on the base built by ``python -m lightning_lora.demos.pretrain lbm`` (built here if
