@@ -20,7 +20,7 @@ PRESET_DATA = {
     "minilm": "code_search", "hf_encoder": "pairs", "clip": "image_pairs", "clip_tiny": "digits_retrieval",
     "qwen3_vl_embedding": "image_pairs", "qwen3_vl_tiny": "digits_retrieval", "sd15": "image_folder",
     "sd_tiny": "digits", "sd_digits_base": "styled_digits", "lbm": "paired_shards", "lbm_tiny": "digits_pairs",
-    "trellis_ss": "trellis",
+    "lbm_digits_base": "digits_pairs", "trellis_ss": "trellis",
     "trellis_slat": "trellis", "trellis_ss_tiny": "trellis_demo", "trellis_slat_tiny": "trellis_demo",
 }
 TEXT, IMAGE_TEXT = ("code_search", "pairs"), ("code_search", "digits_retrieval", "image_pairs", "pairs")
@@ -29,13 +29,14 @@ TAKES = {
     "minilm": TEXT, "hf_encoder": TEXT, "clip": IMAGE_TEXT, "clip_tiny": IMAGE_TEXT, "qwen3_vl_embedding": IMAGE_TEXT,
     "qwen3_vl_tiny": IMAGE_TEXT, "sd15": CAPTIONED, "sd_tiny": CAPTIONED, "sd_digits_base": CAPTIONED,
     "lbm": ("digits_pairs", "paired_shards"),
-    "lbm_tiny": ("digits_pairs", "paired_shards"), **{m: ("trellis", "trellis_demo") for m in (
+    "lbm_tiny": ("digits_pairs", "paired_shards"), "lbm_digits_base": ("digits_pairs", "paired_shards"),
+    **{m: ("trellis", "trellis_demo") for m in (
         "trellis_ss", "trellis_slat", "trellis_ss_tiny", "trellis_slat_tiny")},
 }
 HEADS = {**{m: "EmbeddingHead" for m in ("minilm", "hf_encoder", "clip", "clip_tiny", "qwen3_vl_embedding",
                                           "qwen3_vl_tiny")},
          "sd15": "DiffusionHead", "sd_tiny": "DiffusionHead", "sd_digits_base": "DiffusionHead", "lbm": "BridgeHead",
-         "lbm_tiny": "BridgeHead",
+         "lbm_tiny": "BridgeHead", "lbm_digits_base": "BridgeHead",
          **{m: "FlowMatching3DHead" for m in ("trellis_ss", "trellis_slat", "trellis_ss_tiny", "trellis_slat_tiny")}}
 DATA_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
 # The released TRELLIS presets condition on images, encoded by the model's DINOv2: a stand-in value (nothing loads)

@@ -1,4 +1,4 @@
-"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd [--out PATH] [--vae-steps N] ...``.
+"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd|lbm [--out PATH] [--vae-steps N] ...``.
 
 The base is written (atomically) under the cache folder the demo experiments read (``$LIGHTNING_LORA_CACHE`` or
 ``~/.cache/lightning_lora``), and reused when it is already there.
@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning_lora.errors import UserError, user_message
 
 #: family -> the folder name of its base under the cache
-BASES = {"sd": "sd_digits_base"}
+BASES = {"sd": "sd_digits_base", "lbm": "lbm_digits_base"}
 
 
 def cache_dir() -> Path:
@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_lora.demos.pretrain", description=__doc__)
     parser.add_argument("family", choices=sorted(BASES))
     parser.add_argument("--out", type=Path, default=None, help="the base's folder (default: under the cache)")
-    parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: the recipe's)")
+    parser.add_argument("--unet-steps", type=int, default=None, help="UNet/denoiser steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", type=int, default=0, metavar="N",
-                        help="then draw N samples per digit (plain and red prompts) and print the judge's shares")
+                        help="sd: then draw N samples per digit (plain and red prompts) and print the judge's "
+                             "shares; lbm: any N > 0 prints the base's PSNR/SSIM on the held-out digits")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     import torch
@@ -40,16 +41,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or cache_dir() / BASES[args.family]
     start = time.perf_counter()
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    steps = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
     try:
-        from lightning_lora.demos.sd_base import ensure_sd_digits_base
+        if args.family == "lbm":
+            from lightning_lora.demos.lbm_base import ensure_lbm_digits_base
 
-        path = ensure_sd_digits_base(out, args.vae_steps, args.unet_steps, args.seed,
-                                     log=lambda line: print(line, flush=True))
+            path = ensure_lbm_digits_base(out, seed=args.seed, log=log, **steps)
+        else:
+            from lightning_lora.demos.sd_base import ensure_sd_digits_base
+
+            path = ensure_sd_digits_base(out, seed=args.seed, log=log, **steps)
     except UserError as err:
         print(user_message(err), file=sys.stderr)
         return 2
     print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
-    if args.judge:
+    if args.judge and args.family == "lbm":
+        from lightning_lora.demos.lbm_demo import measure_base
+
+        for transform in ("invert", "relight"):  # its own translation, and the demo LoRA's
+            scores = measure_base(path, transform)
+            print(f"held-out digits, {transform} targets: PSNR {scores['value']:.2f} dB, SSIM {scores['ssim']:.3f}",
+                  flush=True)
+    elif args.judge:
         from lightning_lora.demos.sd_demo import judge_base
 
         for style in ("plain", "red"):
