@@ -36,7 +36,7 @@ from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file, save_lora_state_dict
 from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
-from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead
+from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead, refuse_dora
 
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 #: std of log σ around log(cond_noise_std) in the lognormal schedule (zadaianchuk/TRELLIS@cbcc337
@@ -326,6 +326,10 @@ class FlowMatching3DHead(TaskHead):
         for block in self.denoiser.modules():
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
+
+    @classmethod
+    def check_adapter(cls, spec: Any, preset: Mapping[str, Any]) -> None:
+        refuse_dora(spec, "the TRELLIS LoRA fork's lora_ckpts/ files (loaded into a plain LoRA config)")
 
     @classmethod
     def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
