@@ -372,6 +372,16 @@ RULES: tuple[Rule, ...] = (
     Rule("data.validation_dir", _path("directory"), nullable=True),
     Rule("data.stdlib_dir", _path("directory"), nullable=True),
     Rule("data.roots", _roots),
+    # the LoRA EMA callback (callbacks/ema.py repeats these for Python callers): before anything loads
+    Rule("callbacks.ema.enabled", boolean),
+    Rule("callbacks.ema.decay", _fraction("[0, 1]")),
+    Rule("callbacks.ema.min_decay", _fraction("[0, 1]")),
+    Rule("callbacks.ema.every_n_steps", _positive_int),
+    Rule("callbacks.ema.update_after_step", _non_negative_int),
+    Rule("callbacks.ema.warmup", boolean),
+    Rule("callbacks.ema.inv_gamma", _positive_number),
+    Rule("callbacks.ema.power", _positive_number),
+    Rule("callbacks.ema.previews", boolean),
     # trainer: what Lightning would refuse only once the model is built, or take and fail on mid-run
     Rule("trainer.max_steps", _steps),
     Rule("trainer.max_epochs", _steps, nullable=True),
