@@ -372,6 +372,9 @@ RULES: tuple[Rule, ...] = (
     Rule("data.validation_dir", _path("directory"), nullable=True),
     Rule("data.stdlib_dir", _path("directory"), nullable=True),
     Rule("data.roots", _roots),
+    Rule("data.num_class_images", _positive_int),
+    Rule("data.class_sample_steps", _positive_int),
+    Rule("model.prior_loss_weight", _non_negative_number),
     # the LoRA EMA callback (callbacks/ema.py repeats these for Python callers): before anything loads
     Rule("callbacks.ema.enabled", boolean),
     Rule("callbacks.ema.decay", _fraction("[0, 1]")),

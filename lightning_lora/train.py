@@ -379,6 +379,8 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
     datamodule = _build(cfg.data)
     datamodule.setup("fit")  # read (and check) the data before the model loads
     head = _build(cfg.model)
+    if hasattr(datamodule, "setup_with_model"):  # data made with the base model (DreamBooth's class images)
+        datamodule.setup_with_model(head)
     if init_family and init_family != head.family:
         raise UserError(f"adapter.init_from={spec.init_from} holds a {init_family} adapter, but this run's model "
                         f"is a {head.family} head ({type(head).__name__})")

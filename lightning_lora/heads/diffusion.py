@@ -236,9 +236,13 @@ class DiffusionHead(LatentHead):
         cache_text_embeddings: bool = True,
         frozen_dtype: str | None = None,
         previews: dict[str, Any] | None = None,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         from lightning_lora import hub
+        from lightning_lora.checks import number
+
+        self.prior_loss_weight = number(prior_loss_weight, "model.prior_loss_weight", low=0)
 
         path = check_pipeline_folder(pretrained, revision, variant)
         if prediction_type is not None:
@@ -342,12 +346,20 @@ class DiffusionHead(LatentHead):
             noisy, hidden = noisy.to(self.unet.dtype), hidden.to(self.unet.dtype)
         pred = self.unet(noisy, t, hidden).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.snr_gamma is None:
-            return per_sample.mean()
-        from diffusers.training_utils import compute_snr
+        if self.snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(self.noise_scheduler, t.cpu()).to(per_sample)
-        return (per_sample * min_snr_weights(snr, self.snr_gamma, self.prediction_type)).mean()
+            snr = compute_snr(self.noise_scheduler, t.cpu()).to(per_sample)
+            weights = min_snr_weights(snr, self.snr_gamma, self.prediction_type)
+        else:
+            weights = torch.ones_like(per_sample)
+        prior = batch.get("prior_mask")
+        if prior is None or not bool(prior.any()):
+            return (per_sample * weights).mean()
+        # DreamBooth prior preservation (data=dreambooth), as train_dreambooth_lora.py: the instance rows' loss
+        # (min-SNR weighted when on) + prior_loss_weight x the class rows' plain MSE
+        prior = prior.to(per_sample.device)
+        return (per_sample[~prior] * weights[~prior]).mean() + self.prior_loss_weight * per_sample[prior].mean()
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
         return StepOutput(self.diffusion_loss(batch), batch_size=batch["pixel_values"].shape[0])
