@@ -373,6 +373,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.stdlib_dir", _path("directory"), nullable=True),
     Rule("data.roots", _roots),
     Rule("data.num_class_images", _positive_int),
+    Rule("data.streaming", boolean),
     Rule("data.class_sample_steps", _positive_int),
     Rule("model.prior_loss_weight", _non_negative_number),
     # the LoRA EMA callback (callbacks/ema.py repeats these for Python callers): before anything loads
