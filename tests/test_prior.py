@@ -103,3 +103,16 @@ def test_dreambooth_settings_are_checked_before_anything_loads(tmp_path, capsys)
                      f"hydra.run.dir={tmp_path}/r"])
     assert_one_error_line(rc, capsys.readouterr().err, "data.class_dir is required")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow  # a real 2-step run of the tiny SD that first makes its class images (about 10 s)
+def test_data_dreambooth_trains_end_to_end(tmp_path, cache_dir) -> None:
+    instances = _instance_dir(tmp_path / "inst", n=4)
+    rc = train_main(["model=sd_tiny", "data=dreambooth", f"data.train_dir={instances}",
+                     f"data.class_dir={tmp_path / 'class'}", "data.class_prompt=a photo of a dog",
+                     "data.num_class_images=2", "data.class_sample_steps=2", "data.batch_size=2", "data.val_fraction=0",
+                     "trainer.max_steps=2", "validate_before=false", "validate_after=false", "trainer.precision=32-true",
+                     f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}/r"])
+    assert rc in (0, None)
+    assert [p.name for p in class_images(tmp_path / "class")] == ["class_00000.png", "class_00001.png"]
+    assert (tmp_path / "r" / "adapters" / "final" / "pytorch_lora_weights.safetensors").is_file()
