@@ -111,8 +111,8 @@ def test_data_dreambooth_trains_end_to_end(tmp_path, cache_dir) -> None:
     rc = train_main(["model=sd_tiny", "data=dreambooth", f"data.train_dir={instances}",
                      f"data.class_dir={tmp_path / 'class'}", "data.class_prompt=a photo of a dog",
                      "data.num_class_images=2", "data.class_sample_steps=2", "data.batch_size=2", "data.val_fraction=0",
-                     "trainer.max_steps=2", "validate_before=false", "validate_after=false", "trainer.precision=32-true",
-                     f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}/r"])
+                     "trainer.max_steps=2", "validate_before=false", "validate_after=false",
+                     "trainer.precision=32-true", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}/r"])
     assert rc in (0, None)
     assert [p.name for p in class_images(tmp_path / "class")] == ["class_00000.png", "class_00001.png"]
     assert (tmp_path / "r" / "adapters" / "final" / "pytorch_lora_weights.safetensors").is_file()
