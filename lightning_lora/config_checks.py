@@ -193,6 +193,10 @@ def _optimizer_class(target: Any, key: str) -> type:
     import torch
     from hydra.utils import get_class
 
+    if (extra := _missing_extra(str(target))) is not None:
+        package, name = extra
+        raise UserError(f"{key}={target} needs the {package} package, which is not installed: pip install "
+                        f"'lightning_lora[{name}]' (or choose another optimizer, e.g. optimizer=adamw)")
     try:
         cls = get_class(str(target))
     except Exception:  # not importable: Hydra's message is several lines
@@ -202,6 +206,24 @@ def _optimizer_class(target: Any, key: str) -> type:
         raise UserError(f"{key}={target!r} is not a torch optimizer class (a subclass of torch.optim.Optimizer), "
                         "e.g. torch.optim.AdamW")
     return cls
+
+
+#: the optional optimizer packages by top-level module: (distribution, the pyproject extra that installs it)
+OPTIMIZER_EXTRAS = {"bitsandbytes": ("bitsandbytes", "bnb"), "prodigyopt": ("prodigyopt", "prodigy")}
+
+
+def _missing_extra(target: str) -> tuple[str, str] | None:
+    """(package, extra) when ``target`` lives in an optional optimizer package that is not installed."""
+    import importlib.util
+
+    root = target.split(".")[0]
+    if root not in OPTIMIZER_EXTRAS:
+        return None
+    try:
+        found = importlib.util.find_spec(root) is not None
+    except (ImportError, ValueError):  # a broken install or a module stub without a spec
+        found = False
+    return None if found else OPTIMIZER_EXTRAS[root]
 
 
 def _import_failure(target: str) -> str:
@@ -350,6 +372,20 @@ RULES: tuple[Rule, ...] = (
     Rule("data.validation_dir", _path("directory"), nullable=True),
     Rule("data.stdlib_dir", _path("directory"), nullable=True),
     Rule("data.roots", _roots),
+    Rule("data.num_class_images", _positive_int),
+    Rule("data.streaming", boolean),
+    Rule("data.class_sample_steps", _positive_int),
+    Rule("model.prior_loss_weight", _non_negative_number),
+    # the LoRA EMA callback (callbacks/ema.py repeats these for Python callers): before anything loads
+    Rule("callbacks.ema.enabled", boolean),
+    Rule("callbacks.ema.decay", _fraction("[0, 1]")),
+    Rule("callbacks.ema.min_decay", _fraction("[0, 1]")),
+    Rule("callbacks.ema.every_n_steps", _positive_int),
+    Rule("callbacks.ema.update_after_step", _non_negative_int),
+    Rule("callbacks.ema.warmup", boolean),
+    Rule("callbacks.ema.inv_gamma", _positive_number),
+    Rule("callbacks.ema.power", _positive_number),
+    Rule("callbacks.ema.previews", boolean),
     # trainer: what Lightning would refuse only once the model is built, or take and fail on mid-run
     Rule("trainer.max_steps", _steps),
     Rule("trainer.max_epochs", _steps, nullable=True),

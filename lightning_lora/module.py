@@ -144,6 +144,7 @@ class LoRAAdaptationModule(pl.LightningModule):
     # ------------------------------------------------------------------ adapters
     def _inject_adapters(self) -> None:
         head, spec = self.head, self.spec
+        type(head).check_adapter(spec, {})  # what the family's exports cannot carry (train.run asked already)
         available = head.adaptable_submodules()
         defaults = head.default_targets()
         initial = self._initial_adapters(list(defaults)) if spec.init_from else {}

@@ -351,6 +351,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
     _resolve_callbacks(cfg)  # e.g. a save cadence of a run with no length: before any model loads
     spec = AdapterSpec.from_config(cfg.adapter)  # a bad value fails here, before any model loads
+    if (head_cls := _class_of(cfg.model)) is not None and hasattr(head_cls, "check_adapter"):
+        head_cls.check_adapter(spec, cfg.model)  # e.g. DoRA with a family whose files cannot carry it
     check_config(cfg)  # every other value, one table (config_checks.RULES): before any model or corpus loads
     schedule = ScheduleSpec.from_config(cfg.get("scheduler"))
     init_family = _check_init_from(spec.init_from)
@@ -377,6 +379,8 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
     datamodule = _build(cfg.data)
     datamodule.setup("fit")  # read (and check) the data before the model loads
     head = _build(cfg.model)
+    if hasattr(datamodule, "setup_with_model"):  # data made with the base model (DreamBooth's class images)
+        datamodule.setup_with_model(head)
     if init_family and init_family != head.family:
         raise UserError(f"adapter.init_from={spec.init_from} holds a {init_family} adapter, but this run's model "
                         f"is a {head.family} head ({type(head).__name__})")

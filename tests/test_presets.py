@@ -24,7 +24,7 @@ PRESET_DATA = {
     "trellis_slat": "trellis", "trellis_ss_tiny": "trellis_demo", "trellis_slat_tiny": "trellis_demo",
 }
 TEXT, IMAGE_TEXT = ("code_search", "pairs"), ("code_search", "digits_retrieval", "image_pairs", "pairs")
-CAPTIONED = ("digits", "image_folder", "styled_digits", "webdataset")
+CAPTIONED = ("digits", "dreambooth", "hf_dataset", "image_folder", "styled_digits", "webdataset")
 TAKES = {
     "minilm": TEXT, "hf_encoder": TEXT, "clip": IMAGE_TEXT, "clip_tiny": IMAGE_TEXT, "qwen3_vl_embedding": IMAGE_TEXT,
     "qwen3_vl_tiny": IMAGE_TEXT, "sd15": CAPTIONED, "sd_tiny": CAPTIONED, "sd_digits_base": CAPTIONED,

@@ -76,6 +76,8 @@ class LoraSet:
     path: Path | None = None
     submodules: list[str] = field(default_factory=list)  # lightning_lora files: prefixes of the module names
     ignored: list[str] = field(default_factory=list)  # tensors that are not LoRA factors (e.g. modules_to_save)
+    #: DoRA's magnitude vectors by module (``read_lora(..., dora=True)`` on a PEFT directory); empty otherwise
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -86,12 +88,21 @@ def _scale_for(config: LoraConfig, module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.use_rslora else rank)
 
 
-def _pairs_from_peft(state: Mapping[str, torch.Tensor], source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$")
+
+
+def _pairs_from_peft(state: Mapping[str, torch.Tensor], source: str,
+                     magnitudes: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The (A, B) factors by module; DoRA's magnitude vectors go to ``magnitudes`` when given (a writer that
+    carries them), else they are refused: a tool that reads factors only would silently drop them."""
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if "lora_magnitude_vector" in key:
-            raise UserError(f"{source}: DoRA adapters (lora_magnitude_vector) are not supported by this tool")
+        if (mag := _MAGNITUDE_KEY.match(key)) is not None:
+            if magnitudes is None:
+                raise UserError(f"{source}: DoRA adapters (lora_magnitude_vector) are not supported by this tool")
+            magnitudes[mag["module"].removeprefix(PEFT_PREFIX)] = value
+            continue
         if "lora_embedding_" in key:
             raise UserError(f"{source}: {key!r} is an embedding LoRA, which this tool does not handle")
         m = _PEFT_KEY.match(key)
@@ -119,18 +130,20 @@ def _factors(down: torch.Tensor, up: torch.Tensor, scale: float, module: str, so
     return Factors(down=down, up=up, scale=float(scale))
 
 
-def read_lora(path: str | os.PathLike) -> LoraSet:
+def read_lora(path: str | os.PathLike, dora: bool = False) -> LoraSet:
     """Any supported LoRA file or PEFT directory (local, or by Hub id), as {module: Factors} (scale = alpha/r
-    folded in)."""
+    folded in). ``dora``: a PEFT directory's DoRA magnitude vectors come back in ``magnitudes`` (else refused)."""
     path = adapter_source(path)
     src = str(path)
     if path.is_dir() and not (path / CONFIG_NAME).is_file() and snapshot_parts(path):
         return _read_snapshot(path)
     if path.is_dir():
         config, state = read_peft_dir(path)
+        magnitudes: dict[str, torch.Tensor] | None = {} if dora else None
         mods = {m: _factors(a, b, _scale_for(config, m, a.shape[0]), m, src)
-                for m, (a, b) in _pairs_from_peft(state, src).items()}
-        lora = LoraSet(mods, "peft", base_model={"name": config.base_model_name_or_path or ""}, path=path)
+                for m, (a, b) in _pairs_from_peft(state, src, magnitudes).items()}
+        lora = LoraSet(mods, "peft", base_model={"name": config.base_model_name_or_path or ""}, path=path,
+                       magnitudes=magnitudes or {})
         return _flag_ignored(lora, state)
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path}")
@@ -407,14 +420,19 @@ def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: 
 
 
 def write_diffusers(path: str | os.PathLike, modules: Mapping[str, Factors],
-                    dtype: torch.dtype | None = None) -> Path:
-    """``unet.<module>.lora_A.weight`` keys; diffusers assumes alpha = rank, so the scale is folded into B."""
+                    dtype: torch.dtype | None = None, magnitudes: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """``unet.<module>.lora_A.weight`` keys; diffusers assumes alpha = rank, so the scale is folded into B (DoRA's
+    weight norm is taken of W + scale·B·A, so folding keeps it too). ``magnitudes``: DoRA's vectors, as
+    ``<module>.lora_magnitude_vector.weight``: diffusers' loader turns the name into ``use_dora``, and the
+    text encoder's loader (transformers' ``load_adapter``) maps only this form to its layers."""
     check_result(modules, path, dtype)
     tensors = {}
     for m, f in modules.items():
         name = diffusers_name(m)
         tensors[f"{name}.lora_A.weight"] = _cast(f.down, dtype)
         tensors[f"{name}.lora_B.weight"] = _cast(f.up * f.scale, dtype)
+    for m, magnitude in (magnitudes or {}).items():
+        tensors[f"{diffusers_name(m)}.lora_magnitude_vector.weight"] = _cast(magnitude, dtype)
     return atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt"}))
 
 

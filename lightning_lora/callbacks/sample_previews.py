@@ -2,7 +2,8 @@
 
 The head draws them (``head.preview_images()`` -> [prompts, seeds, 3, H, W] in [0, 1], or None when it has
 nothing to show); this callback lays them out as one grid (a row per prompt, a column per seed), logs it to
-TensorBoard and writes ``<run_dir>/samples/base.png`` (adapters disabled, once) and ``step_NNNNNNN.png``.
+TensorBoard and writes ``<run_dir>/samples/base.png`` (adapters disabled, once) and ``step_NNNNNNN.png`` (with the
+LoRA EMA's weights when a ``LoRAEMA`` callback keeps one for previews).
 Sampling runs in eval mode without gradients on global rank 0, between optimizer steps; under FSDP every rank
 samples too (each forward gathers the sharded weights from all ranks, ``strategies.full_params``) and rank 0 alone
 writes.
@@ -19,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_lora.callbacks.ema import LoRAEMA
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
 from lightning_lora.strategies import full_params, shards_parameters
@@ -81,6 +83,9 @@ class SamplePreviews(Callback):
                 if disable_adapters:
                     for peft in pl_module.adapters.values():
                         stack.enter_context(peft.disable_adapter())
+                else:  # an EMA of the LoRA weights, when one is kept for previews (callbacks/ema.py)
+                    for ema in (cb for cb in trainer.callbacks if isinstance(cb, LoRAEMA) and cb.previews):
+                        stack.enter_context(ema.applied(pl_module))
                 return pl_module.head.preview_images()
         finally:
             pl_module.train(was_training)

@@ -152,6 +152,12 @@ class TaskHead(nn.Module, abc.ABC):
         return ()
 
     @classmethod
+    def check_adapter(cls, spec: Any, preset: Mapping[str, Any]) -> None:
+        """Refuse with one ``UserError`` line an adapter setting (``spec``: an ``AdapterSpec``) that this family's
+        own exports cannot carry, e.g. DoRA where a file format has no place for its magnitude vectors. Called by
+        ``train.run`` before anything loads and by the module before injecting; accepts everything by default."""
+
+    @classmethod
     def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Declare the options of ``lightning-lora sample <sample_command>``."""
 
@@ -171,6 +177,13 @@ class TaskHead(nn.Module, abc.ABC):
         """Write a tiny stand-in base for ``preset`` (the model config that holds ``${tiny:PATH}``) at ``path``
         the first time, atomically, and return what the preset's key takes (a folder or a checkpoint file)."""
         raise UserError(f"{cls.__name__} has no tiny stand-in base; give the model's own weights instead")
+
+
+def refuse_dora(spec: Any, exports: str) -> None:
+    """One line for ``adapter.dora=true`` with a family whose ``exports`` have no place for DoRA's magnitudes."""
+    if getattr(spec, "dora", False):
+        raise UserError(f"adapter.dora=true is not supported here: {exports} cannot carry DoRA's magnitude vectors; "
+                        "valid: adapter.dora=false (DoRA exports: the Stable Diffusion and embedding models)")
 
 
 def head_classes() -> list[type[TaskHead]]:

@@ -22,7 +22,7 @@ from torch import nn
 from lightning_lora import options
 from lightning_lora.checks import choice, positive_int
 from lightning_lora.errors import UserError
-from lightning_lora.heads.base import StepOutput
+from lightning_lora.heads.base import StepOutput, refuse_dora
 from lightning_lora.heads.diffusion import (
     UNET_CONV_TARGETS,
     LatentHead,
@@ -242,6 +242,10 @@ class BridgeHead(LatentHead):
 
     def enable_gradient_checkpointing(self) -> None:
         enable_unet_checkpointing(self.denoiser)
+
+    @classmethod
+    def check_adapter(cls, spec: Any, preset: Mapping[str, Any]) -> None:
+        refuse_dora(spec, f"the LBM file {LBM_FILE} (read by lightning-lora sample/merge lbm)")
 
     @classmethod
     def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:

@@ -176,14 +176,19 @@ class LatentHead(TaskHead):
         return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
 
     @staticmethod
-    def snapshot_modules(snapshot: Path, adapters: dict[str, PeftModel]) -> dict[str, Any]:
-        """Every LoRA module of a snapshot's PEFT directories as ``Factors``, by ``<submodule>.<module path>``."""
+    def snapshot_modules(snapshot: Path, adapters: dict[str, PeftModel],
+                         magnitudes: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Every LoRA module of a snapshot's PEFT directories as ``Factors``, by ``<submodule>.<module path>``;
+        with ``magnitudes`` given, DoRA's magnitude vectors go there under the same names (else DoRA is refused)."""
         from lightning_lora.adapters.formats import read_lora
 
         modules = {}
         for sub in adapters:
-            for name, factors in read_lora(snapshot / sub).modules.items():
+            lora = read_lora(snapshot / sub, dora=magnitudes is not None)
+            for name, factors in lora.modules.items():
                 modules[canonical_name(f"{sub}.{name}")] = factors
+            for name, magnitude in lora.magnitudes.items():
+                magnitudes[canonical_name(f"{sub}.{name}")] = magnitude  # type: ignore[index]
         return modules
 
 
@@ -231,9 +236,13 @@ class DiffusionHead(LatentHead):
         cache_text_embeddings: bool = True,
         frozen_dtype: str | None = None,
         previews: dict[str, Any] | None = None,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         from lightning_lora import hub
+        from lightning_lora.checks import number
+
+        self.prior_loss_weight = number(prior_loss_weight, "model.prior_loss_weight", low=0)
 
         path = check_pipeline_folder(pretrained, revision, variant)
         if prediction_type is not None:
@@ -337,12 +346,20 @@ class DiffusionHead(LatentHead):
             noisy, hidden = noisy.to(self.unet.dtype), hidden.to(self.unet.dtype)
         pred = self.unet(noisy, t, hidden).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.snr_gamma is None:
-            return per_sample.mean()
-        from diffusers.training_utils import compute_snr
+        if self.snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(self.noise_scheduler, t.cpu()).to(per_sample)
-        return (per_sample * min_snr_weights(snr, self.snr_gamma, self.prediction_type)).mean()
+            snr = compute_snr(self.noise_scheduler, t.cpu()).to(per_sample)
+            weights = min_snr_weights(snr, self.snr_gamma, self.prediction_type)
+        else:
+            weights = torch.ones_like(per_sample)
+        prior = batch.get("prior_mask")
+        if prior is None or not bool(prior.any()):
+            return (per_sample * weights).mean()
+        # DreamBooth prior preservation (data=dreambooth), as train_dreambooth_lora.py: the instance rows' loss
+        # (min-SNR weighted when on) + prior_loss_weight x the class rows' plain MSE
+        prior = prior.to(per_sample.device)
+        return (per_sample[~prior] * weights[~prior]).mean() + self.prior_loss_weight * per_sample[prior].mean()
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
         return StepOutput(self.diffusion_loss(batch), batch_size=batch["pixel_values"].shape[0])
@@ -402,24 +419,30 @@ class DiffusionHead(LatentHead):
                         run_dir: Path | None = None) -> list[Path]:
         """diffusers ``pytorch_lora_weights.safetensors``, a kohya-style file and seed 002's ``lora_weights.pth``
         (the UNet's, as ``get_peft_model_state_dict`` names them for a UNet adapted in place) next to the PEFT
-        directories."""
-        from lightning_lora.adapters.factors import is_spatial
+        directories. DoRA: the diffusers file carries the magnitude vectors and no kohya file is written."""
         from lightning_lora.adapters.formats import write_diffusers, write_kohya
         from lightning_lora.adapters.io import in_place_state, save_tensor_dict
 
-        modules = self.snapshot_modules(snapshot, adapters)
+        magnitudes: dict[str, torch.Tensor] = {}
+        modules = self.snapshot_modules(snapshot, adapters, magnitudes)
+        written = [write_diffusers(snapshot / DIFFUSERS_FILE, modules, magnitudes=magnitudes)]
+        # DoRA: diffusers' loader reads lora_magnitude_vector keys but drops kohya's dora_scale: no kohya file then
+        if not magnitudes:
+            written.append(write_kohya(snapshot / KOHYA_FILE, modules, metadata=self._kohya_metadata(modules)))
+        if "unet" in adapters:  # the seed saves the UNet's only (its text-encoder LoRA is a PeftModel of its own)
+            written.append(save_tensor_dict(snapshot / SEED_STATE_FILE, in_place_state(adapters["unet"])))
+        return written
+
+    def _kohya_metadata(self, modules: Mapping[str, Any]) -> dict[str, str]:
+        """kohya's ``ss_*`` description: network args (the most common conv rank/alpha), base version, name."""
+        from lightning_lora.adapters.factors import is_spatial
+
         conv = [f for f in modules.values() if is_spatial(f.weight_shape)]
         args = {}
         if conv:
             args = {"conv_dim": Counter(f.rank for f in conv).most_common(1)[0][0],
                     "conv_alpha": Counter(f.alpha for f in conv).most_common(1)[0][0]}
-        metadata = {"ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1",
-                    "ss_output_name": self.name}
-        written = [write_diffusers(snapshot / DIFFUSERS_FILE, modules),
-                   write_kohya(snapshot / KOHYA_FILE, modules, metadata=metadata)]
-        if "unet" in adapters:  # the seed saves the UNet's only (its text-encoder LoRA is a PeftModel of its own)
-            written.append(save_tensor_dict(snapshot / SEED_STATE_FILE, in_place_state(adapters["unet"])))
-        return written
+        return {"ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1", "ss_output_name": self.name}
 
     # ------------------------------------------------------------------ lightning-lora sample sd
     @classmethod

@@ -36,7 +36,7 @@ from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file, save_lora_state_dict
 from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
-from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead
+from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead, refuse_dora
 
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 #: std of log σ around log(cond_noise_std) in the lognormal schedule (zadaianchuk/TRELLIS@cbcc337
@@ -278,6 +278,7 @@ class FlowMatching3DHead(TaskHead):
         name: str | None = None,
         image_encoder: Any = None,
         latent: str | None = None,
+        previews: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         choice(t_schedule, "model.t_schedule", T_SCHEDULES)
@@ -298,6 +299,10 @@ class FlowMatching3DHead(TaskHead):
             raise UserError(f"model.cond_noise_at_inference={cond_noise_at_inference!r} must be true or false")
         self.cond_noise_at_inference = cond_noise_at_inference
         self.name = name or type(denoiser).__name__
+        self.previews = dict(previews or {})
+        if self.previews.get("decode", "demo") != "demo":
+            raise UserError(f"model.previews.decode={self.previews['decode']!r} is unknown; valid: demo (the demo's "
+                            "stand-in SS encoding, inverted)")
         self.image_encoder = build_image_encoder(image_encoder)
         cond_channels = getattr(denoiser, "cond_channels", None)
         if self.image_encoder is not None and cond_channels and self.image_encoder.hidden_size != cond_channels:
@@ -326,6 +331,10 @@ class FlowMatching3DHead(TaskHead):
         for block in self.denoiser.modules():
             if hasattr(block, "use_checkpoint"):
                 block.use_checkpoint = True
+
+    @classmethod
+    def check_adapter(cls, spec: Any, preset: Mapping[str, Any]) -> None:
+        refuse_dora(spec, "the TRELLIS LoRA fork's lora_ckpts/ files (loaded into a plain LoRA config)")
 
     @classmethod
     def batch_kinds(cls, preset: Mapping[str, Any]) -> tuple[str, ...]:
@@ -466,6 +475,54 @@ class FlowMatching3DHead(TaskHead):
             feats = torch.randn((coords.shape[0], channels), generator=generator).to(cond)
             noise = SparseTensor(coords.to(cond.device), feats, batch_size=cond.shape[0])
         return euler_sample(model, noise, cond, steps, cfg_strength, tuple(cfg_interval), rescale_t, self.sigma_min)
+
+    # ------------------------------------------------------------------ previews (callbacks.SamplePreviews)
+    def preview_conditions(self) -> list[torch.Tensor]:
+        """The fixed condition token sets of the previews, each [1, T, D]: ``previews.cond`` files (tokens
+        ``.npz``, or images when the head has an image encoder), then ``previews.num_random`` seeded random sets."""
+        conds = []
+        for path in self.previews.get("cond") or []:
+            if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+                from lightning_lora.data.trellis import read_cond_image
+
+                if self.image_encoder is None:
+                    raise UserError(f"model.previews.cond: {path} is an image; set model.image_encoder.pretrained "
+                                    "to encode it, or give tokens (.npz with tokens [T, D])")
+                conds.append(self.encode_images(read_cond_image(Path(path), self.image_encoder.image_size)[None]))
+                continue
+            tokens = torch.from_numpy(options.npz_array(str(path), "tokens", "model.previews.cond")).float()
+            conds.append(tokens[None] if tokens.ndim == 2 else tokens[:1])
+        width = getattr(self.denoiser, "cond_channels", None)
+        count = int(self.previews.get("num_random", 0) or 0)
+        for i in range(count if width else 0):
+            g = torch.Generator().manual_seed(1000 + i)
+            conds.append(torch.randn(1, int(self.previews.get("num_tokens", 8)), int(width), generator=g))
+        return conds
+
+    def preview_images(self) -> torch.Tensor | None:
+        """Voxel pictures (front, side and top projections) of sparse-structure samples, a row per condition and a
+        column per seed, [conds, seeds, 3, H, W]; None without conditions, and for structured latents (their voxels
+        are the given coords: sampling does not change them). The occupancy is the demo's stand-in SS encoding
+        inverted (``data.trellis.decode_demo_ss``), which the tiny presets and data=trellis_demo use."""
+        conds = self.preview_conditions()
+        if not conds or self.sparse:
+            return None
+        import numpy as np
+
+        from lightning_lora.data.trellis import decode_demo_ss, voxel_picture
+
+        device = next(self.denoiser.parameters()).device
+        seeds = [int(s) for s in self.previews.get("seeds") or [0]]
+        rows = []
+        for cond in conds:
+            row = []
+            for seed in seeds:
+                latent = self.sample(cond.to(device), steps=int(self.previews.get("steps", 10)),
+                                     cfg_strength=float(self.previews.get("cfg_strength", 3.0)), seed=seed)
+                picture = voxel_picture(decode_demo_ss(latent[0].float().cpu().numpy()), panel=64)
+                row.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).expand(3, -1, -1))
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
 
     # ------------------------------------------------------------------ TRELLIS-style adapter files
     def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
