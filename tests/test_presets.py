@@ -21,7 +21,8 @@ from lightning_lora.train import _user_error, check_model_takes_data, run
 PRESET_DATA = {
     "minilm": "code_search", "hf_encoder": "pairs", "clip": "image_pairs", "clip_tiny": "digits_retrieval",
     "qwen3_vl_embedding": "image_pairs", "qwen3_vl_tiny": "digits_retrieval", "sd15": "image_folder",
-    "sd_tiny": "digits", "sd_digits_base": "styled_digits", "sdxl": "image_folder", "sdxl_tiny": "digits", "lbm": "paired_shards", "lbm_tiny": "digits_pairs",
+    "sd_tiny": "digits", "sd_digits_base": "styled_digits", "sdxl": "image_folder", "sdxl_tiny": "digits",
+    "lbm": "paired_shards", "lbm_tiny": "digits_pairs",
     "trellis_ss": "trellis",
     "trellis_slat": "trellis", "trellis_ss_tiny": "trellis_demo", "trellis_slat_tiny": "trellis_demo",
 }

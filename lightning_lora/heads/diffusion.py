@@ -126,8 +126,10 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 
 
 def _pixel_key(image: torch.Tensor) -> str:
-    return hashlib.blake2b(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
-                           digest_size=16).hexdigest()
+    """The cache key of one image: its pixels and its shape (an aspect-ratio bucket's crop is its own entry)."""
+    digest = hashlib.blake2b(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16)
+    digest.update(str(tuple(image.shape)).encode())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- what the heads share
