@@ -284,3 +284,15 @@ def test_exact_resume_of_a_sized_loader_with_random_augmentation(tmp_path) -> No
     full = fit("full", 7)
     fit("part", 2)
     assert fit("part", 7, str(tmp_path / "part" / "last.ckpt")) == full[2:]
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("data.caption_dropout=1.5", "data.caption_dropout=1.5 must be in [0, 1]"),
+    ("data.buckets.step=0", "data.buckets.step=0 must be a positive integer"),
+])
+def test_bad_caption_and_bucket_values_stop_the_run_in_one_line(three_ratios, tmp_path, capsys, override,
+                                                                 needle) -> None:
+    from helpers import assert_one_error_line, train_main
+
+    rc = train_main(["model=sd15", f"data.train_dir={three_ratios}", override, f"hydra.run.dir={tmp_path / 'r'}"])
+    assert_one_error_line(rc, capsys.readouterr().err, needle, case=override)

@@ -200,3 +200,14 @@ def test_sample_sdxl_cli_folds_the_lora(xl_run, tiny_sdxl, tmp_path) -> None:
     lora, base = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("lora", "base"))
     assert lora.shape == (32, 32, 3)
     assert np.abs(lora - base).mean() > 1  # the adapter changes the picture
+
+
+def test_sample_sdxl_without_a_folder_is_one_line(tmp_path, capsys) -> None:
+    from helpers import assert_one_error_line
+
+    from lightning_lora.cli import main
+
+    rc = main(["sample", "sdxl", "--pretrained", str(tmp_path / "nope"), "--prompt", "x", "--out",
+               str(tmp_path / "x.png")])
+    assert_one_error_line(rc, capsys.readouterr().err, "--pretrained", case="no folder")
+    assert not (tmp_path / "x.png").exists()
