@@ -5,6 +5,8 @@ trained module's outputs (diffusers and kohya files, PEFT directories), previews
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +107,23 @@ def test_conditioning_is_diffusers_own_and_time_ids_by_hand(tiny_sdxl) -> None:
     assert torch.isfinite(head.diffusion_loss(batch, torch.Generator().manual_seed(0)))
 
 
+def in_hub_cache(repo_id: str, folder: Path) -> str:
+    """``folder`` as the cached snapshot of ``repo_id`` (the tests run offline against a private cache)."""
+    root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
+    commit = "5" * 40
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return repo_id
+
+
 def test_float16_keeps_sdxls_vae_in_float32_unless_replaced(tiny_sdxl) -> None:
     head = SDXLHead(tiny_sdxl, resolution=32, frozen_dtype="float16")
     assert head.unet.dtype == head.text_encoder_2.dtype == torch.float16 and head.vae.dtype == torch.float32
-    fixed = SDXLHead(tiny_sdxl, resolution=32, frozen_dtype="float16", vae=str(tiny_sdxl / "vae"))
-    assert fixed.vae.dtype == torch.float16  # a replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix) is cast
+    # both by Hub id, as model=sdxl model.vae=madebyollin/sdxl-vae-fp16-fix names them: the replacement is cast
+    base, vae = in_hub_cache("test-org/sdxl-tiny", tiny_sdxl), in_hub_cache("test-org/vae-fix", tiny_sdxl / "vae")
+    fixed = SDXLHead(base, resolution=32, frozen_dtype="float16", vae=vae)
+    assert fixed.vae.dtype == torch.float16 and fixed.base_model_identity()["path"] == base
 
 
 # ---------------------------------------------------------------------------- a run through Hydra
