@@ -296,3 +296,23 @@ def test_bad_caption_and_bucket_values_stop_the_run_in_one_line(three_ratios, tm
 
     rc = train_main(["model=sd15", f"data.train_dir={three_ratios}", override, f"hydra.run.dir={tmp_path / 'r'}"])
     assert_one_error_line(rc, capsys.readouterr().err, needle, case=override)
+
+
+def test_lightning_keeps_the_bucket_sampler_under_ddp(three_ratios) -> None:
+    """What Lightning does to a training loader under DDP (the call ``ExactResume`` makes too): a plain shuffled
+    loader gets a ``DistributedSampler``, the bucketed one keeps its own sampler (each process its share of runs)."""
+    from lightning.pytorch.trainer.states import RunningStage
+
+    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+
+    def prepared(loader):
+        return trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+
+    dm = _folder(three_ratios)
+    dm.trainer = trainer
+    bucketed = dm.train_dataloader()
+    assert prepared(bucketed).sampler is bucketed.sampler and isinstance(bucketed.sampler, BucketSampler)
+    assert (bucketed.sampler.rank, bucketed.sampler.num_replicas) == (0, 2)
+    plain = _folder(three_ratios, buckets=None).train_dataloader()
+    assert type(prepared(plain).sampler).__name__ == "DistributedSampler"
