@@ -316,3 +316,13 @@ def test_lightning_keeps_the_bucket_sampler_under_ddp(three_ratios) -> None:
     assert (bucketed.sampler.rank, bucketed.sampler.num_replicas) == (0, 2)
     plain = _folder(three_ratios, buckets=None).train_dataloader()
     assert type(prepared(plain).sampler).__name__ == "DistributedSampler"
+
+
+def test_a_turned_photo_goes_to_the_bucket_of_its_turned_shape(tmp_path) -> None:
+    from lightning_lora.data.images import load_rgb, stored_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64x32 (wide), shown turned 90 degrees: 32x64 (tall)
+    gradient((64, 32)).save(tmp_path / "turned.jpg", exif=exif)
+    assert stored_size(tmp_path / "turned.jpg") == load_rgb(tmp_path / "turned.jpg").size == (32, 64)
+    assert BucketSpec(32 * 32, 8).nearest(stored_size(tmp_path / "turned.jpg")) == (24, 40)

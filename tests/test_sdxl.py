@@ -225,3 +225,11 @@ def test_sample_sdxl_without_a_folder_is_one_line(tmp_path, capsys) -> None:
                str(tmp_path / "x.png")])
     assert_one_error_line(rc, capsys.readouterr().err, "--pretrained", case="no folder")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sdxl_presets_ask_the_data_for_crop_coordinates() -> None:
+    assert compose_train(["model=sdxl", "data.train_dir=/x"]).data.crop_coords is True
+    assert compose_train(["model=sdxl_tiny", "data=image_folder", "model.micro_conditioning=false"]).data.crop_coords \
+        is False
+    sd15 = compose_train(["model=sd15"]).data
+    assert sd15.crop_coords is False and sd15.buckets.enabled is False and sd15.caption_dropout == 0.0
