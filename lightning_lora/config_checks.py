@@ -67,6 +67,10 @@ def _steps(value: Any, key: str) -> int:
     return integer(value, key, low=1, also=(-1,))
 
 
+def _at_least_one(value: Any, key: str) -> float:
+    return number(value, key, low=1)
+
+
 def _fraction(interval: str) -> Check:
     return lambda value, key: fraction(value, key, interval=interval)
 
@@ -365,6 +369,14 @@ RULES: tuple[Rule, ...] = (
     Rule("data.random_flip", boolean),
     Rule("data.skip_unreadable", boolean),
     Rule("data.shardshuffle", boolean),
+    Rule("data.caption_dropout", _fraction("[0, 1]")),
+    Rule("data.shuffle_tags", boolean),
+    Rule("data.keep_tokens", _non_negative_int),
+    Rule("data.crop_coords", boolean),
+    Rule("data.buckets.enabled", boolean),
+    Rule("data.buckets.pixels", _positive_int, nullable=True),
+    Rule("data.buckets.step", _positive_int),
+    Rule("data.buckets.max_ratio", _at_least_one),
     Rule("data.invert", boolean),
     Rule("data.train_path", _path("file")),
     Rule("data.val_path", _path("file"), nullable=True),

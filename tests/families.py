@@ -80,6 +80,14 @@ def _sd_probe(head, batch) -> tuple[torch.Tensor, ...]:
     return hidden, head.unet(x, torch.tensor([10, 700]), hidden).sample
 
 
+def _sdxl_probe(head, batch) -> tuple[torch.Tensor, ...]:
+    hidden, pooled = head._encode_uncached(batch["text"][:2])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2)
+    pred = head.unet(x, torch.tensor([10, 700]), hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids})
+    return hidden, pooled, pred.sample
+
+
 def _lbm_probe(head, _batch) -> tuple[torch.Tensor, ...]:
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     return (head.denoiser(x, torch.tensor([250.0, 1000.0]), encoder_hidden_states=None).sample,)
@@ -124,6 +132,13 @@ CASES = (
                ("data=digits", "data.num_images=40", "data.batch_size=4"),
                lambda _: next(iter(image_batches(n=4, batch_size=4))), _sd_probe, ("unet",),
                slow_ddp=True),  # DDP over a latent-diffusion head: lbm_tiny's row runs it by default
+    # SDXL (two text encoders, size/crop conditioning): every check slow, sd_tiny's row covers the SD head by default.
+    # LoRA on the second encoder only: SDXL reads the first one's penultimate layer, so its last layer's LoRA never
+    # gets a gradient (tests/test_sdxl.py trains both)
+    FamilyCase("sdxl_tiny", "diffusion", lambda _: ["model=sdxl_tiny", "model.train_text_encoder_2=true"],
+               ("data=digits", "data.num_images=40", "data.batch_size=4"),
+               lambda _: next(iter(image_batches(n=4, batch_size=4))), _sdxl_probe, ("unet", "text_encoder_2"),
+               slow=True, slow_ddp=True),
     # webdataset shards: DDP needs samples_per_epoch (each process streams its share)
     FamilyCase("lbm_tiny", "diffusion", lambda _: ["model=lbm_tiny"],
                ("data=digits_pairs", "data.num_images=40", "data.batch_size=4", "data.samples_per_epoch=32"),

@@ -19,8 +19,8 @@ from lightning_lora.train import _user_error, check_model_takes_data, run
 PRESET_DATA = {
     "minilm": "code_search", "hf_encoder": "pairs", "clip": "image_pairs", "clip_tiny": "digits_retrieval",
     "qwen3_vl_embedding": "image_pairs", "qwen3_vl_tiny": "digits_retrieval", "sd15": "image_folder",
-    "sd_tiny": "digits", "sd_digits_base": "styled_digits", "lbm": "paired_shards", "lbm_tiny": "digits_pairs",
-    "lbm_digits_base": "digits_pairs", "trellis_ss": "trellis",
+    "sd_tiny": "digits", "sd_digits_base": "styled_digits", "sdxl": "image_folder", "sdxl_tiny": "digits",
+    "lbm": "paired_shards", "lbm_tiny": "digits_pairs", "lbm_digits_base": "digits_pairs", "trellis_ss": "trellis",
     "trellis_slat": "trellis", "trellis_ss_tiny": "trellis_demo", "trellis_slat_tiny": "trellis_demo",
 }
 TEXT, IMAGE_TEXT = ("code_search", "pairs"), ("code_search", "digits_retrieval", "image_pairs", "pairs")
@@ -28,6 +28,7 @@ CAPTIONED = ("digits", "dreambooth", "hf_dataset", "image_folder", "styled_digit
 TAKES = {
     "minilm": TEXT, "hf_encoder": TEXT, "clip": IMAGE_TEXT, "clip_tiny": IMAGE_TEXT, "qwen3_vl_embedding": IMAGE_TEXT,
     "qwen3_vl_tiny": IMAGE_TEXT, "sd15": CAPTIONED, "sd_tiny": CAPTIONED, "sd_digits_base": CAPTIONED,
+    "sdxl": CAPTIONED, "sdxl_tiny": CAPTIONED,
     "lbm": ("digits_pairs", "paired_shards"),
     "lbm_tiny": ("digits_pairs", "paired_shards"), "lbm_digits_base": ("digits_pairs", "paired_shards"),
     **{m: ("trellis", "trellis_demo") for m in (
@@ -36,6 +37,7 @@ TAKES = {
 HEADS = {**{m: "EmbeddingHead" for m in ("minilm", "hf_encoder", "clip", "clip_tiny", "qwen3_vl_embedding",
                                           "qwen3_vl_tiny")},
          "sd15": "DiffusionHead", "sd_tiny": "DiffusionHead", "sd_digits_base": "DiffusionHead", "lbm": "BridgeHead",
+         "sdxl": "SDXLHead", "sdxl_tiny": "SDXLHead",
          "lbm_tiny": "BridgeHead", "lbm_digits_base": "BridgeHead",
          **{m: "FlowMatching3DHead" for m in ("trellis_ss", "trellis_slat", "trellis_ss_tiny", "trellis_slat_tiny")}}
 DATA_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
@@ -93,10 +95,10 @@ def test_tiny_presets_train_two_steps_with_the_data_they_bring(model: str, tmp_p
     assert type(objects["datamodule"]).__name__ == cfg.data._target_.rsplit(".", 1)[-1]
 
 
-@pytest.mark.parametrize("model", ["sd15", "lbm", "hf_encoder", "clip", "qwen3_vl_embedding", "trellis_ss",
+@pytest.mark.parametrize("model", ["sd15", "sdxl", "lbm", "hf_encoder", "clip", "qwen3_vl_embedding", "trellis_ss",
                                    "trellis_slat"])
 def test_real_presets_stop_in_one_line_at_the_data_path_they_need(model: str, tmp_path) -> None:
-    need = {"sd15": "data.train_dir", "lbm": "data.train_shards", "trellis_ss": "data.roots",
+    need = {"sd15": "data.train_dir", "sdxl": "data.train_dir", "lbm": "data.train_shards", "trellis_ss": "data.roots",
             "trellis_slat": "data.roots"}.get(model, "data.train_path")
     cfg = compose_train([f"model={model}", *ENCODER.get(model, [])])
     with open_dict(cfg):

@@ -257,12 +257,25 @@ def _read_kohya(tensors: Mapping[str, torch.Tensor], src: str, path: Path) -> Lo
 
 
 # ---------------------------------------------------------------------------- names
-def kohya_name(module: str) -> str:
-    """``down_blocks.0.x`` -> ``lora_unet_down_blocks_0_x``; ``text_encoder.y`` -> ``lora_te_y``."""
-    for sub, prefix in (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_")):
-        if module.startswith(sub):
-            return prefix + module[len(sub):].replace(".", "_")
+#: kohya's prefix per text encoder (SDXL's files number both: ``lora_te1_``, ``lora_te2_``)
+KOHYA_TEXT_PREFIXES = {"text_encoder_2": "lora_te2_", "text_encoder": "lora_te_"}
+
+
+def kohya_name(module: str, text_prefixes: Mapping[str, str] | None = None) -> str:
+    """``down_blocks.0.x`` -> ``lora_unet_down_blocks_0_x``; ``text_encoder.y`` -> ``lora_te_y`` (or the prefix
+    ``text_prefixes`` gives that submodule)."""
+    prefixes = {**KOHYA_TEXT_PREFIXES, **(text_prefixes or {})}
+    for sub in sorted(prefixes, key=len, reverse=True):
+        if module.startswith(sub + "."):
+            return prefixes[sub] + module[len(sub) + 1:].replace(".", "_")
     return "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+
+
+def kohya_names(module: str) -> list[str]:
+    """Every kohya name of ``module``: the first text encoder's layers are ``lora_te_`` (SD 1.x) or ``lora_te1_``
+    (SDXL)."""
+    name = kohya_name(module)
+    return [name, "lora_te1_" + name[len("lora_te_"):]] if name.startswith("lora_te_") else [name]
 
 
 def diffusers_name(module: str) -> str:
@@ -279,7 +292,8 @@ def resolve_modules(names: Iterable[str], base_modules: Iterable[str], where: st
     base_set = set(base)
     underscored: dict[str, str] = {}
     for m in base:  # kohya names of a bare UNet (x) or of a diffusers folder (unet.x) are both lora_unet_x
-        underscored.setdefault(kohya_name(m), m)
+        for name in kohya_names(m):
+            underscored.setdefault(name, m)
     out = {}
     for n in names:
         candidates = [n, *(n[len(p):] for p in strip if n.startswith(p)), *(p + n for p in strip)]
@@ -298,7 +312,7 @@ def rename_like(lora: LoraSet, known: Iterable[str]) -> LoraSet:
     known = list(known)
     if lora.format != "kohya" or not known:
         return lora
-    underscored = {kohya_name(m): m for m in known}
+    underscored = {name: m for m in known for name in kohya_names(m)}
     lora.modules = {underscored.get(n, n): f for n, f in lora.modules.items()}
     return lora
 
@@ -403,13 +417,13 @@ def write_peft_dir(directory: str | os.PathLike, modules: Mapping[str, Factors],
 
 
 def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: torch.dtype | None = None,
-                metadata: Mapping[str, str] | None = None) -> Path:
+                metadata: Mapping[str, str] | None = None, text_prefixes: Mapping[str, str] | None = None) -> Path:
     """``lora_unet_…``/``lora_te_…`` keys with each module's true alpha; ``ss_network_dim/alpha`` describe the
     linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``)."""
     check_result(modules, path, dtype)
     tensors = {}
     for m, f in modules.items():
-        name = kohya_name(m)
+        name = kohya_name(m, text_prefixes)
         tensors[f"{name}.lora_down.weight"] = _cast(f.down, dtype)
         tensors[f"{name}.lora_up.weight"] = _cast(f.up, dtype)
         tensors[f"{name}.alpha"] = torch.tensor(f.alpha, dtype=torch.float32)

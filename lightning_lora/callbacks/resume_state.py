@@ -6,8 +6,9 @@ every checkpoint (weights-only-safe values: tensors, ints, tuples):
 
 - ``epoch_rng``: the generators' state just before the current epoch's data iterator was created (the
   shuffle order and the workers' base seed come from it),
-- ``loading_rng``: their state as the batch that was already fetched ahead (Lightning prefetches one) began
-  to load (random augmentation in the main process draws from it),
+- ``loading_rng``: their state as the batch that was already fetched ahead began to load (random augmentation
+  in the main process draws from it); Lightning fetches one ahead from a loader without a length (an iterable
+  dataset) and none from a sized one (``prefetched`` says which: without one, the next batch loads from ``rng``),
 - ``rng``: their state when the checkpoint was written,
 - ``batches``: how many batches of the epoch were trained.
 
@@ -84,10 +85,12 @@ class ResumableSampler(Sampler):
         self.at_first: dict[str, Any] | None = None
         self.at_second: Callable[[], None] | None = None
         self.batch_rng: dict[str, Any] | None = None  # the state as the latest batch started to load
+        self.started = 0  # batches of this pass that began to load (the skipped ones included)
 
     def __iter__(self) -> Iterator[Any]:
         skip, at_first, at_second = self.skip, self.at_first, self.at_second
         self.skip, self.at_first, self.at_second = 0, None, None
+        self.started = -(-skip // self.batch_size)
         for i, index in enumerate(self.sampler):  # iterating draws the shuffle seed as the original pass did
             if i < skip:
                 if not self.drop:
@@ -99,6 +102,7 @@ class ResumableSampler(Sampler):
                 elif i == skip + self.batch_size and at_second is not None:
                     at_second()
                 self.batch_rng = capture_rng()
+                self.started += 1
             yield index
 
     def __len__(self) -> int:
@@ -160,8 +164,11 @@ class ExactResume(Callback):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         trainer_batches = getattr(self, "_batches_fn", lambda: 0)()
-        loading = self._sampler.batch_rng if self._sampler is not None else None
-        mine = {"epoch_rng": self._epoch_rng, "rng": capture_rng(), "loading_rng": loading}
+        sampler = self._sampler
+        prefetched = sampler is not None and sampler.started > trainer_batches
+        loading = sampler.batch_rng if prefetched else None
+        mine = {"epoch_rng": self._epoch_rng, "rng": capture_rng(), "loading_rng": loading,
+                "prefetched": int(prefetched)}
         state = {**mine, "batches": trainer_batches}
         if _distributed():  # every process's own states (save_checkpoint runs on every rank, so this may gather)
             state["ranks"] = _gather(mine)
@@ -207,8 +214,11 @@ class ExactResume(Callback):
                 if not self._sampler.drop:  # an iterable dataset: read the trained batches, drop them here
                     loader.__class__ = type("ResumedDataLoader", (_DropFirstBatches, type(loader)), {})
                     loader.drop_batches = batches
-                self._sampler.at_first = loaded.get("loading_rng")
-                self._sampler.at_second = self._restore_pending
+                if loaded.get("prefetched", 1):
+                    self._sampler.at_first = loaded.get("loading_rng")
+                    self._sampler.at_second = self._restore_pending
+                else:  # nothing was fetched ahead: the next batch loads from the state at the checkpoint
+                    self._sampler.at_first, self._pending_rng = loaded["rng"], None
                 self.skipped_batches = batches
             elif mid_epoch:  # saved after the epoch's last batch (the next starts fresh), or no sampler to skip
                 self.exact = self._sampler is not None

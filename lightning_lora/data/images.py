@@ -22,7 +22,7 @@ import io
 import os
 import posixpath
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.checks import choice, fraction, non_negative_int, optional_positive_int, positive_int
+from lightning_lora.data.buckets import BucketSampler, BucketSpec
+from lightning_lora.data.captions import CaptionPolicy
 from lightning_lora.data.pairs import jsonl_values
 from lightning_lora.data.text import read_utf8
 from lightning_lora.errors import UserError
@@ -99,12 +101,19 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CropParams:
-    """One draw of the random parts of the transform: resized size, crop corner, flip."""
+    """One draw of the random parts of the transform: resized size, crop corner, flip (and the crop's size)."""
 
-    size: tuple[int, int]  # (width, height) after the shorter-side resize
+    size: tuple[int, int]  # (width, height) after the resize
     top: int
     left: int
     flip: bool
+    out: tuple[int, int] | None = None  # (width, height) of the crop; None: the square resolution
+
+    def crop_top_left(self, resolution: int) -> tuple[int, int]:
+        """(top, left) of the crop in the resized image as the picture shows it, i.e. after the flip (SDXL's
+        ``crop_coords_top_left``: diffusers' script flips before it crops)."""
+        width = self.out[0] if self.out else resolution
+        return self.top, (self.size[0] - self.left - width) if self.flip else self.left
 
 
 class ImageTransform:
@@ -123,8 +132,11 @@ class ImageTransform:
         self.random_flip = random_flip and train
         self.train = train
 
-    def params(self, size: tuple[int, int]) -> CropParams:
-        """Draw the resize/crop/flip for an image of ``size`` = (width, height)."""
+    def params(self, size: tuple[int, int], bucket: tuple[int, int] | None = None) -> CropParams:
+        """Draw the resize/crop/flip for an image of ``size`` = (width, height); with a ``bucket`` (width, height)
+        the image is resized to cover the bucket and cropped to it (``buckets.py``)."""
+        if bucket is not None:
+            return self._bucket_params(size, bucket)
         width, height = size
         res = self.resolution
         # torchvision's Resize(int): the shorter side becomes res, the longer one int(res * long / short).
@@ -137,11 +149,23 @@ class ImageTransform:
         flip = bool(self.random_flip and torch.rand(1).item() < 0.5)
         return CropParams(new, top, left, flip)
 
+    def _bucket_params(self, size: tuple[int, int], bucket: tuple[int, int]) -> CropParams:
+        (width, height), (bw, bh) = size, bucket
+        scale = max(bw / width, bh / height)
+        new = (max(bw, round(width * scale)), max(bh, round(height * scale)))
+        if self.center_crop:
+            top, left = round((new[1] - bh) / 2.0), round((new[0] - bw) / 2.0)
+        else:
+            top = int(torch.randint(0, new[1] - bh + 1, (1,)).item())
+            left = int(torch.randint(0, new[0] - bw + 1, (1,)).item())
+        flip = bool(self.random_flip and torch.rand(1).item() < 0.5)
+        return CropParams(new, top, left, flip, (bw, bh))
+
     def apply(self, image: Image.Image, params: CropParams) -> torch.Tensor:
         if image.size != params.size:
             image = image.resize(params.size, INTERPOLATIONS[self.interpolation])
-        res = self.resolution
-        image = image.crop((params.left, params.top, params.left + res, params.top + res))
+        width, height = params.out or (self.resolution, self.resolution)
+        image = image.crop((params.left, params.top, params.left + width, params.top + height))
         if params.flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image)
@@ -174,6 +198,22 @@ def check_caption(value: Any, where: str, column: str) -> Caption:
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise UserError(f"{where}: field '{column}' must be a string or a non-empty list of strings, got {value!r}")
+
+
+def captioned_item(transform: ImageTransform, image: Image.Image, caption: Caption, index: int,
+                   bucket: tuple[int, int] | None = None, captions: CaptionPolicy | None = None,
+                   crop_coords: bool = False) -> dict[str, Any]:
+    """One batch item: pixels, the caption (``captions`` applied in training), the id, and with ``crop_coords``
+    the original (height, width) and the crop's (top, left) as int64 pairs (SDXL's micro-conditioning)."""
+    params = transform.params(image.size, bucket)
+    text = pick_caption(caption, transform.train)
+    if captions is not None and transform.train:
+        text = captions(text)
+    item: dict[str, Any] = {"pixel_values": transform.apply(image, params), "text": text, "index": index}
+    if crop_coords:
+        item["original_size"] = torch.tensor([image.size[1], image.size[0]])
+        item["crop_top_left"] = torch.tensor(params.crop_top_left(transform.resolution))
+    return item
 
 
 def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -282,6 +322,14 @@ def split_records(records: Sequence[ImageRecord], val_fraction: float) -> tuple[
     return [r for r in records if r.index not in chosen], [r for r in records if r.index in chosen]
 
 
+def stored_size(path: Path) -> tuple[int, int]:
+    """(width, height) as ``load_rgb`` will give it (EXIF orientation applied), from the header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        transposed = image.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations that swap the sides
+    return (height, width) if transposed else (width, height)
+
+
 def _check_readable(path: Path) -> str | None:
     """None when PIL can open ``path`` (header parse: cheap), else the reason."""
     try:
@@ -323,8 +371,11 @@ class ImageCaptionDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[ImageRecord], transform: ImageTransform,
-                 skip_unreadable: bool = False) -> None:
+                 skip_unreadable: bool = False, buckets: Sequence[tuple[int, int]] | None = None,
+                 captions: CaptionPolicy | None = None, crop_coords: bool = False) -> None:
         self.records, self.transform, self.skip_unreadable = list(records), transform, skip_unreadable
+        self.buckets = list(buckets) if buckets is not None else None  # per record: (width, height), or None
+        self.captions, self.crop_coords = captions, crop_coords or buckets is not None
         self._warned: set[Path] = set()
 
     def __len__(self) -> int:
@@ -347,11 +398,9 @@ class ImageCaptionDataset(Dataset):
                     self._warned.add(record.path)
                     warnings.warn(f"skipping unreadable image {record.path} ({describe_error(exc)})", stacklevel=2)
                 continue
-            return {
-                "pixel_values": self.transform(image),
-                "text": pick_caption(record.caption, self.transform.train),
-                "index": record.index,
-            }
+            bucket = self.buckets[(index + step) % len(self.records)] if self.buckets is not None else None
+            return captioned_item(self.transform, image, record.caption, record.index, bucket, self.captions,
+                                  self.crop_coords)
         first = self.records[index % len(self.records)].path
         raise UserError(f"none of the {len(self.records)} images is readable: all were skipped as unreadable "
                         f"(e.g. {first}: {reason})")
@@ -366,8 +415,14 @@ class ImageDataModuleBase(pl.LightningDataModule):
 
     def __init__(self, resolution: int = 512, center_crop: bool = False, random_flip: bool = False,
                  interpolation: str = "lanczos", batch_size: int = 4, val_batch_size: int | None = None,
-                 num_workers: int = 0, skip_unreadable: bool = False) -> None:
+                 num_workers: int = 0, skip_unreadable: bool = False, buckets: Mapping[str, Any] | None = None,
+                 caption_dropout: float = 0.0, shuffle_tags: bool = False, keep_tokens: int = 0,
+                 crop_coords: bool = False) -> None:
         super().__init__()
+        self.bucket_spec = BucketSpec.from_config(buckets, resolution)
+        self.captions = CaptionPolicy(caption_dropout, shuffle_tags, keep_tokens)
+        # original size and crop corner in every batch: always with buckets, else when asked (SDXL asks)
+        self.crop_coords = bool(crop_coords) or self.bucket_spec is not None
         self.train_transform = ImageTransform(resolution, center_crop, random_flip, interpolation, train=True)
         self.val_transform = ImageTransform(resolution, center_crop, random_flip, interpolation, train=False)
         self.resolution = resolution
@@ -379,6 +434,13 @@ class ImageDataModuleBase(pl.LightningDataModule):
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else 1
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def caption_policy(self) -> CaptionPolicy | None:
+        return self.captions if self.captions.active else None
 
 
 class ImageFolderDataModule(ImageDataModuleBase):
@@ -433,10 +495,23 @@ class ImageFolderDataModule(ImageDataModuleBase):
         train, val = [r for r in train if id(r) in readable], [r for r in val if id(r) in readable]
         if not train:
             raise UserError(f"data.train_dir: none of the training images in {self.train_dir} is readable")
-        self.val_set = ImageCaptionDataset(val, self.val_transform, self.skip_unreadable)
-        self.train_set = ImageCaptionDataset(train, self.train_transform, self.skip_unreadable)
+        self.val_set = self._dataset(val, self.val_transform)
+        self.train_set = self._dataset(train, self.train_transform, self.caption_policy())
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _dataset(self, records: list[ImageRecord], transform: ImageTransform,
+                 captions: CaptionPolicy | None = None) -> ImageCaptionDataset:
+        buckets = None
+        if self.bucket_spec is not None:
+            sizes = self.bucket_spec.sizes()
+            buckets = [self.bucket_spec.nearest(stored_size(r.path), sizes) for r in records]
+        return ImageCaptionDataset(records, transform, self.skip_unreadable, buckets, captions, self.crop_coords)
+
+    def _loader(self, dataset: ImageCaptionDataset, batch_size: int, train: bool) -> DataLoader:
+        if dataset.buckets is not None:  # single-bucket batches, shuffled per pass, each process its share
+            sampler = BucketSampler(dataset.buckets, batch_size, shuffle=train, rank=self._rank(),
+                                    world=self._world_size())
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                              collate_fn=collate_images, persistent_workers=self.num_workers > 0)
         return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
                           num_workers=self.num_workers, collate_fn=collate_images,
                           persistent_workers=self.num_workers > 0)

@@ -48,15 +48,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from lightning_lora.checks import non_negative_int, optional_positive_int, positive_int
+from lightning_lora.data.buckets import BucketGroups, BucketSpec
+from lightning_lora.data.captions import CaptionPolicy
 from lightning_lora.data.images import (
     INTERPOLATIONS,
     ImageDataModuleBase,
     ImageTransform,
+    captioned_item,
     check_caption,
     collate_images,
     describe_error,
     load_rgb,
-    pick_caption,
     to_tensor,
 )
 from lightning_lora.data.text import decode_utf8
@@ -304,13 +306,15 @@ def _fields(sample: Mapping[str, Any]) -> str:
 
 def shard_pipeline(urls: Sequence[str], stages: Sequence[Any], *, train: bool, rank: int = 0, world: int = 1,
                    num_workers: int = 0, shardshuffle: bool = True, shuffle_buffer: int = 1000,
-                   samples_per_epoch: int | None = None, skip_unreadable: bool = False) -> wds.DataPipeline:
+                   samples_per_epoch: int | None = None, skip_unreadable: bool = False,
+                   multiple_of: int = 1) -> wds.DataPipeline:
     """A ``wds.DataPipeline`` over ``urls`` yielding raw numbered samples passed through ``stages``.
 
     Training: split across processes and workers, shards and samples shuffled; ``samples_per_epoch`` makes
     the stream endless and cuts each worker's epoch at its share (shards are split only where every process
     or worker still gets one, else each streams all of them in its own order). Validation (``train=False``):
-    every process reads all shards in order, split only across workers.
+    every process reads all shards in order, split only across workers. ``multiple_of``: a worker's epoch is
+    rounded up to a multiple of it (single-bucket batches stay whole).
     """
     workers = max(1, num_workers)
     chosen: list[Any] = [wds.SimpleShardList(list(urls))]
@@ -330,23 +334,27 @@ def shard_pipeline(urls: Sequence[str], stages: Sequence[Any], *, train: bool, r
         chosen.append(_Shuffle(shuffle_buffer, rank))
     pipeline = wds.DataPipeline(*chosen, *stages)
     if train and samples_per_epoch is not None:
-        pipeline = pipeline.with_epoch(-(-samples_per_epoch // (world * workers)))
+        share = -(-samples_per_epoch // (world * workers))
+        pipeline = pipeline.with_epoch(-(-share // multiple_of) * multiple_of)
     return pipeline
 
 
 class CaptionedImage:
-    """Decoded sample -> the SD batch item ``{"pixel_values", "text", "index"}``."""
+    """Decoded sample -> the SD batch item ``{"pixel_values", "text", "index"}`` (``images.captioned_item``: with
+    ``buckets`` each image to its nearest bucket, ``captions`` in training, ``crop_coords``)."""
 
-    def __init__(self, transform: ImageTransform, image: str = "image") -> None:
-        self.transform, self.image = transform, image
+    def __init__(self, transform: ImageTransform, image: str = "image", buckets: BucketSpec | None = None,
+                 captions: CaptionPolicy | None = None, crop_coords: bool = False) -> None:
+        self.transform, self.image, self.buckets = transform, image, buckets
+        self.captions, self.crop_coords = captions, crop_coords
+        self.sizes = buckets.sizes() if buckets is not None else None
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
-            yield {
-                "pixel_values": self.transform(sample[self.image]),
-                "text": pick_caption(sample.get("text", ""), self.transform.train),
-                "index": sample["index"],
-            }
+            image = sample[self.image]
+            bucket = self.buckets.nearest(image.size, self.sizes) if self.buckets is not None else None
+            yield captioned_item(self.transform, image, sample.get("text", ""), sample["index"], bucket,
+                                 self.captions, self.crop_coords)
 
 
 # --------------------------------------------------------------------------- data module
@@ -439,7 +447,11 @@ class WebDatasetDataModule(ImageDataModuleBase):
     def stages(self, train: bool) -> list[Any]:
         """Decoding and the batch item, after the shard reading (captioned images here)."""
         decode = DecodeSample({"image": self.image_key}, self.caption_key, self.caption_column, self.skip_unreadable)
-        return [decode, CaptionedImage(self.train_transform if train else self.val_transform)]
+        item = CaptionedImage(self.train_transform if train else self.val_transform, buckets=self.bucket_spec,
+                              captions=self.caption_policy() if train else None, crop_coords=self.crop_coords)
+        if self.bucket_spec is None:
+            return [decode, item]
+        return [decode, item, BucketGroups(self.batch_size if train else self.val_batch_size)]
 
     def pipeline(self, train: bool) -> wds.DataPipeline:
         trainer = getattr(self, "trainer", None)
@@ -448,7 +460,7 @@ class WebDatasetDataModule(ImageDataModuleBase):
             self.train_urls if train else self.val_urls, self.stages(train), train=train, rank=rank,
             world=self._world_size(), num_workers=self.num_workers, shardshuffle=self.shardshuffle,
             shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch,
-            skip_unreadable=self.skip_unreadable,
+            skip_unreadable=self.skip_unreadable, multiple_of=self.batch_size if self.bucket_spec else 1,
         )
 
     def _loader(self, train: bool) -> DataLoader:

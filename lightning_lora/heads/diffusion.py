@@ -61,23 +61,25 @@ def pipeline_files(variant: str | None = None) -> tuple[str, ...]:
 
 
 def check_pipeline_folder(pretrained: str | Path | None, revision: str | None = None, variant: str | None = None,
-                          key: str = "model.pretrained") -> Path:
-    """The folder of a diffusers Stable Diffusion pipeline (local, or a Hub id fetched into the cache), with every
-    part the head loads."""
+                          key: str = "model.pretrained", *, parts: tuple[str, ...] = PIPELINE_PARTS,
+                          files: tuple[str, ...] | None = None, what: str = "Stable Diffusion",
+                          example: str = SD15_HUB_ID) -> Path:
+    """The folder of a diffusers pipeline (local, or a Hub id whose ``files`` are fetched into the cache), with
+    every one of ``parts`` the head loads (Stable Diffusion's by default)."""
     from lightning_lora import hub
 
     if not pretrained:
-        raise UserError(f"{key} is required: pass {key}=<diffusers SD folder or Hub id, e.g. {SD15_HUB_ID}>")
+        raise UserError(f"{key} is required: pass {key}=<diffusers {what} folder or Hub id, e.g. {example}>")
     if revision and hub.is_hub_name(pretrained) and "@" not in str(pretrained):
         pretrained = f"{pretrained}@{revision}"
-    path = hub.resolve(pretrained, key=key, allow_patterns=pipeline_files(variant))
+    path = hub.resolve(pretrained, key=key, allow_patterns=files or pipeline_files(variant))
     if not path.is_dir():
-        raise UserError(f"{key}: no folder at {path} (give a diffusers Stable Diffusion folder or a Hub id such as "
-                        f"{SD15_HUB_ID})")
-    for part in PIPELINE_PARTS:
+        raise UserError(f"{key}: no folder at {path} (give a diffusers {what} folder or a Hub id such as "
+                        f"{example})")
+    for part in parts:
         if not (path / part).is_dir():
-            raise UserError(f"{key}={path} has no {part}/ folder; a Stable Diffusion pipeline folder "
-                            f"holds {', '.join(p + '/' for p in PIPELINE_PARTS)}")
+            raise UserError(f"{key}={path} has no {part}/ folder; a {what} pipeline folder "
+                            f"holds {', '.join(p + '/' for p in parts)}")
     return path
 
 
@@ -100,8 +102,13 @@ def load_pipeline_parts(path: Path, revision: str | None = None, variant: str | 
             "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
         }
     except (OSError, ValueError) as e:  # a missing weights file / variant, a bad config
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"model.pretrained={path}: cannot load the pipeline: {first[:200]}") from None
+        raise load_error("model.pretrained", path, e) from None
+
+
+def load_error(key: str, path: Path, error: BaseException) -> UserError:
+    """One line for a pipeline part that does not load (a missing weights file or variant, a bad config)."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return UserError(f"{key}={path}: cannot load the pipeline: {first[:200]}")
 
 
 def parse_frozen_dtype(name: str | None) -> torch.dtype | None:
@@ -119,8 +126,10 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 
 
 def _pixel_key(image: torch.Tensor) -> str:
-    return hashlib.blake2b(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
-                           digest_size=16).hexdigest()
+    """The cache key of one image: its pixels and its shape (an aspect-ratio bucket's crop is its own entry)."""
+    digest = hashlib.blake2b(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16)
+    digest.update(str(tuple(image.shape)).encode())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- what the heads share
@@ -218,6 +227,15 @@ class DiffusionHead(LatentHead):
     fsdp_blocks: ClassVar[tuple[str, ...]] = (*LatentHead.fsdp_blocks, "CLIPEncoderLayer")
     sample_command: ClassVar[str | None] = "sd"
     sample_help: ClassVar[str] = "a Stable Diffusion picture with LoRAs folded in at a scale"
+    #: the pipeline's text encoders, as their folders (and LoRA files' prefixes) name them
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: kohya metadata ``ss_base_model_version`` and the kohya prefix of each text encoder's modules
+    kohya_version: ClassVar[str] = "sd_v1"
+    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te_"}
+    #: what ``sample <command> --pretrained`` takes, and its default guidance scale
+    sample_what: ClassVar[str] = "Stable Diffusion"
+    sample_example: ClassVar[str] = SD15_HUB_ID
+    sample_guidance: ClassVar[float] = 7.5
 
     def __init__(
         self,
@@ -244,12 +262,12 @@ class DiffusionHead(LatentHead):
 
         self.prior_loss_weight = number(prior_loss_weight, "model.prior_loss_weight", low=0)
 
-        path = check_pipeline_folder(pretrained, revision, variant)
+        path = self.check_folder(pretrained, revision, variant)
         if prediction_type is not None:
             choice(prediction_type, "model.prediction_type", PREDICTION_TYPES, also=["null"])
         if snr_gamma is not None and snr_gamma <= 0:
             raise UserError(f"model.snr_gamma={snr_gamma} must be > 0 (5.0 is the paper's value) or null")
-        parts = load_pipeline_parts(path, None, variant)  # the revision, if any, chose the cached snapshot
+        parts = self.load_parts(path, variant)  # the revision, if any, chose the cached snapshot
         self.unet, self.text_encoder = parts["unet"], parts["text_encoder"]
         self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["scheduler"]
         if prediction_type is not None:
@@ -257,7 +275,7 @@ class DiffusionHead(LatentHead):
         if self.noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"{path}/scheduler predicts {self.noise_scheduler.config.prediction_type!r}; set "
                             f"model.prediction_type to one of {', '.join(PREDICTION_TYPES)}")
-        cast_frozen(frozen_dtype, self.unet, parts["vae"], self.text_encoder)
+        cast_frozen(frozen_dtype, *self.frozen_networks(parts, frozen_dtype))
         self._init_vae(parts["vae"], resolution, cache_latents)
         # a Hub id is what other tools (and the adapter's metadata) should name, not this machine's cache path
         self.pretrained, short = hub.identity(pretrained, path)
@@ -270,6 +288,19 @@ class DiffusionHead(LatentHead):
         self.previews = dict(previews or {})
         self._text_cache: dict[str, torch.Tensor] = {}
         self._pipeline_cache: list[Any] = []  # built on first use; a list keeps it out of the module tree
+
+    # ------------------------------------------------------------------ loading (SDXL's head overrides these)
+    @classmethod
+    def check_folder(cls, pretrained: str | Path | None, revision: str | None = None, variant: str | None = None,
+                     key: str = "model.pretrained") -> Path:
+        return check_pipeline_folder(pretrained, revision, variant, key)
+
+    def load_parts(self, path: Path, variant: str | None) -> dict[str, Any]:
+        return load_pipeline_parts(path, None, variant)
+
+    def frozen_networks(self, parts: Mapping[str, Any], frozen_dtype: str | None) -> list[nn.Module]:
+        """The networks ``model.frozen_dtype`` casts."""
+        return [parts["unet"], parts["vae"], parts["text_encoder"]]
 
     # ------------------------------------------------------------------ TaskHead
     def adaptable_submodules(self) -> dict[str, nn.Module]:
@@ -327,12 +358,16 @@ class DiffusionHead(LatentHead):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    def conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The UNet's text conditioning for a batch: encoder hidden states and any further UNet arguments."""
+        return self.encode_text(batch["text"]), {}
+
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         pixels, captions = batch["pixel_values"], batch["text"]
         if len(captions) != pixels.shape[0]:
             raise UserError(f"batch has {pixels.shape[0]} images but {len(captions)} captions")
         latents = self.encode_images(pixels, generator)
-        hidden = self.encode_text(captions)
+        hidden, extra = self.conditioning(batch)
         n, device = latents.shape[0], latents.device
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         if self.noise_offset:
@@ -344,7 +379,7 @@ class DiffusionHead(LatentHead):
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         if not torch.is_autocast_enabled():  # a frozen fp16/bf16 UNet in a 32-true run takes its own dtype
             noisy, hidden = noisy.to(self.unet.dtype), hidden.to(self.unet.dtype)
-        pred = self.unet(noisy, t, hidden).sample
+        pred = self.unet(noisy, t, hidden, **extra).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma is not None:
             from diffusers.training_utils import compute_snr
@@ -428,8 +463,10 @@ class DiffusionHead(LatentHead):
         written = [write_diffusers(snapshot / DIFFUSERS_FILE, modules, magnitudes=magnitudes)]
         # DoRA: diffusers' loader reads lora_magnitude_vector keys but drops kohya's dora_scale: no kohya file then
         if not magnitudes:
-            written.append(write_kohya(snapshot / KOHYA_FILE, modules, metadata=self._kohya_metadata(modules)))
-        if "unet" in adapters:  # the seed saves the UNet's only (its text-encoder LoRA is a PeftModel of its own)
+            written.append(write_kohya(snapshot / KOHYA_FILE, modules, metadata=self._kohya_metadata(modules),
+                                       text_prefixes=self.kohya_text_prefixes))
+        if "unet" in adapters and self.text_encoders == ("text_encoder",):
+            # seed 002 (SD 1.x) saves the UNet's only (its text-encoder LoRA is a PeftModel of its own)
             written.append(save_tensor_dict(snapshot / SEED_STATE_FILE, in_place_state(adapters["unet"])))
         return written
 
@@ -442,17 +479,18 @@ class DiffusionHead(LatentHead):
         if conv:
             args = {"conv_dim": Counter(f.rank for f in conv).most_common(1)[0][0],
                     "conv_alpha": Counter(f.alpha for f in conv).most_common(1)[0][0]}
-        return {"ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1", "ss_output_name": self.name}
+        return {"ss_network_args": json.dumps(args), "ss_base_model_version": self.kohya_version,
+                "ss_output_name": self.name}
 
     # ------------------------------------------------------------------ lightning-lora sample sd
     @classmethod
     def add_sample_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--pretrained", required=True,
-                            help=f"diffusers Stable Diffusion folder or Hub id (e.g. {SD15_HUB_ID}[@revision])")
+                            help=f"diffusers {cls.sample_what} folder or Hub id (e.g. {cls.sample_example}[@revision])")
         options.add_lora_folding(parser, "diffusers/kohya/PEFT/lightning_lora file, or a run's adapters/final")
         parser.add_argument("--prompt", required=True)
         parser.add_argument("--steps", type=options.positive_int, default=25)
-        parser.add_argument("--guidance", type=options.finite_float, default=7.5)
+        parser.add_argument("--guidance", type=options.finite_float, default=cls.sample_guidance)
         parser.add_argument("--resolution", type=int, default=None,
                             help="a positive multiple of 8 (default: the UNet's sample size x VAE factor)")
         parser.add_argument("--seed", type=int, default=0)
@@ -467,15 +505,14 @@ class DiffusionHead(LatentHead):
         out = options.image_out(args)
         if args.resolution is not None:  # the pipeline's own rule, before anything loads (the VAE's after)
             check_sample_size(args.resolution, 8)
-        folder = check_pipeline_folder(args.pretrained, key="--pretrained")
-        from diffusers import StableDiffusionPipeline
+        folder = cls.check_folder(args.pretrained, key="--pretrained")
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe = cls.load_sample_pipeline(folder, args)
         pipe.to(options.device(args.device))
         for line in apply_loras(pipe, options.scaled_loras(args), allow_partial=args.allow_partial,
-                                verbose=args.verbose):
+                                verbose=args.verbose, parts=("unet", *cls.text_encoders)):
             print(line)
         size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         check_sample_size(size, pipe.vae_scale_factor)
@@ -486,6 +523,13 @@ class DiffusionHead(LatentHead):
         atomic_write_bytes(out, options.image_bytes(image, out))
         print(f"wrote {out} ({size}x{size}, {args.steps} steps, guidance {args.guidance:g}, seed {args.seed})")
         return 0
+
+
+    @classmethod
+    def load_sample_pipeline(cls, folder: Path, args: argparse.Namespace) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 
 def check_sample_size(size: int, vae_factor: int) -> int:
@@ -511,18 +555,19 @@ def canonical_name(module: str) -> str:
     return module
 
 
-def pipeline_layers(pipe: Any) -> dict[str, nn.Module]:
-    """Every weight-bearing layer of the pipeline's UNet and text encoder, by ``unet.<path>`` /
+def pipeline_layers(pipe: Any, parts: tuple[str, ...] = LORA_PARTS) -> dict[str, nn.Module]:
+    """Every weight-bearing layer of the pipeline's UNet and text encoder(s), by ``unet.<path>`` /
     ``text_encoder.<path>``, text-encoder layers also under their ``text_model.`` name."""
     from lightning_lora.adapters.fold import named_layers
 
-    return named_layers({part: getattr(pipe, part) for part in LORA_PARTS}, rename=canonical_name)
+    return named_layers({part: getattr(pipe, part) for part in parts}, rename=canonical_name)
 
 
 def apply_loras(pipe: Any, loras: list[tuple[Path, float]], allow_partial: bool = False, verbose: bool = False,
-                ) -> list[str]:
-    """Fold LoRAs into a Stable Diffusion pipeline's UNet/text-encoder weights (see ``adapters.fold``)."""
+                parts: tuple[str, ...] = LORA_PARTS) -> list[str]:
+    """Fold LoRAs into a pipeline's UNet/text-encoder weights (see ``adapters.fold``); SDXL names its two text
+    encoders in ``parts``."""
     from lightning_lora.adapters.fold import fold_loras
 
-    return fold_loras(pipeline_layers(pipe), loras, allow_partial, what="a UNet or text-encoder layer",
+    return fold_loras(pipeline_layers(pipe, parts), loras, allow_partial, what="a UNet or text-encoder layer",
                       where="the pipeline", inside=(DIFFUSERS_FILE,), verbose=verbose)
