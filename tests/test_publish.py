@@ -34,10 +34,16 @@ def _run(tmp: Path, overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def embed_run(tmp_path_factory, tiny_bert, cache_dir, one_thread):
-    """A 2-step run of the default job's setup on the tiny BERT: (run dir, module)."""
-    return _run(tmp_path_factory.mktemp("embed"), [
-        f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", "trainer.max_steps=2",
-        "data.batch_size=8", "data.val_batch_size=16", "data.max_train_samples=16", "data.max_val_samples=16",
+    """A 2-step run of the default job's model preset on the tiny BERT and 16 pairs: (run dir, module)."""
+    from conftest import write_pairs
+
+    tmp = tmp_path_factory.mktemp("embed")
+    rows = [{"query": f"how to {verb} a {noun}", "positive": f"def {verb}_{noun}(x): return x"}
+            for verb in ("sort", "open", "parse", "hash") for noun in ("list", "file", "string", "path")]
+    pairs = write_pairs(tmp / "pairs.jsonl", rows)
+    return _run(tmp, [
+        f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", "data=pairs", f"data.train_path={pairs}",
+        f"data.val_path={pairs}", "trainer.max_steps=2", "data.batch_size=8", "data.val_batch_size=16",
         "model.query_max_length=16", "model.doc_max_length=32", "model.query_prefix='query: '",
         "~callbacks.progress_bar"])
 
@@ -103,7 +109,7 @@ No license is set: add `license:` to the metadata above before sharing.
 | --- | --- |
 | base model | `{tiny_bert}` |
 | family | embedding |
-| dataset | CodeSearchDataModule |
+| dataset | PairsDataModule |
 | steps | 2 |
 | trainable parameters | {metrics['trainable_params']:,} |
 
