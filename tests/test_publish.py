@@ -544,3 +544,18 @@ def test_trellis_push_takes_its_lora_ckpts_pair(tmp_path, capsys):
     assert "model = get_peft_model(denoiser, LoraConfig(r=4, lora_alpha=8, target_modules=['to_out', 'to_q']))" in card
     assert 'torch.load(hf_hub_download("me/trellis-lora", "denoiser_lora_step0000005.pt"), weights_only=True)' in card
     assert "| denoiser | 4 | 8 | to_out, to_q |" in card and "| steps | 5 |" in card
+
+
+def test_base_hash_only_for_a_base_that_is_one_file(tmp_path):
+    """kohya's ``ss_new_sd_model_hash`` is the SHA-256 of the whole checkpoint file: written for a base that is one
+    file, left out for a folder (a hash of one part of it would match no file a tool knows)."""
+    import hashlib
+
+    from lightning_lora.adapters.metadata import file_sha256, training_keys
+
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights" * 1000)
+    keys = training_keys(learning_rate=1e-4, sd_model_name="base", new_sd_model_hash=file_sha256(base))
+    assert keys == {"ss_learning_rate": "0.0001", "ss_sd_model_name": "base",
+                    "ss_new_sd_model_hash": hashlib.sha256(base.read_bytes()).hexdigest()}
+    assert file_sha256(tmp_path) is None and file_sha256(None) is None
