@@ -33,19 +33,29 @@ def _run(tmp: Path, overrides: list[str]):
 
 
 @pytest.fixture(scope="module")
-def embed_run(tmp_path_factory, tiny_bert, cache_dir, one_thread):
-    """A 2-step run of the default job's model preset on the tiny BERT and 16 pairs: (run dir, module)."""
+def embed_pushed(tmp_path_factory, tiny_bert, cache_dir, one_thread):
+    """A 2-step run of the default job's model preset on the tiny BERT and 16 pairs, with the push callback on and
+    the Hub's network calls replaced: (run dir, module, the calls the callback made)."""
     from conftest import write_pairs
 
     tmp = tmp_path_factory.mktemp("embed")
     rows = [{"query": f"how to {verb} a {noun}", "positive": f"def {verb}_{noun}(x): return x"}
             for verb in ("sort", "open", "parse", "hash") for noun in ("list", "file", "string", "path")]
     pairs = write_pairs(tmp / "pairs.jsonl", rows)
-    return _run(tmp, [
-        f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", "data=pairs", f"data.train_path={pairs}",
-        f"data.val_path={pairs}", "trainer.max_steps=2", "data.batch_size=8", "data.val_batch_size=16",
-        "model.query_max_length=16", "model.doc_max_length=32", "model.query_prefix='query: '",
-        "~callbacks.progress_bar"])
+    with pytest.MonkeyPatch.context() as patch:
+        hub = FakeHub(patch)
+        run_dir, module = _run(tmp, [
+            f"model.pretrained={tiny_bert}", f"paths.cache_dir={cache_dir}", "data=pairs", f"data.train_path={pairs}",
+            f"data.val_path={pairs}", "trainer.max_steps=2", "data.batch_size=8", "data.val_batch_size=16",
+            "model.query_max_length=16", "model.doc_max_length=32", "model.query_prefix='query: '",
+            f"callbacks.push.repo_id={EMBED_REPO}", "callbacks.push.private=true", "~callbacks.progress_bar"])
+    return run_dir, module, hub.calls
+
+
+@pytest.fixture(scope="module")
+def embed_run(embed_pushed):
+    """(run dir, module) of ``embed_pushed``."""
+    return embed_pushed[:2]
 
 
 @pytest.fixture(scope="module")
@@ -419,6 +429,20 @@ def test_push_mistakes_are_one_line_before_any_network(case, embed_run, tmp_path
 
 
 # ---------------------------------------------------------------------------- the callback
+def test_push_callback_pushes_after_metrics_json(embed_pushed):
+    """``callbacks.push.repo_id=...``: the run pushes its final snapshot once, after ``metrics.json`` (the card shows
+    the results), with the callback's settings."""
+    run_dir, _, calls = embed_pushed
+    assert [name for name, _ in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1]["repo_id"] == EMBED_REPO and calls[0][1]["private"] is True
+    card = calls[1][1]["files"]["README.md"].decode()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"| val/loss | {_number(metrics['before']['val/loss'])} | {_number(metrics['after']['val/loss'])} |" in card
+    assert sorted(calls[1][1]["files"]) == ["README.md", "encoder/adapter_config.json",
+                                            "encoder/adapter_model.safetensors", "model/adapter_config.json",
+                                            "model/adapter_model.safetensors", "model/whole_model.json"]
+
+
 def test_push_callback_after_the_run(embed_run, capsys, monkeypatch):
     from lightning_lora.callbacks import PushToHub
 
