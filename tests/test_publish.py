@@ -583,3 +583,25 @@ def test_base_hash_only_for_a_base_that_is_one_file(tmp_path):
     assert keys == {"ss_learning_rate": "0.0001", "ss_sd_model_name": "base",
                     "ss_new_sd_model_hash": hashlib.sha256(base.read_bytes()).hexdigest()}
     assert file_sha256(tmp_path) is None and file_sha256(None) is None
+
+
+def test_card_shows_the_adaptation_report(sd_run, tmp_path, capsys):
+    """``metrics.json``'s ``adaptation`` block (a demo's judge) becomes its own table, and ``before_after.png`` is
+    uploaded and embedded."""
+    import shutil
+
+    run_dir, _ = sd_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["adaptation"] = {"metric": "red style share", "before": 0.0, "after": 0.94,
+                             "digit_accuracy": {"before": 1.0, "after": 0.98}}
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    shutil.copy(copy / "samples/base.png", copy / "samples/before_after.png")
+    folder = _dry_run(copy, SD_REPO, tmp_path / "out", capsys)
+    card = (folder / "README.md").read_text()
+    assert ("A measure other than the loss, before and after training:\n\n| measure | before | after |\n"
+            "| --- | --- | --- |\n| red style share | 0.0000 | 0.9400 |\n"
+            "| digit_accuracy | 1.0000 | 0.9800 |\n") in card
+    assert "![before (top) and after (bottom) training](images/before_after.png)" in card
+    assert (folder / "images/before_after.png").read_bytes() == (copy / "samples/before_after.png").read_bytes()
