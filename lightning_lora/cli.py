@@ -1,5 +1,5 @@
-"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``, ``sample``, and the
-families' own commands.
+"""The ``lightning-lora`` command: ``extract``, ``validate``, ``inspect``, ``merge``, ``combine``, ``push``, ``sample``,
+and the families' own commands.
 
 Model and adapter arguments are local paths or Hugging Face Hub ids (``lightning_lora.hub``).
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 #: the commands of this module; anything else on the command line is looked for among the heads' commands
-GENERIC_COMMANDS = ("extract", "validate", "inspect", "merge", "combine")
+GENERIC_COMMANDS = ("extract", "validate", "inspect", "merge", "combine", "push")
 #: the layer list the LBM LoRA scripts' reconstruction test writes (seed 001), beside the validated LoRA here
 SEED_LAYER_LIST = "lora_layer_names.txt"
 
@@ -84,6 +84,13 @@ def _write_formats(out: Path, modules, fmt: str | None, all_modules, base_name: 
     return [target]
 
 
+def _described(out: Path, family: str) -> dict[str, str]:
+    """The ``modelspec.*`` keys of a file a tool writes (the architecture only when the family is known)."""
+    from lightning_lora.adapters.metadata import modelspec
+
+    return modelspec(architecture=f"{family}/lora" if family else None, title=out.stem)
+
+
 # ---------------------------------------------------------------------------- extract
 def cmd_extract(args: argparse.Namespace) -> int:
     from lightning_lora.adapters import formats
@@ -118,7 +125,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 "extracted_rank": "full" if rank is None else str(rank),
                 "extracted_conv_rank": "full" if conv_rank is None else str(conv_rank), "method": args.method,
                 "singular_values": "split symmetrically (sqrt(S) in each factor)"}
-    formats.write_lora_file(out, result.factors, family=args.family, base_model=identity, all_modules=all_modules)
+    formats.write_lora_file(out, result.factors, family=args.family, base_model=identity, all_modules=all_modules,
+                            extra=_described(out, args.family))
     extra = _write_formats(out, result.factors, args.format, all_modules, base.path.name)
     errors = [r.rel_error for r in result.results]
     worst = max(result.results, key=lambda r: r.rel_error)
@@ -307,10 +315,29 @@ def cmd_combine(args: argparse.Namespace) -> int:
     identity["combined_from"] = ", ".join(args.adapters)
     identity["combine_method"] = args.method
     families = {s.family for s in sets if s.family}
-    write_lora_file(out, modules, family=families.pop() if len(families) == 1 else "", base_model=identity)
+    family = families.pop() if len(families) == 1 else ""
+    write_lora_file(out, modules, family=family, base_model=identity, extra=_described(out, family))
     ranks = Counter(f.rank for f in modules.values())
     print(f"combined {len(inputs)} LoRAs ({args.method}) into {len(modules)} modules, ranks "
           + ", ".join(f"r={r} x{n}" for r, n in ranks.most_common()) + f"; wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- push
+def cmd_push(args: argparse.Namespace) -> int:
+    from lightning_lora import publish
+
+    publication = publish.prepare(args.run_dir, args.repo_id, args.snapshot)
+    if args.dry_run:
+        folder = publish.stage(publication, publish.dry_run_folder(args.repo_id, args.out, args.overwrite))
+        print(f"dry run: {len(publication.files) + 1} files for {args.repo_id} (nothing uploaded):")
+        print(folder)  # last: scripts read the folder from the last line
+        return 0
+    if args.out is not None:
+        raise UserError("--out applies to --dry-run only (the folder is otherwise uploaded from a temporary copy)")
+    url = publish.upload(publication, private=args.private, revision=args.revision,
+                         commit_message=args.commit_message, token=args.token)
+    print(f"pushed {len(publication.files) + 1} files of {publication.snapshot} to {args.repo_id}: {url}")
     return 0
 
 
@@ -352,7 +379,8 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
     from lightning_lora.adapters.formats import OUTPUT_FORMATS
     from lightning_lora.adapters.svd import METHODS
 
-    p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine, sample.",
+    p = _Parser(prog="lightning-lora", description="LoRA tools: extract, validate, inspect, merge, combine, push, "
+                                                   "sample.",
                 epilog="Every model or adapter argument takes a local path or a Hugging Face Hub id: org/name, "
                        "org/name@revision, or org/name/path/in/repo for one file (hf:// in front if a local folder "
                        "has the same name). HF_HUB_OFFLINE=1 reads the Hub cache only.")
@@ -425,6 +453,22 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
                         "different families or base models (refused by default: they are for different models)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_combine)
+
+    pu = sub.add_parser("push", help="upload a run's adapter snapshot and a generated model card to the Hugging Face "
+                                     "Hub")
+    pu.add_argument("run_dir", help="the run directory (python -m lightning_lora.train's output)")
+    pu.add_argument("repo_id", help="the Hub repository, namespace/name (created if missing)")
+    pu.add_argument("--snapshot", default="final", help="which adapters/<snapshot> to upload (default final, or "
+                                                         "step_NNNNNNN)")
+    pu.add_argument("--private", action="store_true", help="create the repository as private")
+    pu.add_argument("--revision", default=None, help="upload to this branch (created from main if missing)")
+    pu.add_argument("--commit-message", default=None)
+    pu.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    pu.add_argument("--dry-run", action="store_true",
+                    help="write the folder that would be uploaded and print its path last; upload nothing")
+    pu.add_argument("--out", default=None, help="with --dry-run: the folder to write (default: a new temporary one)")
+    pu.add_argument("--overwrite", action="store_true", help="with --dry-run --out: replace a non-empty folder")
+    pu.set_defaults(func=cmd_push)
 
     sp = sub.add_parser("sample", help="sample with a base model and an optional LoRA (per family)")
     fam = sp.add_subparsers(dest="family", required=True, parser_class=_Parser)

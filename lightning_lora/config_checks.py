@@ -322,6 +322,16 @@ def check_devices(trainer: Mapping[str, Any]) -> None:
                         f"({count})")
 
 
+def _repo_id(value: Any, key: str) -> None:
+    """A Hub repository id the Hub's own validator accepts (``namespace/name`` or ``name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(value))
+    except HFValidationError as exc:
+        raise UserError(f"{key}={value} is not a valid Hub repository id: {' '.join(str(exc).split())}") from None
+
+
 # ---------------------------------------------------------------------------- the table
 RULES: tuple[Rule, ...] = (
     Rule("seed", _seed, nullable=True),  # null: Lightning picks one
@@ -427,6 +437,8 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.enable_model_summary", boolean, nullable=True),
     Rule("trainer.enable_progress_bar", boolean, nullable=True),
     Rule("trainer.enable_checkpointing", boolean, nullable=True),
+    Rule("callbacks.push.repo_id", _repo_id, nullable=True),
+    Rule("callbacks.push.private", boolean),
 )
 
 

@@ -311,10 +311,17 @@ class LoRAAdaptationModule(pl.LightningModule):
             run_dir = Path(run_dir) if run_dir else None
             return written + self.head.export_adapters(directory, self.adapters, step, run_dir)
 
+    def describe_run(self, metadata: dict[str, str]) -> None:
+        """The run's training keys (``ss_*``, ``modelspec.title``/``date``: ``adapters.metadata``) that the family's
+        single-file and kohya exports carry from now on (``TaskHead.file_metadata``)."""
+        self.head.run_metadata = dict(metadata)
+
     def save_adapter_file(self, path: str | Path) -> Path:
-        """Every adapted submodule in one self-describing ``.safetensors`` (family, configs, base model)."""
+        """Every adapted submodule in one self-describing ``.safetensors`` (family, configs, base model, and the
+        ``modelspec.*``/``ss_*`` keys other tools read)."""
         identity = self.head.base_model_identity()
-        return save_adapter_file(path, self.adapters, family=self.head.family, base_model=identity)
+        return save_adapter_file(path, self.adapters, family=self.head.family, base_model=identity,
+                                 extra=self.head.file_metadata(self.global_step))
 
     def load_adapters(self, source: str | Path, strict: bool = True) -> None:
         """Load adapter weights into this module's adapters from a directory written by ``save_adapters``

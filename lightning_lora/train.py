@@ -95,6 +95,31 @@ def write_run_files(output_dir: Path, cfg: DictConfig, module: LoRAAdaptationMod
     atomic_write_text(output_dir / "model_summary.txt", tree)
 
 
+def run_metadata(cfg: DictConfig, spec: AdapterSpec, head: Any, output_dir: Path) -> dict[str, str]:
+    """The run's training keys in the family's single-file and kohya exports (``adapters.metadata``): kohya's
+    ``ss_*`` names for the learning rate, steps, batch, network, base model name and hash, plus the title."""
+    from lightning_lora.adapters.metadata import file_sha256, training_keys
+
+    def value(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=None)
+
+    identity = head.base_model_identity()
+    max_steps = value("trainer.max_steps")
+    args = {"rslora": spec.rslora, "dora": spec.dora, "init": spec.init, "targets": spec.targets,
+            "submodules": spec.submodules, "conv_dim": spec.conv_rank, "conv_alpha": spec.conv_alpha}
+    scheduler = value("scheduler.name")
+    keys = training_keys(
+        learning_rate=value("optimizer.lr"), max_train_steps=max_steps if isinstance(max_steps, int) and
+        max_steps > 0 else None, batch_size_per_device=value("data.batch_size"), network_dim=spec.r,
+        network_alpha=spec.alpha, network_dropout=spec.dropout,
+        network_args={k: v for k, v in args.items() if v not in (None, False)},
+        lr_scheduler=scheduler, lr_warmup_steps=value("scheduler.warmup_steps") or None,
+        gradient_accumulation_steps=value("trainer.accumulate_grad_batches"),
+        mixed_precision=value("trainer.precision"), seed=value("seed"), sd_model_name=identity.get("name"),
+        new_sd_model_hash=file_sha256(identity.get("path")))
+    return {**keys, "modelspec.title": f"{identity.get('name') or head.family} LoRA ({output_dir.name})"}
+
+
 #: distributions whose versions ``environment.json`` records
 RECORDED_LIBRARIES = ("torch", "lightning", "peft", "transformers", "diffusers", "hydra-core", "omegaconf",
                       "safetensors", "numpy", "lightning_lora")
@@ -392,6 +417,7 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
         raise UserError(f"resume={cfg.resume}: {misfit}; resume with the checkpoint's model and adapter settings, "
                         "or start a fresh run (resume=null)")
     del resumed  # Lightning reads the checkpoint again as fit starts
+    module.describe_run(run_metadata(cfg, spec, head, output_dir))
     _print(module.adapter_summary())
     if rank_zero_only.rank == 0:
         write_run_files(output_dir, cfg, module)
@@ -437,6 +463,9 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
             _print(comparison_table(before, after))
         if adaptation:
             _print(report_line(adaptation))
+        for callback in trainer.callbacks:  # after metrics.json: e.g. PushToHub's card shows the results
+            if callable(getattr(callback, "on_run_end", None)):
+                callback.on_run_end(output_dir)
     objects = {"cfg": cfg, "datamodule": datamodule, "head": head, "module": module, "trainer": trainer}
     return metrics, objects
 

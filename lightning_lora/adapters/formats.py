@@ -396,13 +396,15 @@ def check_result(modules: Mapping[str, Factors], out: str | os.PathLike, dtype: 
 
 def write_lora_file(path: str | os.PathLike, modules: Mapping[str, Factors], *, family: str = "",
                     base_model: Mapping[str, Any] | None = None, all_modules: Iterable[str] | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
-    """The self-describing single file (same layout as ``io.save_adapter_file`` with submodule name "")."""
+                    dtype: torch.dtype | None = None, extra: Mapping[str, str] | None = None) -> Path:
+    """The self-describing single file (same layout as ``io.save_adapter_file`` with submodule name ""); ``extra``:
+    ``modelspec.*``/``ss_*`` keys (``adapters.metadata``)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"--out {path}: a LoRA file is written as .safetensors")
     check_result(modules, path, dtype)
-    metadata = adapter_file_metadata({"": lora_config_for(modules, all_modules)}, family=family, base_model=base_model)
+    metadata = adapter_file_metadata({"": lora_config_for(modules, all_modules)}, family=family, base_model=base_model,
+                                     extra=extra)
     return atomic_write_bytes(path, save(_peft_state(modules, dtype), metadata=metadata))
 
 
@@ -419,7 +421,8 @@ def write_peft_dir(directory: str | os.PathLike, modules: Mapping[str, Factors],
 def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: torch.dtype | None = None,
                 metadata: Mapping[str, str] | None = None, text_prefixes: Mapping[str, str] | None = None) -> Path:
     """``lora_unet_…``/``lora_te_…`` keys with each module's true alpha; ``ss_network_dim/alpha`` describe the
-    linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``)."""
+    linear modules (convolutions are described by ``conv_dim``/``conv_alpha`` in ``ss_network_args``); ``metadata``
+    adds other keys (``modelspec.*``, the run's ``ss_*``) but not over those three, which the tensors decide."""
     check_result(modules, path, dtype)
     tensors = {}
     for m, f in modules.items():
@@ -428,8 +431,9 @@ def write_kohya(path: str | os.PathLike, modules: Mapping[str, Factors], dtype: 
         tensors[f"{name}.lora_up.weight"] = _cast(f.up, dtype)
         tensors[f"{name}.alpha"] = torch.tensor(f.alpha, dtype=torch.float32)
     linear = [f for f in modules.values() if not is_spatial(f.weight_shape)] or list(modules.values())
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(_common(f.rank for f in linear)),
-            "ss_network_alpha": str(_common(_nice(f.alpha) for f in linear)), **dict(metadata or {})}
+    meta = {**dict(metadata or {}), "ss_network_module": "networks.lora",
+            "ss_network_dim": str(_common(f.rank for f in linear)),
+            "ss_network_alpha": str(_common(_nice(f.alpha) for f in linear))}
     return atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 

@@ -309,12 +309,14 @@ def load_peft_dir(model: torch.nn.Module, directory: str | os.PathLike, *, train
 
 # --------------------------------------------------------------------------- single self-describing file
 def save_adapter_file(path: str | os.PathLike, adapters: Mapping[str, PeftModel], *, family: str = "",
-                      base_model: Mapping[str, Any] | None = None, adapter_name: str = "default") -> Path:
+                      base_model: Mapping[str, Any] | None = None, adapter_name: str = "default",
+                      extra: Mapping[str, str] | None = None) -> Path:
     """One ``.safetensors`` holding every adapted submodule, described in its metadata.
 
     Keys are ``<submodule>.<PEFT key>``; a single adapter saved under the name ``""`` keeps plain PEFT keys.
     The metadata names the family, each submodule's LoRA config (rank and alpha, per-module patterns,
-    targets) and the base model's identity, so tools need no side files.
+    targets) and the base model's identity, so tools need no side files; ``extra`` adds what other tools read
+    (``adapters.metadata``: ``modelspec.*``, ``ss_*``).
     """
     tensors: Tensors = {}
     configs: dict[str, LoraConfig] = {}
@@ -322,7 +324,7 @@ def save_adapter_file(path: str | os.PathLike, adapters: Mapping[str, PeftModel]
         prefix = f"{sub}." if sub else ""
         tensors.update({prefix + k: v for k, v in adapter_state(peft_model).items()})
         configs[sub] = peft_model.peft_config[adapter_name]
-    metadata = adapter_file_metadata(configs, family=family, base_model=base_model)
+    metadata = adapter_file_metadata(configs, family=family, base_model=base_model, extra=extra)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file adapter is written as .safetensors")
@@ -330,11 +332,17 @@ def save_adapter_file(path: str | os.PathLike, adapters: Mapping[str, PeftModel]
 
 
 def adapter_file_metadata(configs: Mapping[str, LoraConfig], *, family: str = "",
-                          base_model: Mapping[str, Any] | None = None) -> dict[str, str]:
+                          base_model: Mapping[str, Any] | None = None,
+                          extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The metadata that makes a single ``.safetensors`` adapter describe itself (the only writer of it):
     the format version, the family, each submodule's LoRA config (rank and alpha, per-module patterns,
-    targets) by submodule name (``""``: plain PEFT keys) and the base model's identity."""
+    targets) by submodule name (``""``: plain PEFT keys) and the base model's identity; beside them ``extra``
+    (``modelspec.*``, ``ss_*``: strings), which cannot replace those keys."""
+    from lightning_lora.adapters.metadata import PEFT_NETWORK_MODULE
+
+    described = {"ss_network_module": PEFT_NETWORK_MODULE, **dict(extra or {})} if extra else {}
     return {
+        **described,
         FORMAT_KEY: FORMAT_VERSION,
         "family": family,
         "adapters": json.dumps({sub: config_dict(config) for sub, config in configs.items()}, sort_keys=True),

@@ -20,13 +20,16 @@ import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft import PeftModel
 from torch import nn
 
 from lightning_lora.errors import UserError
+
+if TYPE_CHECKING:
+    from lightning_lora.publish import CardContext
 
 #: a full fine-tuning snapshot's weights (``TaskHead.export_full_weights``' default)
 FULL_WEIGHTS = "full_weights.safetensors"
@@ -66,6 +69,11 @@ class TaskHead(nn.Module, abc.ABC):
     sample_command: ClassVar[str | None] = None
     #: the sample command's one-line help
     sample_help: ClassVar[str] = ""
+    #: ``modelspec.architecture`` of the family's single-file and kohya exports (``<base architecture>/lora``, e.g.
+    #: ``stable-diffusion-v1/lora``); "" writes ``<family>/lora``
+    modelspec_architecture: ClassVar[str] = ""
+    #: the Hub's ``library_name`` in a model card of this family's adapters (``peft`` or ``diffusers``)
+    hub_library: ClassVar[str] = "peft"
 
     @abc.abstractmethod
     def adaptable_submodules(self) -> dict[str, nn.Module]:
@@ -119,6 +127,27 @@ class TaskHead(nn.Module, abc.ABC):
         """What base model the adapters belong to (path or hub name, revision), stored in adapter files."""
         return {}
 
+    def modelspec_resolution(self) -> str | None:
+        """``modelspec.resolution`` (``WIDTHxHEIGHT``) of the family's exports; None: not an image model."""
+        return None
+
+    def trigger_phrase(self) -> str | None:
+        """``modelspec.trigger_phrase``: the words that call up what the adapter learned (None: none)."""
+        return None
+
+    def file_metadata(self, step: int | None = None) -> dict[str, str]:
+        """The ``modelspec.*`` and ``ss_*`` keys for the family's single-file and kohya exports of a snapshot at
+        ``step``: the run's (``run_metadata``, which ``LoRAAdaptationModule.describe_run`` sets from the training
+        config) and the family's (architecture, resolution, trigger phrase)."""
+        from lightning_lora.adapters.metadata import modelspec, strings
+
+        run = dict(getattr(self, "run_metadata", None) or {})
+        title = run.pop("modelspec.title", None) or f"{self.base_model_identity().get('name') or self.family} LoRA"
+        spec = modelspec(architecture=self.modelspec_architecture or f"{self.family}/lora", title=title,
+                         resolution=self.modelspec_resolution(), trigger_phrase=self.trigger_phrase(),
+                         date=run.pop("modelspec.date", None))
+        return {**run, **spec, **strings({"ss_steps": step})}
+
     def export_adapters(self, snapshot: Path, adapters: dict[str, PeftModel], step: int,
                         run_dir: Path | None = None) -> list[Path]:
         """Write the family's own adapter formats for a snapshot taken at optimizer step ``step``.
@@ -171,6 +200,18 @@ class TaskHead(nn.Module, abc.ABC):
         """The family's own top-level ``lightning-lora <name>`` commands (``cli`` adds them beside the generic
         tools); none by default."""
         return ()
+
+    @classmethod
+    def published_files(cls, run_dir: Path, snapshot: Path, step: int | None) -> dict[str, Path]:
+        """Files of a snapshot (taken at ``step``) written outside its folder, which ``lightning-lora push``
+        uploads beside it: name in the repository -> file (e.g. TRELLIS's ``lora_ckpts/``); none by default."""
+        return {}
+
+    @classmethod
+    def card_usage(cls, card: CardContext) -> list[tuple[str, str]]:
+        """(heading, Python code) for each way of loading the published files, shown in the model card (the
+        code names ``card.repo_id`` and ``card.base``); none by default (the card then shows PEFT's own)."""
+        return []
 
     @classmethod
     def build_tiny(cls, path: Path, preset: Mapping[str, Any]) -> str:

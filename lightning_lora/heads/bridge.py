@@ -122,6 +122,7 @@ class BridgeHead(LatentHead):
 
     sample_command: ClassVar[str | None] = "lbm"
     sample_help: ClassVar[str] = "an LBM image-to-image translation with LoRAs folded in at a scale"
+    modelspec_architecture: ClassVar[str] = "lbm/lora"
 
     def __init__(
         self,
@@ -472,7 +473,7 @@ class BridgeHead(LatentHead):
         from lightning_lora.adapters.io import save_adapter_file
 
         return [save_adapter_file(snapshot / LBM_FILE, adapters, family=self.family,
-                                  base_model=self.base_model_identity())]
+                                  base_model=self.base_model_identity(), extra=self.file_metadata(step))]
 
 
 

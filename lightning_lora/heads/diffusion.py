@@ -24,7 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from lightning_lora import options
 from lightning_lora.checks import choice
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import StepOutput, TaskHead
+
+if TYPE_CHECKING:
+    from lightning_lora.publish import CardContext
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -151,6 +154,9 @@ class LatentHead(TaskHead):
         self.resolution, self.cache_latents = resolution, cache_latents
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def modelspec_resolution(self) -> str | None:
+        return f"{self.resolution}x{self.resolution}"
+
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled VAE latents sampled from the posterior (the posterior's mean/std are cached per image)."""
         h, w = pixels.shape[-2:]
@@ -236,6 +242,12 @@ class DiffusionHead(LatentHead):
     sample_what: ClassVar[str] = "Stable Diffusion"
     sample_example: ClassVar[str] = SD15_HUB_ID
     sample_guidance: ClassVar[float] = 7.5
+    modelspec_architecture: ClassVar[str] = "stable-diffusion-v1/lora"
+    hub_library: ClassVar[str] = "diffusers"
+    #: the model card's loading code: the diffusers pipeline class, and (library, class, subfolder) per PEFT part
+    card_pipeline: ClassVar[str] = "StableDiffusionPipeline"
+    card_parts: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("diffusers", "UNet2DConditionModel", "unet"), ("transformers", "CLIPTextModel", "text_encoder"))
 
     def __init__(
         self,
@@ -255,6 +267,7 @@ class DiffusionHead(LatentHead):
         frozen_dtype: str | None = None,
         previews: dict[str, Any] | None = None,
         prior_loss_weight: float = 1.0,
+        trigger: str | None = None,
     ) -> None:
         super().__init__()
         from lightning_lora import hub
@@ -286,6 +299,7 @@ class DiffusionHead(LatentHead):
         self.unet_conv_targets = list(conv_targets)
         self.cache_text_embeddings = cache_text_embeddings and not train_text_encoder
         self.previews = dict(previews or {})
+        self.trigger = trigger or None  # the words in the captions that call up what the adapter learns
         self._text_cache: dict[str, torch.Tensor] = {}
         self._pipeline_cache: list[Any] = []  # built on first use; a list keeps it out of the module tree
 
@@ -317,6 +331,9 @@ class DiffusionHead(LatentHead):
 
     def base_model_identity(self) -> dict[str, str]:
         return {"name": self.name, "path": self.pretrained, **({"revision": self.revision} if self.revision else {})}
+
+    def trigger_phrase(self) -> str | None:
+        return self.trigger
 
     def enable_gradient_checkpointing(self) -> None:
         enable_unet_checkpointing(self.unet)
@@ -463,14 +480,14 @@ class DiffusionHead(LatentHead):
         written = [write_diffusers(snapshot / DIFFUSERS_FILE, modules, magnitudes=magnitudes)]
         # DoRA: diffusers' loader reads lora_magnitude_vector keys but drops kohya's dora_scale: no kohya file then
         if not magnitudes:
-            written.append(write_kohya(snapshot / KOHYA_FILE, modules, metadata=self._kohya_metadata(modules),
+            written.append(write_kohya(snapshot / KOHYA_FILE, modules, metadata=self._kohya_metadata(modules, step),
                                        text_prefixes=self.kohya_text_prefixes))
         if "unet" in adapters and self.text_encoders == ("text_encoder",):
             # seed 002 (SD 1.x) saves the UNet's only (its text-encoder LoRA is a PeftModel of its own)
             written.append(save_tensor_dict(snapshot / SEED_STATE_FILE, in_place_state(adapters["unet"])))
         return written
 
-    def _kohya_metadata(self, modules: Mapping[str, Any]) -> dict[str, str]:
+    def _kohya_metadata(self, modules: Mapping[str, Any], step: int) -> dict[str, str]:
         """kohya's ``ss_*`` description: network args (the most common conv rank/alpha), base version, name."""
         from lightning_lora.adapters.factors import is_spatial
 
@@ -479,8 +496,42 @@ class DiffusionHead(LatentHead):
         if conv:
             args = {"conv_dim": Counter(f.rank for f in conv).most_common(1)[0][0],
                     "conv_alpha": Counter(f.alpha for f in conv).most_common(1)[0][0]}
-        return {"ss_network_args": json.dumps(args), "ss_base_model_version": self.kohya_version,
-                "ss_output_name": self.name}
+        described = self.file_metadata(step)  # modelspec.* and the run's ss_* keys
+        args = {**json.loads(described.get("ss_network_args", "{}")), **args}
+        return {**described, "ss_network_args": json.dumps(args, sort_keys=True),
+                "ss_base_model_version": self.kohya_version, "ss_output_name": self.name}
+
+    @classmethod
+    def card_usage(cls, card: CardContext) -> list[tuple[str, str]]:
+        """diffusers' ``load_lora_weights`` on the pipeline (kohya's file for A1111/ComfyUI), and PEFT on the UNet
+        (and text encoder) alone."""
+        previews = card.model.get("previews") or {}
+        prompt = next(iter(previews.get("prompts") or []), "a picture")
+        if card.trigger and card.trigger not in prompt:
+            prompt = f"{card.trigger}, {prompt}"
+        size = int(card.model.get("resolution") or 512)
+        steps = int(previews.get("num_inference_steps") or 25)
+        usage = [("diffusers", "\n".join([
+            "import torch",
+            f"from diffusers import {cls.card_pipeline}",
+            "",
+            f'pipe = {cls.card_pipeline}.from_pretrained("{card.base}"'
+            + (', safety_checker=None, requires_safety_checker=False)' if cls.text_encoders == ("text_encoder",)
+               else ")"),
+            f'pipe.load_lora_weights("{card.repo_id}", weight_name="{DIFFUSERS_FILE}")',
+            f"# A1111 / ComfyUI / kohya tools: {KOHYA_FILE} (kohya keys, modelspec.* and ss_* metadata)",
+            f'image = pipe("{prompt}", height={size}, width={size}, num_inference_steps={steps}, '
+            "generator=torch.Generator().manual_seed(0)).images[0]",
+            'image.save("lora.png")']))]
+        present = [part for part in cls.card_parts if f"{part[2]}/adapter_config.json" in card.files]
+        if present:
+            imports = {"from peft import PeftModel", *(f"from {lib} import {cls_}" for lib, cls_, _ in present)}
+            lines = [*sorted(imports), ""]
+            for _, model_cls, sub in present:
+                lines += [f'{sub} = {model_cls}.from_pretrained("{card.base}", subfolder="{sub}")',
+                          f'{sub} = PeftModel.from_pretrained({sub}, "{card.repo_id}", subfolder="{sub}")']
+            usage.append(("PEFT", "\n".join(lines)))
+        return usage
 
     # ------------------------------------------------------------------ lightning-lora sample sd
     @classmethod

@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,9 @@ from lightning_lora.models.embedders import (  # noqa: F401 (pool: re-export)
 
 #: a snapshot's whole-model export: a PEFT directory of the whole AutoModel (LoRA), or the model folder (full)
 WHOLE_MODEL_DIR = "model"
+
+if TYPE_CHECKING:
+    from lightning_lora.publish import CardContext
 
 
 def info_nce(q: torch.Tensor, candidates: torch.Tensor, temperature: float | torch.Tensor,
@@ -280,6 +283,33 @@ class EmbeddingHead(TaskHead):
         prefixes = self.embedder.submodule_prefixes()
         return [save_whole_model_dir(adapters, {sub: prefixes[sub] for sub in adapters}, snapshot / WHOLE_MODEL_DIR,
                                      base_model=self.embedder.source)]
+
+    @classmethod
+    def card_usage(cls, card: CardContext) -> list[tuple[str, str]]:
+        """Our ``Predictor`` with the run's encoding settings (pooling, prefixes, lengths: the Hub copy has no
+        config.yaml to read them from), and PEFT on the whole transformers model (``model/``)."""
+        from lightning_lora.predict import run_settings
+
+        _, family, settings = run_settings(card.snapshot)
+        arguments = "".join(f", {key}={value!r}" for key, value in sorted(settings.items()) if value is not None)
+        usage = [("lightning_lora Predictor", "\n".join([
+            "from lightning_lora.predict import Predictor",
+            "",
+            f'predictor = Predictor.from_pretrained("{card.base}", "{card.repo_id}", family="{family}"{arguments})',
+            'queries = predictor.encode_text(["read a file line by line"], role="query")',
+            'documents = predictor.encode_text(["def read_lines(path): ..."], role="document")',
+            "scores = queries @ documents.T"]))]
+        if f"{WHOLE_MODEL_DIR}/adapter_config.json" in card.files:
+            usage.append(("PEFT", "\n".join([
+                "from peft import PeftModel",
+                "from transformers import AutoModel, AutoTokenizer",
+                "",
+                f'tokenizer = AutoTokenizer.from_pretrained("{card.base}")',
+                f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{card.base}"), "{card.repo_id}", '
+                f'subfolder="{WHOLE_MODEL_DIR}")',
+                f"# embeddings: pool the last hidden state as the run did ({settings.get('pooling', 'see the run')}),"
+                " then L2-normalise"])))
+        return usage
 
     def export_full_weights(self, snapshot: Path, submodules: list[str]) -> list[Path]:
         """A full fine-tuning snapshot: ``model/``, the whole trained model as a transformers folder (tokenizer and

@@ -25,7 +25,7 @@ import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from lightning_lora.adapters import save_adapter_file, save_lora_state_dict
 from lightning_lora.checks import choice, fraction
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead, refuse_dora
+
+if TYPE_CHECKING:
+    from lightning_lora.publish import CardContext
 
 COND_NOISE_SCHEDULES = ("none", "fixed", "uniform", "lognormal")
 #: std of log σ around log(cond_noise_std) in the lognormal schedule (zadaianchuk/TRELLIS@cbcc337
@@ -259,6 +262,7 @@ class FlowMatching3DHead(TaskHead):
                                               "SparseResBlock3d")
     sample_command: ClassVar[str | None] = "flow3d"
     sample_help: ClassVar[str] = "TRELLIS latents from condition tokens (Euler flow sampler with CFG)"
+    modelspec_architecture: ClassVar[str] = "trellis/lora"
 
     def __init__(
         self,
@@ -538,8 +542,41 @@ class FlowMatching3DHead(TaskHead):
         stem = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}"
         identity = self.base_model_identity()
         return [save_adapter_file(stem.with_suffix(".safetensors"), {"": adapters["denoiser"]}, family=self.family,
-                                  base_model=identity),
+                                  base_model=identity, extra=self.file_metadata(step)),
                 save_lora_state_dict(adapters["denoiser"], stem.with_suffix(".pt"))]
+
+    @classmethod
+    def published_files(cls, run_dir: Path, snapshot: Path, step: int | None) -> dict[str, Path]:
+        """The snapshot's ``lora_ckpts/denoiser_lora_stepNNNNNNN.{safetensors,pt}`` (written under the run)."""
+        if step is None:
+            return {}
+        stem = run_dir / "lora_ckpts" / f"denoiser_lora_step{step:07d}"
+        return {p.name: p for p in (stem.with_suffix(".safetensors"), stem.with_suffix(".pt")) if p.is_file()}
+
+    @classmethod
+    def card_usage(cls, card: CardContext) -> list[tuple[str, str]]:
+        """The TRELLIS LoRA fork's way (``load_state_dict`` of the ``.pt`` on a freshly adapted denoiser) and PEFT's."""
+        config = json.loads((card.snapshot / "denoiser" / "adapter_config.json").read_text()) \
+            if (card.snapshot / "denoiser" / "adapter_config.json").is_file() else {}
+        pt = next((name for name in card.files if name.endswith(".pt")), None)
+        usage = []
+        if pt is not None:
+            usage.append(("TRELLIS LoRA fork", "\n".join([
+                "import torch",
+                "from huggingface_hub import hf_hub_download",
+                "from peft import LoraConfig, get_peft_model",
+                "",
+                "# denoiser: the TRELLIS flow model the adapter was trained on, with its released weights loaded",
+                f"model = get_peft_model(denoiser, LoraConfig(r={config.get('r')}, "
+                f"lora_alpha={config.get('lora_alpha')}, target_modules={config.get('target_modules')!r}))",
+                f'state = torch.load(hf_hub_download("{card.repo_id}", "{pt}"), weights_only=True)',
+                "model.load_state_dict(state, strict=False)  # LoRA tensors only: the base weights stay"])))
+        usage.append(("PEFT", "\n".join([
+            "from peft import PeftModel",
+            "",
+            "# denoiser: the TRELLIS flow model the adapter was trained on, with its released weights loaded",
+            f'model = PeftModel.from_pretrained(denoiser, "{card.repo_id}", subfolder="denoiser")'])))
+        return usage
 
     # ------------------------------------------------------------------ lightning-lora sample flow3d
     @classmethod

@@ -62,6 +62,11 @@ class SDXLHead(DiffusionHead):
     sample_what: ClassVar[str] = "Stable Diffusion XL"
     sample_example: ClassVar[str] = SDXL_HUB_ID
     sample_guidance: ClassVar[float] = 5.0  # diffusers' SDXL pipeline's default
+    modelspec_architecture: ClassVar[str] = "stable-diffusion-xl-v1-base/lora"
+    card_pipeline: ClassVar[str] = "StableDiffusionXLPipeline"
+    card_parts: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("diffusers", "UNet2DConditionModel", "unet"), ("transformers", "CLIPTextModel", "text_encoder"),
+        ("transformers", "CLIPTextModelWithProjection", "text_encoder_2"))
 
     def __init__(self, *args: Any, vae: str | None = None, train_text_encoder_2: bool | None = None,
                  micro_conditioning: bool = True, **kwargs: Any) -> None:
