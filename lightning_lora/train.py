@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from lightning_lora import hub
+from lightning_lora import extras, hub
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
@@ -197,6 +197,44 @@ def _class_of(node: Mapping[str, Any]) -> type | None:
         return None
 
 
+def _missing_extra(exc: BaseException) -> str | None:
+    """The module an extra brings whose absence ``exc`` (or the import error behind it) reports, else None."""
+    while exc is not None:
+        if isinstance(exc, ImportError) and (module := extras.extra_for(exc)) is not None:
+            return module
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _configured_pieces(cfg: DictConfig) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(how the user names it, its node)`` of each configured class: the model, the data and every logger."""
+    for group in ("model", "data"):
+        if isinstance(node := cfg.get(group), DictConfig):
+            chosen = _chosen(group, node)
+            yield (f"{group}={chosen}" if chosen else f"the {group} ({node.get('_target_')})"), node
+    if isinstance(loggers := cfg.get("logger"), DictConfig):
+        for name, node in loggers.items():
+            if isinstance(node, DictConfig):
+                yield f"logger.{name}", node
+
+
+def check_packages(cfg: DictConfig) -> None:
+    """One line naming the extra to install when the model, the data or a logger needs a package that is not
+    installed (``model=sd_tiny needs diffusers: pip install 'lightning_lora[sd]'``): first, before a resolver builds
+    a tiny base or any weight, corpus or file is read."""
+    for what, node in _configured_pieces(cfg):
+        if "_target_" not in node:
+            continue
+        try:
+            cls = get_class(str(node["_target_"]))
+        except Exception as exc:  # the class's own module imports a package an extra brings
+            if (module := _missing_extra(exc)) is None:
+                continue  # a broken _target_: instantiate reports it, as it always has
+            raise UserError(extras.missing_line(module, what)) from None
+        if (module := extras.first_missing(extras.class_requires(cls))) is not None:
+            raise UserError(extras.missing_line(module, what))
+
+
 def batch_kind_of(data_cls: type, data_cfg: Mapping[str, Any]) -> str | None:
     """What a data module class yields for ``data_cfg``: its ``batch_kind``, a string or a classmethod of the
     config; None when it declares none."""
@@ -345,7 +383,8 @@ def _adapter_bytes(snapshot: Path) -> int:
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter as ``cfg`` says; returns (metrics, the objects built)."""
     started = time.time()
-    # First: with data the model cannot train on, the values still missing (the data's paths) do not matter.
+    check_packages(cfg)  # an extra not installed: nothing else matters yet
+    # With data the model cannot train on, the values still missing (the data's paths) do not matter.
     check_model_takes_data(cfg)
     if missing := sorted(missing_values(cfg)):  # `???` in a preset: a value only the user can give
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
