@@ -207,22 +207,29 @@ def _missing_extra(exc: BaseException) -> str | None:
 
 
 def _configured_pieces(cfg: DictConfig) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """``(how the user names it, its node)`` of each configured class: the model, the data and every logger."""
+    """``(key, node)`` of each configured class: the model, the data and every logger (``logger.<name>``)."""
     for group in ("model", "data"):
         if isinstance(node := cfg.get(group), DictConfig):
-            chosen = _chosen(group, node)
-            yield (f"{group}={chosen}" if chosen else f"the {group} ({node.get('_target_')})"), node
+            yield group, node
     if isinstance(loggers := cfg.get("logger"), DictConfig):
         for name, node in loggers.items():
             if isinstance(node, DictConfig):
                 yield f"logger.{name}", node
 
 
+def _named(key: str, node: Mapping[str, Any]) -> str:
+    """How the user names a configured piece: ``model=sd_tiny``, ``logger.wandb``."""
+    if key in ("model", "data"):
+        chosen = _chosen(key, node)
+        return f"{key}={chosen}" if chosen else f"the {key} ({node.get('_target_')})"
+    return key
+
+
 def check_packages(cfg: DictConfig) -> None:
     """One line naming the extra to install when the model, the data or a logger needs a package that is not
     installed (``model=sd_tiny needs diffusers: pip install 'lightning_lora[sd]'``): first, before a resolver builds
     a tiny base or any weight, corpus or file is read."""
-    for what, node in _configured_pieces(cfg):
+    for key, node in _configured_pieces(cfg):
         if "_target_" not in node:
             continue
         try:
@@ -230,9 +237,9 @@ def check_packages(cfg: DictConfig) -> None:
         except Exception as exc:  # the class's own module imports a package an extra brings
             if (module := _missing_extra(exc)) is None:
                 continue  # a broken _target_: instantiate reports it, as it always has
-            raise UserError(extras.missing_line(module, what)) from None
+            raise UserError(extras.missing_line(module, _named(key, node))) from None
         if (module := extras.first_missing(extras.class_requires(cls))) is not None:
-            raise UserError(extras.missing_line(module, what))
+            raise UserError(extras.missing_line(module, _named(key, node)))
 
 
 def batch_kind_of(data_cls: type, data_cfg: Mapping[str, Any]) -> str | None:

@@ -68,3 +68,12 @@ def test_sample_command_without_its_extra_is_one_line(tmp_path, capsys, monkeypa
                    "--out", str(tmp_path / "x.png")])
     assert_one_error_line(rc, capsys.readouterr().err,
                           "lightning-lora sample sd needs diffusers: pip install 'lightning_lora[sd]'")
+
+
+def test_the_demo_base_builder_without_its_extras_is_one_line(capsys, monkeypatch):
+    from lightning_lora.demos.pretrain import main as pretrain_main
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert_one_error_line(pretrain_main(["sd"]), capsys.readouterr().err,
+                          "python -m lightning_lora.demos.pretrain sd needs scikit-learn: "
+                          "pip install 'lightning_lora[demo]'")

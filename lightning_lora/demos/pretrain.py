@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lightning_lora.errors import UserError, user_message
+from lightning_lora.extras import first_missing, missing_line
 
 #: family -> the folder name of its base under the cache
 BASES = {"sd": "sd_digits_base"}
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="then draw N samples per digit (plain and red prompts) and print the judge's shares")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    # the base is a diffusers model and its data scikit-learn's digits: one line naming the extra, not a traceback
+    if (module := first_missing(("diffusers", "sklearn"))) is not None:
+        print(f"error: {missing_line(module, f'python -m lightning_lora.demos.pretrain {args.family}')}",
+              file=sys.stderr)
+        return 2
     import torch
 
     if args.threads:
