@@ -34,6 +34,7 @@ from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
 from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
+from lightning_lora.callbacks.trackers import end_runs
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.config_checks import check_config, check_resume_fits
 from lightning_lora.errors import UserError, find_user_error, user_message
@@ -455,6 +456,8 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
         after = _validate(trainer, module, datamodule) if cfg.validate_after else {}
     except SIGTERMException as exc:
         raise Preempted(_preempted_message(trainer)) from exc
+    finally:
+        end_runs(trainer.loggers)  # the next job of an in-process sweep starts a tracker run of its own
 
     adapter_dir = _adapter_dir(trainer)
     metrics = {

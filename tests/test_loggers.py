@@ -1,5 +1,5 @@
 """The loggers (conf/logger/): csv, mlflow and wandb (offline) beside TensorBoard, several at once, every one under
-the run directory, each given the loss and the preview pictures (callbacks/log_images.py); run names from the run
+the run directory, each given the loss and the preview pictures (callbacks/trackers.py); run names from the run
 directory, groups from the sweep; a logger whose package is missing is one line naming the extra."""
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def test_log_image_reaches_each_logger_that_takes_images(tmp_path, wandb_home, m
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lightning_lora.callbacks.log_images import log_image
+    from lightning_lora.callbacks.trackers import end_runs, log_image
 
+    wandb_module = pytest.importorskip("wandb")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version="")
     mlflow = MLFlowLogger(experiment_name="t", run_name="r", tracking_uri=f"file:{tmp_path / 'mlruns'}")
@@ -102,8 +103,10 @@ def test_log_image_reaches_each_logger_that_takes_images(tmp_path, wandb_home, m
     try:
         assert log_image([plain, tensorboard, mlflow, wandb], "samples/lora", picture, 7) == [tensorboard, mlflow,
                                                                                                wandb]
+        assert wandb_module.run is not None
     finally:
-        wandb.experiment.finish()
+        end_runs([plain, wandb])
+    assert wandb_module.run is None  # a sweep's next job in this process starts its own run
     tensorboard.experiment.flush()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()

@@ -20,8 +20,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_lora.callbacks.log_images import log_image
 from lightning_lora.callbacks.sample_previews import image_grid, png_bytes
+from lightning_lora.callbacks.trackers import log_image
 from lightning_lora.fileio import atomic_write_bytes
 
 Measure = Callable[[Any], "dict[str, Any] | None"]

@@ -2,7 +2,7 @@
 
 The head draws them (``head.preview_images()`` -> [prompts, seeds, 3, H, W] in [0, 1], or None when it has
 nothing to show); this callback lays them out as one grid (a row per prompt, a column per seed), logs it to every
-configured logger that takes images (``log_images.log_image``) and writes ``<run_dir>/samples/base.png``
+configured logger that takes images (``trackers.log_image``) and writes ``<run_dir>/samples/base.png``
 (adapters disabled, once) and ``step_NNNNNNN.png``.
 Sampling runs in eval mode without gradients on global rank 0, between optimizer steps; under FSDP every rank
 samples too (each forward gathers the sharded weights from all ranks, ``strategies.full_params``) and rank 0 alone
@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_lora.callbacks.log_images import log_image
+from lightning_lora.callbacks.trackers import log_image
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
 from lightning_lora.strategies import full_params, shards_parameters

@@ -1,8 +1,12 @@
-"""``log_image``: one picture to every configured logger that takes images, each through its own API.
+"""What the run tells the trackers beyond Lightning's own logging.
 
-TensorBoard ``add_image``, wandb ``WandbLogger.log_image``, MLflow ``MlflowClient.log_image`` (an image with a key
-and a step, shown in the run's image timeline); the CSV logger and loggers of other kinds take none. Called on
-global rank 0 (the loggers' experiments exist only there).
+``log_image``: one picture to every configured logger that takes images, each through its own API: TensorBoard
+``add_image``, wandb ``WandbLogger.log_image``, MLflow ``MlflowClient.log_image`` (an image with a key and a step,
+shown in the run's image timeline); the CSV logger and loggers of other kinds take none. Called on global rank 0
+(the loggers' experiments exist only there).
+
+``end_runs``: wandb keeps one run per process until ``wandb.finish()`` (Lightning leaves it open, for notebooks),
+so the next job of a sweep run in the same process would log into this one; ``train.run`` ends it after each run.
 """
 
 from __future__ import annotations
@@ -47,3 +51,11 @@ def log_image(loggers: Iterable[Logger], key: str, picture: torch.Tensor, step: 
             send(logger, key, picture, pixels, step)
             reached.append(logger)
     return reached
+
+
+def end_runs(loggers: Iterable[Logger]) -> None:
+    """End the process's wandb run when a wandb logger took part (a no-op when none was started)."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
