@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	@echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[all,dev]"
 	@touch $(STAMP)
 
 demo: setup

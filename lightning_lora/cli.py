@@ -18,11 +18,11 @@ import io
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_lora import options
+from lightning_lora import extras, options
 from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError, user_message
 from lightning_lora.fileio import path_bytes
@@ -367,6 +367,15 @@ def head_commands() -> list[HeadCommand]:
     return [chosen[name] for name in sorted(chosen)]
 
 
+def _sample_runner(head: type) -> Callable[[argparse.Namespace], int]:
+    """The head's ``run_sample``, after one line naming the extra when the family's packages are not installed."""
+    def run(args: argparse.Namespace) -> int:
+        if (module := extras.first_missing(extras.class_requires(head))) is not None:
+            raise UserError(extras.missing_line(module, f"lightning-lora sample {head.sample_command}"))
+        return head.run_sample(args)
+    return run
+
+
 def asks_for_a_head_command(argv: Sequence[str]) -> bool:
     """Whether the command line needs the heads: ``sample``, a family command, or no command / ``--help``
     (which lists them); a generic tool never imports them."""
@@ -475,7 +484,7 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
     for head in sample_heads() if heads else []:
         cmd = fam.add_parser(head.sample_command, help=head.sample_help)
         head.add_sample_arguments(cmd)
-        cmd.set_defaults(func=head.run_sample)
+        cmd.set_defaults(func=_sample_runner(head))
     for command in head_commands() if heads else []:
         cmd = sub.add_parser(command.name, help=command.help)
         command.add_arguments(cmd)

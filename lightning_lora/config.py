@@ -79,10 +79,10 @@ def cadence(total: int, count: int) -> int:
 
 
 def register_resolvers() -> None:
-    from lightning_lora.rundir import fresh_dir
+    from lightning_lora.rundir import fresh_dir, run_name, sweep_name
 
     for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base), ("cadence", cadence),
-                           ("built", built_base)):
+                           ("built", built_base), ("run_name", run_name), ("sweep_name", sweep_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     if not OmegaConf.has_resolver("fresh_dir"):

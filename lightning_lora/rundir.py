@@ -30,7 +30,8 @@ from lightning_lora.errors import UserError, find_user_error
 #: what a run writes into its directory; any of them present means the directory holds a run
 RUN_MARKERS = ("config.yaml", "metrics.json", "command.txt", "adapters", "checkpoints", "lora_ckpts", "samples")
 #: removed with the markers by ``overwrite=true`` (Hydra's ``.hydra/`` and job log are Hydra's own)
-RUN_OUTPUTS = (*RUN_MARKERS, "environment.json", "model_summary.txt", "tensorboard", "failed.json")
+RUN_OUTPUTS = (*RUN_MARKERS, "environment.json", "model_summary.txt", "failed.json",
+               "tensorboard", "csv", "mlruns", "wandb")  # the loggers' folders (conf/logger/)
 LOCK_FILE = ".lightning_lora.lock"
 #: Lightning's SLURM requeue checkpoint: a directory holding one is continued by Lightning, not started afresh
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
@@ -57,6 +58,35 @@ def fresh_dir(pattern: str, given: str | None = None) -> str:
         raise UserError(f"cannot create a run directory {base}: {exc.strerror or exc}; set hydra.run.dir "
                         "(hydra.sweep.dir for -m) to a writable place") from None
     raise UserError(f"{base}: {_MAX_SUFFIX} run directories of that name already exist; set hydra.run.dir")
+
+
+# ---------------------------------------------------------------------------- names for the trackers
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies under it (``outputs/2026-01-31/12-00-00``)."""
+    absolute = Path(path).resolve()
+    with contextlib.suppress(ValueError):
+        return absolute.relative_to(Path.cwd().resolve()).as_posix()
+    return absolute.as_posix()
+
+
+def run_name(output_dir: str) -> str:
+    """``${run_name:${paths.output_dir}}``: a logger's run name, the run directory as the user finds it."""
+    return _shown(output_dir)
+
+
+def sweep_name(default: str | None = None) -> str | None:
+    """``${sweep_name:DEFAULT}``: the sweep directory of a multirun's job (``outputs/multirun/<date>/<time>``), a
+    logger's group or experiment, so one sweep's jobs sit together; ``DEFAULT`` for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return default
+    hydra = HydraConfig.get()
+    # the job's directory less its subdir (hydra.sweep.subdir); hydra.sweep.dir itself is not read again: its
+    # ${fresh_dir:...} would claim another directory outside the launcher's resolver cache
+    levels = len(Path(str(hydra.sweep.subdir)).parts)
+    return _shown(Path(hydra.runtime.output_dir).parents[levels - 1])
 
 
 # ---------------------------------------------------------------------------- checks

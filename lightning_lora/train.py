@@ -29,11 +29,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from lightning_lora import hub
+from lightning_lora import extras, hub
 from lightning_lora.adapters import AdapterSpec
 from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
 from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
+from lightning_lora.callbacks.trackers import end_runs
 from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.config_checks import check_config, check_resume_fits
 from lightning_lora.errors import UserError, find_user_error, user_message
@@ -222,6 +223,51 @@ def _class_of(node: Mapping[str, Any]) -> type | None:
         return None
 
 
+def _missing_extra(exc: BaseException) -> str | None:
+    """The module an extra brings whose absence ``exc`` (or the import error behind it) reports, else None."""
+    while exc is not None:
+        if isinstance(exc, ImportError) and (module := extras.extra_for(exc)) is not None:
+            return module
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _configured_pieces(cfg: DictConfig) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(key, node)`` of each configured class: the model, the data and every logger (``logger.<name>``)."""
+    for group in ("model", "data"):
+        if isinstance(node := cfg.get(group), DictConfig):
+            yield group, node
+    if isinstance(loggers := cfg.get("logger"), DictConfig):
+        for name, node in loggers.items():
+            if isinstance(node, DictConfig):
+                yield f"logger.{name}", node
+
+
+def _named(key: str, node: Mapping[str, Any]) -> str:
+    """How the user names a configured piece: ``model=sd_tiny``, ``logger.wandb``."""
+    if key in ("model", "data"):
+        chosen = _chosen(key, node)
+        return f"{key}={chosen}" if chosen else f"the {key} ({node.get('_target_')})"
+    return key
+
+
+def check_packages(cfg: DictConfig) -> None:
+    """One line naming the extra to install when the model, the data or a logger needs a package that is not
+    installed (``model=sd_tiny needs diffusers: pip install 'lightning_lora[sd]'``): first, before a resolver builds
+    a tiny base or any weight, corpus or file is read."""
+    for key, node in _configured_pieces(cfg):
+        if "_target_" not in node:
+            continue
+        try:
+            cls = get_class(str(node["_target_"]))
+        except Exception as exc:  # the class's own module imports a package an extra brings
+            if (module := _missing_extra(exc)) is None:
+                continue  # a broken _target_: instantiate reports it, as it always has
+            raise UserError(extras.missing_line(module, _named(key, node))) from None
+        if (module := extras.first_missing(extras.class_requires(cls))) is not None:
+            raise UserError(extras.missing_line(module, _named(key, node)))
+
+
 def batch_kind_of(data_cls: type, data_cfg: Mapping[str, Any]) -> str | None:
     """What a data module class yields for ``data_cfg``: its ``batch_kind``, a string or a classmethod of the
     config; None when it declares none."""
@@ -370,7 +416,8 @@ def _adapter_bytes(snapshot: Path) -> int:
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter as ``cfg`` says; returns (metrics, the objects built)."""
     started = time.time()
-    # First: with data the model cannot train on, the values still missing (the data's paths) do not matter.
+    check_packages(cfg)  # an extra not installed: nothing else matters yet
+    # With data the model cannot train on, the values still missing (the data's paths) do not matter.
     check_model_takes_data(cfg)
     if missing := sorted(missing_values(cfg)):  # `???` in a preset: a value only the user can give
         raise UserError(f"{missing[0]} is required: pass {missing[0]}=<value> on the command line")
@@ -439,6 +486,8 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
         after = _validate(trainer, module, datamodule) if cfg.validate_after else {}
     except SIGTERMException as exc:
         raise Preempted(_preempted_message(trainer)) from exc
+    finally:
+        end_runs(trainer.loggers)  # the next job of an in-process sweep starts a tracker run of its own
 
     adapter_dir = _adapter_dir(trainer)
     metrics = {

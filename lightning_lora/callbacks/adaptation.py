@@ -5,7 +5,8 @@ own ``adaptation_measure()`` (default: None, nothing to report). Its dict holds 
 ``value`` (a float), optionally ``images`` ([rows, cols, 3, H, W] in [0, 1]) and further float entries kept side
 by side. The report (``result``) is ``{metric, before, after, <entry>: {before, after}, ...}``; ``train.run``
 writes it into ``metrics.json`` as ``adaptation`` and prints it; the two image sets become
-``<run_dir>/samples/before_after.png`` (the "before" rows above the "after" rows). Measured on global rank 0, in
+``<run_dir>/samples/before_after.png`` (the "before" rows above the "after" rows), also sent to every configured
+logger that takes images. Measured on global rank 0, in
 eval mode without gradients.
 """
 
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_lora.callbacks.sample_previews import image_grid, png_bytes
+from lightning_lora.callbacks.trackers import log_image
 from lightning_lora.fileio import atomic_write_bytes
 
 Measure = Callable[[Any], "dict[str, Any] | None"]
@@ -56,6 +58,7 @@ class AdaptationReport(Callback):
         if self.before.get("images") is not None and after.get("images") is not None:
             grid = image_grid(torch.cat([self.before["images"], after["images"]]))
             atomic_write_bytes(self.dirpath / "before_after.png", png_bytes(grid))
+            log_image(trainer.loggers, "samples/before_after", grid, trainer.global_step)
 
 
 def report(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """`SamplePreviews`: pictures from the model being trained, every N optimizer steps, beside the base model's.
 
 The head draws them (``head.preview_images()`` -> [prompts, seeds, 3, H, W] in [0, 1], or None when it has
-nothing to show); this callback lays them out as one grid (a row per prompt, a column per seed), logs it to
-TensorBoard and writes ``<run_dir>/samples/base.png`` (adapters disabled, once) and ``step_NNNNNNN.png`` (with the
-LoRA EMA's weights when a ``LoRAEMA`` callback keeps one for previews).
+nothing to show); this callback lays them out as one grid (a row per prompt, a column per seed), logs it to every
+configured logger that takes images (``trackers.log_image``) and writes ``<run_dir>/samples/base.png`` (adapters
+disabled, once) and ``step_NNNNNNN.png`` (with the LoRA EMA's weights when a ``LoRAEMA`` callback keeps one for
+previews).
 Sampling runs in eval mode without gradients on global rank 0, between optimizer steps; under FSDP every rank
 samples too (each forward gathers the sharded weights from all ranks, ``strategies.full_params``) and rank 0 alone
 writes.
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_lora.callbacks.ema import LoRAEMA
+from lightning_lora.callbacks.trackers import log_image
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
 from lightning_lora.strategies import full_params, shards_parameters
@@ -62,9 +64,7 @@ class SamplePreviews(Callback):
             if trainer.is_global_zero and images is not None:
                 grid = image_grid(images)
                 self.written.append(atomic_write_bytes(self.dirpath / f"{name}.png", png_bytes(grid)))
-                logger = trainer.logger
-                if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):
-                    logger.experiment.add_image(f"samples/{'base' if disable_adapters else 'lora'}", grid, step)
+                log_image(trainer.loggers, f"samples/{'base' if disable_adapters else 'lora'}", grid, step)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the sampler's activations must not stay reserved for training
         trainer.strategy.barrier("sample_previews")

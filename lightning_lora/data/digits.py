@@ -38,6 +38,7 @@ from lightning_lora.data.images import (
 )
 from lightning_lora.data.shards import PairedShardsDataModule, WebDatasetDataModule, shard_pattern, write_shards
 from lightning_lora.errors import UserError
+from lightning_lora.extras import missing_line
 from lightning_lora.fileio import atomic_directory
 
 
@@ -51,8 +52,8 @@ class SklearnDigits:
     def __init__(self, num_images: int | None, demo: str) -> None:
         try:
             from sklearn.datasets import load_digits
-        except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
-            raise UserError(f"data={demo} needs scikit-learn (pip install scikit-learn)") from None
+        except ImportError:  # the demo extra; train.run checks `requires` before this
+            raise UserError(missing_line("sklearn", f"data={demo}")) from None
         digits = load_digits()
         count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
         self.pixels, self.labels = digits.images[:count], digits.target[:count]
@@ -172,6 +173,8 @@ class DigitCaptionsDataModule(ReadThroughDataModule):
     only there). Other keyword arguments (batch size, workers, transforms, ...) go to that module.
     """
 
+    requires: ClassVar[tuple[str, ...]] = ("sklearn",)  # the digits come with scikit-learn: the [demo] extra
+
     batch_kind: ClassVar[str] = CAPTIONED_IMAGES
 
     def __init__(self, root: str, format: str = "folder", num_images: int | None = 256, image_size: int = 64,
@@ -260,6 +263,8 @@ class DigitTranslationDataModule(PairedShardsDataModule):
     """The image-to-image demo (``data=digits_pairs``): digit → inverted/blurred/relit digit, built once by
     :func:`write_digit_translation_shards` under ``root`` and read as ``data=paired_shards`` reads user shards."""
 
+    requires: ClassVar[tuple[str, ...]] = ("sklearn",)  # the digits come with scikit-learn: the [demo] extra
+
     def __init__(self, root: str, num_images: int | None = 256, image_size: int = 64, transform: str = "invert",
                  val_fraction: float = 0.1, per_shard: int = 64, **kwargs: Any) -> None:
         train, val = write_digit_translation_shards(root, num_images, image_size, transform, val_fraction, per_shard)
@@ -327,6 +332,8 @@ def write_digit_retrieval_pairs(root: str | os.PathLike, num_images: int | None 
 class DigitRetrievalDataModule(ImagePairsDataModule):
     """The image-text retrieval demo (``data=digits_retrieval``): written once as JSONL under ``root`` by
     :func:`write_digit_retrieval_pairs`, then read through the same code as user data (``data=image_pairs``)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("sklearn",)  # the digits come with scikit-learn: the [demo] extra
 
     def __init__(self, root: str, num_images: int | None = 256, image_size: int = 64, invert: bool = True,
                  direction: str = "image_to_text", num_negatives: int = 0, val_fraction: float = 0.1,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -134,6 +134,8 @@ class StreamRows(IterableDataset):
 
 
 class HFDatasetDataModule(pl.LightningDataModule):
+    requires: ClassVar[tuple[str, ...]] = ("datasets",)  # the [hf] extra; train.check_packages names it
+
     def __init__(self, path: str, name: str | None = None, split: str = "train", val_split: str | None = None,
                  data_files: Any = None, data_dir: str | None = None, revision: str | None = None,
                  kind: str = "images", streaming: bool = False, shuffle_buffer: int = 1000,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from lightning_lora.errors import UserError, user_message
+from lightning_lora.extras import first_missing, missing_line
 
 #: family -> the folder name of its base under the cache
 BASES = {"sd": "sd_digits_base", "lbm": "lbm_digits_base"}
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                              "shares; lbm: any N > 0 prints the base's PSNR/SSIM on the held-out digits")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    # the base is a diffusers model and its data scikit-learn's digits: one line naming the extra, not a traceback
+    if (module := first_missing(("diffusers", "sklearn"))) is not None:
+        print(f"error: {missing_line(module, f'python -m lightning_lora.demos.pretrain {args.family}')}",
+              file=sys.stderr)
+        return 2
     import torch
 
     if args.threads:

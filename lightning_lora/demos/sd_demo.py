@@ -46,6 +46,7 @@ def write_styled_digits(root: str | Path, style: str, num_images: int | None, im
 class StyledDigitsDataModule(ReadThroughDataModule):
     """sklearn's digits in ``style`` captioned "a handwritten digit 3 in red", read as an image folder."""
 
+    requires: ClassVar[tuple[str, ...]] = ("sklearn",)  # the digits and the judge: the [demo] extra
     batch_kind: ClassVar[str] = CAPTIONED_IMAGES
 
     def __init__(self, root: str, style: str = "red", num_images: int | None = 512, image_size: int = 16,

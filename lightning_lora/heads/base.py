@@ -65,6 +65,9 @@ class TaskHead(nn.Module, abc.ABC):
     #: class names of the blocks FSDP makes one unit each (transformer/attention/residual blocks), so a unit
     #: holds one block's frozen weights and its adapter; matched by name, so no family library is imported
     fsdp_blocks: ClassVar[tuple[str, ...]] = ()
+    #: packages (import names) beyond a plain install that the family needs; a missing one is one line naming the
+    #: extra that brings it (``lightning_lora.extras``), checked by ``train.run`` and ``cli`` before anything loads
+    requires: ClassVar[tuple[str, ...]] = ()
     #: ``lightning-lora sample <sample_command>`` runs ``run_sample`` (None: the family has no sample command)
     sample_command: ClassVar[str | None] = None
     #: the sample command's one-line help

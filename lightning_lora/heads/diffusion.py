@@ -144,6 +144,7 @@ class LatentHead(TaskHead):
     monitor: ClassVar[str] = "val/loss"
     monitor_mode: ClassVar[str] = "min"
     fsdp_blocks: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock", "ResnetBlock2D")
+    requires: ClassVar[tuple[str, ...]] = ("diffusers",)  # the UNet, VAE and schedulers: the [sd] extra
 
     def _init_vae(self, vae: nn.Module, resolution: int, cache_latents: bool) -> None:
         self.vae = vae
