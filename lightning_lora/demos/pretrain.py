@@ -1,4 +1,5 @@
-"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd [--out PATH] [--vae-steps N] ...``.
+"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd [--out PATH] [--vae-steps N] ...`` or
+``python -m lightning_lora.demos.pretrain trellis_ss [--out PATH] [--steps N] [--judge N]``.
 
 The base is written (atomically) under the cache folder the demo experiments read (``$LIGHTNING_LORA_CACHE`` or
 ``~/.cache/lightning_lora``), and reused when it is already there.
@@ -15,7 +16,7 @@ from pathlib import Path
 from lightning_lora.errors import UserError, user_message
 
 #: family -> the folder name of its base under the cache
-BASES = {"sd": "sd_digits_base"}
+BASES = {"sd": "sd_digits_base", "trellis_ss": "trellis_ss_demo_base"}
 
 
 def cache_dir() -> Path:
@@ -29,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="the base's folder (default: under the cache)")
     parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=None, help="trellis_ss: denoiser steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", type=int, default=0, metavar="N",
-                        help="then draw N samples per digit (plain and red prompts) and print the judge's shares")
+                        help="then draw N samples per digit (sd: plain and red prompts) or per shape class "
+                             "(trellis_ss) and print the judge's shares")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     import torch
@@ -40,16 +43,30 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or cache_dir() / BASES[args.family]
     start = time.perf_counter()
+    log = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        from lightning_lora.demos.sd_base import ensure_sd_digits_base
+        if args.family == "trellis_ss":
+            from lightning_lora.demos.trellis_base import ensure_trellis_ss_base
 
-        path = ensure_sd_digits_base(out, args.vae_steps, args.unet_steps, args.seed,
-                                     log=lambda line: print(line, flush=True))
+            steps = {"steps": args.steps} if args.steps else {}
+            path = ensure_trellis_ss_base(out, seed=args.seed, log=log, **steps)
+        else:
+            from lightning_lora.demos.sd_base import ensure_sd_digits_base
+
+            path = ensure_sd_digits_base(out, args.vae_steps, args.unet_steps, args.seed, log=log)
     except UserError as err:
         print(user_message(err), file=sys.stderr)
         return 2
     print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
-    if args.judge:
+    if args.judge and args.family == "trellis_ss":
+        from lightning_lora.demos.trellis_demo import judge_base as judge_shapes
+
+        scores = judge_shapes(path, args.judge)
+        shares = ", ".join(f"{key.removesuffix('_share')} {value:.2f}" for key, value in scores.items()
+                           if key.endswith("_share"))
+        print(f"judge, {args.judge} samples per class: {scores['metric']} {scores['value']:.2f}; {shares}; "
+              f"mean IoU {scores['mean_iou']:.2f}", flush=True)
+    elif args.judge:
         from lightning_lora.demos.sd_demo import judge_base
 
         for style in ("plain", "red"):
