@@ -39,7 +39,7 @@ def demo_head(ckpt: str | None = None):
     return instantiate(cfg.model)
 
 
-def train_base(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, per_shape: int = 64, seed: int = 0,
+def train_base(steps: int = 2000, batch_size: int = 16, lr: float = 2e-3, per_shape: int = 64, seed: int = 0,
                log=print):
     """The trained head (see the module's recipe)."""
     torch.manual_seed(seed)
@@ -67,7 +67,7 @@ def train_base(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, per_sh
     return head.eval().requires_grad_(False)
 
 
-def ensure_trellis_ss_base(folder: str | os.PathLike, steps: int = 3000, seed: int = 0, log=print) -> str:
+def ensure_trellis_ss_base(folder: str | os.PathLike, steps: int = 2000, seed: int = 0, log=print) -> str:
     """``<folder>/denoiser.safetensors`` (with its ``.json``), trained and written (atomically) the first time."""
     from lightning_lora.models.trellis.loading import save_trellis_model
 
