@@ -1,4 +1,5 @@
-"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd|lbm [--out PATH] [--vae-steps N] ...``.
+"""Build a demo base once: ``python -m lightning_lora.demos.pretrain sd|lbm [--out PATH] [--vae-steps N] ...`` or
+``python -m lightning_lora.demos.pretrain trellis_ss [--out PATH] [--steps N] [--judge N]``.
 
 The base is written (atomically) under the cache folder the demo experiments read (``$LIGHTNING_LORA_CACHE`` or
 ``~/.cache/lightning_lora``), and reused when it is already there.
@@ -16,7 +17,9 @@ from lightning_lora.errors import UserError, user_message
 from lightning_lora.extras import first_missing, missing_line
 
 #: family -> the folder name of its base under the cache
-BASES = {"sd": "sd_digits_base", "lbm": "lbm_digits_base"}
+BASES = {"sd": "sd_digits_base", "lbm": "lbm_digits_base", "trellis_ss": "trellis_ss_demo_base"}
+#: family -> the optional packages its base and data need (the digits bases: diffusers and scikit-learn's digits)
+NEEDS = {"sd": ("diffusers", "sklearn"), "lbm": ("diffusers", "sklearn"), "trellis_ss": ()}
 
 
 def cache_dir() -> Path:
@@ -28,16 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_lora.demos.pretrain", description=__doc__)
     parser.add_argument("family", choices=sorted(BASES))
     parser.add_argument("--out", type=Path, default=None, help="the base's folder (default: under the cache)")
-    parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: the recipe's)")
-    parser.add_argument("--unet-steps", type=int, default=None, help="UNet/denoiser steps (default: the recipe's)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="sd, lbm: VAE steps (default: the recipe's)")
+    parser.add_argument("--unet-steps", type=int, default=None,
+                        help="sd, lbm: UNet/denoiser steps (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="trellis_ss: denoiser steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", type=int, default=0, metavar="N",
-                        help="sd: then draw N samples per digit (plain and red prompts) and print the judge's "
-                             "shares; lbm: any N > 0 prints the base's PSNR/SSIM on the held-out digits")
+                        help="then judge the base: sd: N samples per digit (plain and red prompts); trellis_ss: N "
+                             "samples per shape class; lbm: any N > 0 prints its PSNR/SSIM on the held-out digits")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     # the base is a diffusers model and its data scikit-learn's digits: one line naming the extra, not a traceback
-    if (module := first_missing(("diffusers", "sklearn"))) is not None:
+    if (module := first_missing(NEEDS[args.family])) is not None:
         print(f"error: {missing_line(module, f'python -m lightning_lora.demos.pretrain {args.family}')}",
               file=sys.stderr)
         return 2
@@ -50,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     steps = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
     try:
-        if args.family == "lbm":
+        if args.family == "trellis_ss":
+            from lightning_lora.demos.trellis_base import ensure_trellis_ss_base
+
+            path = ensure_trellis_ss_base(out, seed=args.seed, log=log, **({"steps": args.steps} if args.steps else {}))
+        elif args.family == "lbm":
             from lightning_lora.demos.lbm_base import ensure_lbm_digits_base
 
             path = ensure_lbm_digits_base(out, seed=args.seed, log=log, **steps)
@@ -62,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         print(user_message(err), file=sys.stderr)
         return 2
     print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
-    if args.judge and args.family == "lbm":
+    if args.judge and args.family == "trellis_ss":
+        from lightning_lora.demos.trellis_demo import judge_base as judge_shapes
+
+        scores = judge_shapes(path, args.judge)
+        shares = ", ".join(f"{key.removesuffix('_share')} {value:.2f}" for key, value in scores.items()
+                           if key.endswith("_share"))
+        print(f"judge, {args.judge} samples per class: {scores['metric']} {scores['value']:.2f}; {shares}; "
+              f"mean IoU {scores['mean_iou']:.2f}", flush=True)
+    elif args.judge and args.family == "lbm":
         from lightning_lora.demos.lbm_demo import measure_base
 
         for transform in ("invert", "relight"):  # its own translation, and the demo LoRA's

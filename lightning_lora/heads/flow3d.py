@@ -602,7 +602,7 @@ class FlowMatching3DHead(TaskHead):
         parser.add_argument("--out", required=True, help="output .npz (latent, or coords + feats)")
         pictures = parser.add_mutually_exclusive_group()
         pictures.add_argument("--png", help="also draw the sampled voxels (front, side, top) here; by default "
-                                            "<out>.png for the demo's tiny presets")
+                                            "<out>.png for the demo presets (*_tiny, *_demo)")
         pictures.add_argument("--no-png", action="store_true", help="no picture, even for a tiny preset")
         parser.add_argument("--overwrite", action="store_true")
 
@@ -641,13 +641,14 @@ class FlowMatching3DHead(TaskHead):
                 cfg.model.image_encoder = {"pretrained": str(args.image_encoder),
                                            "image_size": args.image_size or cfg.model.image_encoder.image_size}
         dense = not takes_sparse_voxels(get_class(cfg.model.denoiser._target_))
-        demo = args.model.endswith("_tiny")  # the presets the procedural demo set is made for
+        # the presets whose latents are the procedural demo sets' stand-in encoding (tiny ones, the demo base)
+        demo = args.model.endswith(("_tiny", "_demo"))
         png = Path(args.png) if args.png else out.with_suffix(".png") if demo and not args.no_png else None
         if png is not None:
             if dense and not demo:
                 raise UserError(f"--png: {args.model} samples a sparse-structure latent, which becomes voxels only "
                                 "through TRELLIS's SS decoder (not part of this tool); the picture is drawn for the "
-                                "demo's tiny presets, whose stand-in encoding it inverts")
+                                "demo presets (*_tiny, *_demo), whose stand-in encoding it inverts")
             options.check_out(png, args.overwrite, "--png")
         head = instantiate(cfg.model)
         if args.lora:
