@@ -1,4 +1,4 @@
-"""Training-loop overhead, memory, latency and sizes; one command, results appended to ``bench/results.md``.
+"""Training-loop overhead, memory, latency and sizes; one command, its section of ``bench/results.md`` replaced.
 
 1. Throughput: ``LoRAAdaptationModule`` under the Lightning ``Trainer`` vs a hand-written PyTorch + PEFT loop
    (``get_peft_model`` on the same submodules, the trainable parameters filtered by ``requires_grad``, AdamW, then
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _results import header, write_section
 
 HERE = Path(__file__).resolve().parent
 MODELS: dict[str, list[str]] = {
@@ -370,10 +370,6 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    import lightning
-    import peft
-    import torch
-
     global THREADS
     THREADS = args.threads
     started = time.time()
@@ -433,12 +429,8 @@ def main() -> None:
                        f"{ms['unmerged'] / ms['base']:.3f} | {ms['merged'] / ms['base']:.3f} | {r['merge_err']:.2e} |")
         print(latency[-1], flush=True)
     text = "\n".join([
-        f"\n## loop_bench {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"machine: {platform.node() or 'vm'} {platform.machine()} cpus={os.cpu_count()} "
-        f"torch threads per child={args.threads} device=cpu",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
-        f"peft {peft.__version__}",
-        f"command: python bench/loop_bench.py {' '.join(sys.argv[1:])}".rstrip() + f"  ({time.time() - started:.0f} s)",
+        *header("loop_bench", ["lightning", "peft"], machine=f"torch threads per child={args.threads} device=cpu"),
+        f"wall time: {time.time() - started:.0f} s",
         "",
         f"Training throughput, LoRA r=8 alpha=16 on the family's default targets, fp32, AdamW; {args.rounds} "
         f"alternating runs per loop, {args.warmup} warm-up + {args.steps} timed steps (MiniLM 2 + 8):",
@@ -453,8 +445,7 @@ def main() -> None:
         "", *sizes,
     ]) + "\n"
     print(text)
-    with (HERE / "results.md").open("a") as f:
-        f.write(text)
+    write_section("loop_bench", text)
 
 
 if __name__ == "__main__":
