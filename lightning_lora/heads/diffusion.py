@@ -230,6 +230,7 @@ class DiffusionHead(LatentHead):
         cache_latents: bool = False,
         cache_text_embeddings: bool = True,
         frozen_dtype: str | None = None,
+        channels_last: bool = False,
         previews: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -249,6 +250,9 @@ class DiffusionHead(LatentHead):
             raise UserError(f"{path}/scheduler predicts {self.noise_scheduler.config.prediction_type!r}; set "
                             f"model.prediction_type to one of {', '.join(PREDICTION_TYPES)}")
         cast_frozen(frozen_dtype, self.unet, parts["vae"], self.text_encoder)
+        if channels_last:  # NHWC convolutions; on CPUs oneDNN's convolutions are faster in this layout
+            for part in (self.unet, parts["vae"]):
+                part.to(memory_format=torch.channels_last)
         self._init_vae(parts["vae"], resolution, cache_latents)
         # a Hub id is what other tools (and the adapter's metadata) should name, not this machine's cache path
         self.pretrained, short = hub.identity(pretrained, path)
