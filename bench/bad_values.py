@@ -8,13 +8,12 @@ it also fills the data cache, as any earlier run on the machine would have) and 
 ``lightning_lora.train`` alone is timed too: it is the floor every case pays.
 
     python bench/bad_values.py                    # prints the table and the slowest case
-    python bench/bad_values.py --append           # ... and appends them to bench/results.md
+    python bench/bad_values.py --append           # ... and puts them in its section of bench/results.md
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import resource
 import shutil
@@ -24,6 +23,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from _results import header, write_section
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -100,7 +101,8 @@ def run(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--append", action="store_true", help="append the table to bench/results.md")
+    parser.add_argument("--append", action="store_true",
+                        help="replace this script's section of bench/results.md by the table")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bad-values-"))
@@ -142,10 +144,8 @@ def main() -> None:
 
     slowest = max(rows, key=lambda row: row[2])
     most_cpu = max(rows, key=lambda row: row[3])
-    table = [f"## bad_values {dt.datetime.now().isoformat(timespec='seconds')}",
-             f"command: python bench/bad_values.py{' --append' if args.append else ''}  "
-             f"(python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load_before[0]:.2f} before "
-             f"the cases, {load_after[0]:.2f} after)", "",
+    table = [*header("bad_values", ["lightning", "hydra-core"]),
+             f"load average {load_before[0]:.2f} before the cases, {load_after[0]:.2f} after", "",
              "One bad value per process (`python -m lightning_lora.train` on the tiny BERT with small settings, fresh "
              "run directory); wall seconds of the whole process, interpreter start included, and its CPU seconds "
              "(user + system: what it needs of an idle core; the wall time adds the wait for a core). Floor: "
@@ -163,8 +163,7 @@ def main() -> None:
     text = "\n".join(table)
     print("\n" + text)
     if args.append:
-        with open(HERE / "results.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        write_section("bad_values", text)
 
 
 if __name__ == "__main__":

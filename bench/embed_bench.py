@@ -1,5 +1,5 @@
-"""Embedding family: time per training step and peak memory, plain step vs gradient cache, appended to
-``bench/results.md``.
+"""Embedding family: time per training step and peak memory, plain step vs gradient cache, in
+``bench/results.md`` (this script's section, replaced on each run).
 
 Each configuration runs in its own child process (so its peak RSS is its own), LoRA r=8 on the preset's
 default targets, AdamW, 2 warm-up steps then the median of the timed ones:
@@ -17,10 +17,8 @@ Peak memory is the child's max RSS on CPU (``torch.cuda.max_memory_allocated`` o
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _results import header, write_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -129,13 +129,10 @@ def main() -> None:
         rows.append(f"| {LABELS[model]} | {args.batch} (+{args.batch} hard negatives) | "
                     f"{f'chunk {chunk}' if chunk else 'off'} | {out['s_per_step']:.3f} | {out['peak_rss_mb']:.0f} | "
                     f"{out['loss']:.4f} |")
-    text = "\n".join([
-        f"\n## embed_bench {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"machine: {platform.machine()} cpus={torch.get_num_threads()} device=cpu, "
-        f"{'bf16 autocast' if args.bf16 else 'fp32'}; torch {torch.__version__}", "", *rows]) + "\n"
+    setting = f"torch threads={torch.get_num_threads()} device=cpu, {'bf16 autocast' if args.bf16 else 'fp32'}"
+    text = "\n".join([*header("embed_bench", ["transformers", "peft"], machine=setting), "", *rows]) + "\n"
     print(text)
-    with (HERE / "results.md").open("a") as f:
-        f.write(text)
+    write_section("embed_bench", text)
 
 
 if __name__ == "__main__":

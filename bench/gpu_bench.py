@@ -1,6 +1,6 @@
 """Real-size training steps on a GPU: SD 1.5 UNet, TRELLIS-image-large flow models and a Qwen3-VL-2B-shaped model,
 built from their configs with random weights; LoRA r=16 vs full fine-tuning, gradient checkpointing off and on.
-A Markdown table is appended to ``bench/results.md`` (or ``--out``).
+A Markdown table replaces this script's section of ``bench/results.md`` (or of ``--out``).
 
 Models (``--models``):
 
@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import gc
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,6 +49,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from _results import header, write_section
 from torch import nn
 
 from lightning_lora.heads.base import StepOutput, TaskHead
@@ -431,10 +430,6 @@ def row(r: dict[str, Any]) -> str:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    import diffusers
-    import peft
-    import transformers
-
     cuda = args.device.startswith("cuda")
     ok = next((r for r in results if "gpu" in r), None)
     gpu = f" {ok['gpu']} ({ok['gpu_gib']:.1f} GiB)" if ok else ""
@@ -443,10 +438,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     memory = "peak GPU MiB (max_memory_allocated)" if cuda else \
         "peak RSS MiB" + (" (process so far)" if args.isolate == "none" else "")
     lines = [
-        f"\n## gpu_bench {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"machine: {platform.node() or 'vm'} {platform.machine()} device={args.device}{gpu}; CUDA "
-        f"{torch.version.cuda or '-'}, torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
-        f"{transformers.__version__}, peft {peft.__version__}",
+        *header("gpu_bench", ["diffusers", "transformers", "peft"],
+                machine=f"device={args.device}{gpu}; CUDA {torch.version.cuda or '-'}"),
         f"setup: scale={args.scale}, fp32 weights, {'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, AdamW, "
         f"LoRA r={ADAPTER['r']} alpha={ADAPTER['alpha']} on the presets' targets via LoRAAdaptationModule; "
         f"{args.warmup} warm-up + median of {args.steps} steps; {where}; torch threads {args.threads or 'default'}",
@@ -483,7 +476,8 @@ def main() -> int:
                         "this process (default on cpu, where starting a child costs more than a tiny run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 with --scale tiny, where more threads only contend)")
-    parser.add_argument("--out", default=str(HERE / "results.md"), help="file the table is appended to")
+    parser.add_argument("--out", default=str(HERE / "results.md"), help="file whose gpu_bench section the table "
+                        "replaces")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -502,8 +496,7 @@ def main() -> int:
         results.append(result)
     text = report(results, args)
     print(text)
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write(text)
+    write_section("gpu_bench", text, args.out)
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 

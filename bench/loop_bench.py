@@ -1,4 +1,4 @@
-"""Training-loop overhead, memory, latency and sizes; one command, results appended to ``bench/results.md``.
+"""Training-loop overhead, memory, latency and sizes; one command, its section of ``bench/results.md`` replaced.
 
 1. Throughput: ``LoRAAdaptationModule`` under the Lightning ``Trainer`` vs a hand-written PyTorch + PEFT loop
    (``get_peft_model`` on the same submodules, the trainable parameters filtered by ``requires_grad``, AdamW, then
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _results import header, write_section
 
 HERE = Path(__file__).resolve().parent
 MODELS: dict[str, list[str]] = {
@@ -46,6 +46,7 @@ MODELS: dict[str, list[str]] = {
     "lbm_tiny": ["model=lbm_tiny", "data=digits_pairs", "data.batch_size=8"],
     "trellis_slat_tiny": ["model=trellis_slat_tiny", "data=trellis_demo", "data.batch_size=4"],
 }
+PARTS = ("throughput", "memory", "latency")
 STEPS = {"minilm": (2, 8)}  # (warm-up, timed); others use --warmup/--steps
 THREADS = 1  # set from --threads in the parent
 
@@ -186,7 +187,31 @@ def _bare_module(head: Any) -> Any:
     return Bare()
 
 
-def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None, bare: bool = False) -> dict[str, Any]:
+def shipped_trainer(cfg: Any, max_steps: int, clock: Any, run: int) -> Any:
+    """The Trainer ``python -m lightning_lora.train`` builds from the composed config (``conf/trainer/default.yaml``,
+    every callback of ``conf/callbacks/default.yaml`` after the empty-epoch guard, the TensorBoard logger, atomic
+    checkpoint IO), bounded to ``max_steps`` with no validation and, like the plain loop, no gradient clipping; in
+    a run directory of its own (its snapshots and checkpoints are written after the timed steps)."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from lightning_lora.callbacks import AtomicCheckpointIO
+    from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
+    from lightning_lora.train import _instantiate_all
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = f"{cfg.paths.output_dir}/shipped_{run}"
+    return instantiate(cfg.trainer, max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
+                       gradient_clip_val=None, accelerator="cpu", devices=1,
+                       callbacks=[EmptyEpochGuard(), *_instantiate_all(cfg.get("callbacks")), clock],
+                       logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()])
+
+
+def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None, bare: bool = False,
+                  shipped: int | None = None) -> dict[str, Any]:
+    """Our module (or the bare one) under a Trainer with nothing else on, or under the shipped Trainer (``shipped``:
+    the run's number, for its directory)."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -205,10 +230,13 @@ def run_lightning(cfg: Any, warmup: int, steps: int, ckpt: Path | None = None, b
         head, spec(), scheduler=ScheduleSpec("constant"),
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
     clock = Clock()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[clock], default_root_dir=cfg.paths.output_dir)
+    if shipped is not None:
+        trainer = shipped_trainer(cfg, warmup + steps, clock, shipped)
+    else:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                             callbacks=[clock], default_root_dir=cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, verbose=False)  # the loader shuffles as in the plain loop
     trainer.fit(module, datamodule)
     out = {"steps_per_s": _rate(clock.ends, warmup),
@@ -227,13 +255,15 @@ def child_throughput(model: str, rounds: int, warmup: int, steps: int) -> dict[s
 
     work = Path(tempfile.mkdtemp(prefix="loop_bench_"))
     cfg = compose(model, work / "run")
-    rates: dict[str, list[float]] = {"lightning": [], "bare": [], "plain": []}
+    kinds = ("lightning", "shipped", "bare", "plain")
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(rounds):
-        for kind in (("lightning", "bare", "plain") if i % 2 == 0 else ("plain", "bare", "lightning")):
+        for kind in (kinds if i % 2 == 0 else tuple(reversed(kinds))):
             if kind == "plain":
                 res = run_plain(cfg, warmup, steps)
             else:
-                res = run_lightning(cfg, warmup, steps, bare=kind == "bare")
+                res = run_lightning(cfg, warmup, steps, bare=kind == "bare",
+                                    shipped=i if kind == "shipped" else None)
             rates[kind].append(res["steps_per_s"])
     # sizes: a resumable checkpoint and an adapter snapshot of a short Lightning run
     ckpt = work / "last.ckpt"
@@ -354,6 +384,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="forward passes per variant for latency")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child (1: no OpenMP oversubscription "
                         "when the machine is shared)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="what to measure (sizes come with throughput)")
+    parser.add_argument("--out", default=str(HERE / "results.md"), help="file whose loop_bench section is replaced")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -370,28 +403,25 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    import lightning
-    import peft
-    import torch
-
     global THREADS
     THREADS = args.threads
     started = time.time()
     speed = ["| model | batch | LoRA params | Lightning steps/s (median) | plain PEFT steps/s (median) | ratio | "
-             "bare LightningModule / plain | ours / bare | runs (L; bare; P) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "shipped Trainer / plain | bare LightningModule / plain | ours / bare | runs (L; shipped; bare; P) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     sizes = ["| model | adapter snapshot (all formats) | PEFT dir(s) | resumable checkpoint | base (fp32 tensors) | "
              "base on disk |", "| --- | --- | --- | --- | --- | --- |"]
-    for model in args.models:
+    for model in args.models if "throughput" in args.parts else ():
         warmup, steps = STEPS.get(model, (args.warmup, args.steps))
         r = _child("throughput", model, str(args.rounds), str(warmup), str(steps))
         if r is None:
             speed.append(f"| {model} | failed |")
             continue
-        lm, bm, pm = (statistics.median(r["rates"][k]) for k in ("lightning", "bare", "plain"))
-        runs = "; ".join(", ".join(f"{x:.2f}" for x in r["rates"][k]) for k in ("lightning", "bare", "plain"))
+        lm, sm, bm, pm = (statistics.median(r["rates"][k]) for k in ("lightning", "shipped", "bare", "plain"))
+        runs = "; ".join(", ".join(f"{x:.2f}" for x in r["rates"][k])
+                         for k in ("lightning", "shipped", "bare", "plain"))
         speed.append(f"| {model} | {r['batch']} | {r['trainable_params']:,} | {lm:.3f} | {pm:.3f} | {lm / pm:.3f} | "
-                     f"{bm / pm:.3f} | {lm / bm:.3f} | {runs} |")
+                     f"{sm / pm:.3f} | {bm / pm:.3f} | {lm / bm:.3f} | {runs} |")
         sizes.append(f"| {model} | {_mib(r['adapter_bytes'])} | {_mib(r['peft_bytes'])} | {_mib(r['ckpt_bytes'])} | "
                      f"{_mib(r['base_bytes'])} | {_mib(r['base_disk_bytes'])} |")
         print(speed[-1], sizes[-1], sep="\n", flush=True)
@@ -399,7 +429,7 @@ def main() -> None:
               "training tensors | RSS after load | peak RSS | peak - load |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ratios = []
-    for model in args.memory_models:
+    for model in args.memory_models if "memory" in args.parts else ():
         got = {}
         for mode in ("lora", "full"):
             got[mode] = m = _child("memory", model, mode, "6")
@@ -423,7 +453,7 @@ def main() -> None:
                       f"{lo['tensors'] / fu['tensors']:.3f}")
     latency = ["| model | submodule | base ms | unmerged ms | merged ms | unmerged / base | merged / base | "
                "max abs diff merged vs unmerged |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in args.models:
+    for model in args.models if "latency" in args.parts else ():
         r = _child("latency", model, str(args.repeats))
         if r is None:
             latency.append(f"| {model} | failed |")
@@ -432,29 +462,32 @@ def main() -> None:
         latency.append(f"| {model} | {r['submodule']} | {ms['base']:.3f} | {ms['unmerged']:.3f} | {ms['merged']:.3f} | "
                        f"{ms['unmerged'] / ms['base']:.3f} | {ms['merged'] / ms['base']:.3f} | {r['merge_err']:.2e} |")
         print(latency[-1], flush=True)
+    parts = {
+        "throughput": [
+            f"Training throughput, LoRA r=8 alpha=16 on the family's default targets, fp32, AdamW; {args.rounds} "
+            f"alternating runs per loop, {args.warmup} warm-up + {args.steps} timed steps (MiniLM 2 + 8). Lightning "
+            "= `LoRAAdaptationModule` under a Trainer with nothing else on; shipped = the same module under the "
+            "Trainer `python -m lightning_lora.train` builds (conf/trainer/default.yaml, every default callback, "
+            "TensorBoard logger; no gradient clipping, as in the plain loop):",
+            "", *speed, "",
+            "Sizes on disk (adapter snapshot after a Lightning run; resumable checkpoint = adapter + AdamW + loop "
+            "state):", "", *sizes, ""],
+        "memory": [
+            "Peak memory (max RSS of a child process, 6 plain-loop steps on the same batches) and AdamW state, LoRA "
+            "vs full fine-tuning of the same submodules. Training tensors = AdamW state + gradients + activations "
+            "saved for backward in one step (parameters excluded); on CPU the peak RSS also holds what glibc's "
+            "allocator keeps, so it is the coarser of the two:", "", *memory, "", *(f"- {x}" for x in ratios), ""],
+        "latency": [
+            f"Forward latency of the adapted submodule (eval, no grad, captured training input, median of "
+            f"{args.repeats} alternating calls):", "", *latency, ""],
+    }
     text = "\n".join([
-        f"\n## loop_bench {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"machine: {platform.node() or 'vm'} {platform.machine()} cpus={os.cpu_count()} "
-        f"torch threads per child={args.threads} device=cpu",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
-        f"peft {peft.__version__}",
-        f"command: python bench/loop_bench.py {' '.join(sys.argv[1:])}".rstrip() + f"  ({time.time() - started:.0f} s)",
-        "",
-        f"Training throughput, LoRA r=8 alpha=16 on the family's default targets, fp32, AdamW; {args.rounds} "
-        f"alternating runs per loop, {args.warmup} warm-up + {args.steps} timed steps (MiniLM 2 + 8):",
-        "", *speed, "",
-        "Peak memory (max RSS of a child process, 6 plain-loop steps on the same batches) and AdamW state, LoRA vs "
-        "full fine-tuning of the same submodules. Training tensors = AdamW state + gradients + activations saved for "
-        "backward in one step (parameters excluded); on CPU the peak RSS also holds what glibc's allocator keeps, "
-        "so it is the coarser of the two:", "", *memory, "", *(f"- {x}" for x in ratios), "",
-        f"Forward latency of the adapted submodule (eval, no grad, captured training input, median of "
-        f"{args.repeats} alternating calls):", "", *latency, "",
-        "Sizes on disk (adapter snapshot after a Lightning run; resumable checkpoint = adapter + AdamW + loop state):",
-        "", *sizes,
+        *header("loop_bench", ["lightning", "peft"], machine=f"torch threads per child={args.threads} device=cpu"),
+        f"wall time: {time.time() - started:.0f} s", "",
+        *(line for part in PARTS if part in args.parts for line in parts[part]),
     ]) + "\n"
     print(text)
-    with (HERE / "results.md").open("a") as f:
-        f.write(text)
+    write_section("loop_bench", text, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ the TRELLIS models also on (``--checkpointing``): without it their activations d
 Per child: the parameters, the trainable parameters, the median seconds of the timed steps (forward + backward +
 AdamW step) after the warm-up, up to ``--slow`` seconds of them (a warm-up step that long is the one timed step),
 and the peak RSS: the child's ``VmHWM`` (imports, building, every step; not ``ru_maxrss``, which on Linux carries
-the parent's resident set across exec). A Markdown table is appended to ``bench/results.md`` (or ``--out``).
+the parent's resident set across exec). A Markdown table replaces this script's section of ``bench/results.md``
+(or of ``--out``).
 
 The machine is never let to swap or OOM-kill: full fine-tuning is not started when its estimate exceeds
 ``--max-gib`` (default 85% of the RAM), and is recorded as "does not fit (~N GiB needed)". The estimate is the LoRA
@@ -40,11 +41,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from typing import Any, ClassVar
 import gpu_bench as gb
 import torch
 import torch.nn.functional as F
+from _results import header, write_section
 from torch import nn
 
 from lightning_lora.heads.base import StepOutput, TaskHead
@@ -293,21 +293,11 @@ def row(entry: dict[str, Any]) -> str:
 
 
 def report(entries: list[dict[str, Any]], args: argparse.Namespace, wall: float, load: float) -> str:
-    import diffusers
-    import lightning
-    import peft
-    import transformers
-
-    command = " ".join(["python bench/real_size_bench.py", *sys.argv[1:]])
     lines = [
-        f"\n## real_size_bench {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"machine: {platform.node() or 'vm'} {platform.machine()} cpus={os.cpu_count()} "
-        f"RAM {meminfo('MemTotal') / GIB:.1f} GiB device=cpu torch threads={args.threads or torch.get_num_threads()}; "
-        f"load average (1 min) {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a shared machine: other "
-        "processes slow the steps down)",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, lightning {lightning.__version__}",
-        f"command: {command}  ({wall:.0f} s)",
+        *header("real_size_bench", ["diffusers", "transformers", "peft", "lightning"],
+                machine=f"device=cpu torch threads={args.threads or torch.get_num_threads()}"),
+        f"wall time: {wall:.0f} s; load average (1 min) {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        "(a shared machine: other processes slow the steps down)",
         "",
         f"Scale {args.scale}, random weights from the released configs (no download). LoRA r={gb.ADAPTER['r']} "
         f"alpha={gb.ADAPTER['alpha']} on the presets' default targets via `LoRAAdaptationModule` (LoRA weights fp32) "
@@ -347,7 +337,8 @@ def main() -> int:
                         "threads waiting for a busy core made small steps up to 40x slower")
     parser.add_argument("--max-gib", type=float, default=None,
                         help="memory limit of one child (default: 85%% of the RAM)")
-    parser.add_argument("--out", default=str(HERE / "results.md"), help="file the table is appended to")
+    parser.add_argument("--out", default=str(HERE / "results.md"), help="file whose real_size_bench section the "
+                        "table replaces")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -367,8 +358,7 @@ def main() -> int:
                 entries.append(entry)
     text = report(entries, args, time.perf_counter() - start, load)
     print(text)
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write(text)
+    write_section("real_size_bench", text, args.out)
     bad = [e for e in entries if e.get("status") not in ("ok", None) or e["full"].get("status") == "failed"]
     return 1 if bad else 0
 

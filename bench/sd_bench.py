@@ -1,4 +1,4 @@
-"""Stable Diffusion family numbers, appended to ``bench/results.md``.
+"""Stable Diffusion family numbers, in ``bench/results.md`` (this script's section, replaced on each run).
 
 1. Adapter file sizes per format (PEFT dir, diffusers, kohya) at r=4 and r=32 for the real SD 1.5 layout: the
    UNet (and CLIP ViT-L text encoder) are built from their published configs on the meta device, LoRA is put in
@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import header, write_section
 
 HERE = Path(__file__).resolve().parent
 SD15_UNET = dict(
@@ -141,22 +140,15 @@ def main() -> None:
     parser.add_argument("--sizes", action="store_true", help="only the file sizes")
     parser.add_argument("--steps", type=int, default=48)
     args = parser.parse_args()
-    import diffusers
-    import peft
-
-    head = [f"\n## sd_bench {dt.datetime.now().isoformat(timespec='seconds')}",
-            f"machine: {platform.node() or 'vm'} {platform.machine()} cpus={torch.get_num_threads()} device=cpu",
-            f"versions: python {platform.python_version()}, torch {torch.__version__}, diffusers "
-            f"{diffusers.__version__}, peft {peft.__version__}", "",
-            "Adapter files for the real SD 1.5 layout (meta-device UNet + CLIP ViT-L/14 text encoder):", ""]
+    head = [*header("sd_bench", ["diffusers", "peft"], machine=f"torch threads={torch.get_num_threads()} device=cpu"),
+            "", "Adapter files for the real SD 1.5 layout (meta-device UNet + CLIP ViT-L/14 text encoder):", ""]
     body = bench_sizes()
     if not args.sizes:
         title = "Training step of model=sd_tiny (UNet 32/64, 32 px, batch 8) under the Lightning Trainer on CPU:"
         body += ["", title, "", *bench_steps(args.steps)]
     text = "\n".join(head + body) + "\n"
     print(text)
-    with (HERE / "results.md").open("a") as f:
-        f.write(text)
+    write_section("sd_bench", text)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,13 @@ def test_the_bar_counts_steps_only_when_steps_bound_the_run() -> None:
     assert not StepProgressBar.counts_steps(pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False))
     assert not StepProgressBar.counts_steps(pl.Trainer(max_steps=5, max_epochs=2, logger=False,
                                                        enable_checkpointing=False))
+
+
+
+def test_the_bar_redraws_at_most_refresh_rate_times_a_second_and_always_at_the_end(monkeypatch) -> None:
+    bar = StepProgressBar(refresh_rate=1)  # at most once a second: the batches below come much faster
+    trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, callbacks=[bar])
+    monkeypatch.setattr(pl.Trainer, "num_training_batches", property(lambda self: 100))  # no data in this test
+    assert bar._redraw_due(trainer, 0)  # the first batch draws
+    assert not bar._redraw_due(trainer, 1)  # the next one, a moment later, does not
+    assert bar._redraw_due(trainer, 99)  # the epoch's last batch always draws

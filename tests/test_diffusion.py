@@ -269,6 +269,16 @@ def test_frozen_dtype_keeps_lora_fp32(tiny_sd):
         DiffusionHead(tiny_sd, frozen_dtype="fp8")
 
 
+def test_channels_last_is_only_a_memory_layout(tiny_sd):
+    batch = next(iter(image_batches(n=2, batch_size=2)))
+    plain = DiffusionHead(tiny_sd, resolution=32)
+    nhwc = DiffusionHead(tiny_sd, resolution=32, channels_last=True)
+    assert nhwc.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    same = [h.diffusion_loss(batch, torch.Generator().manual_seed(3)) for h in (plain, nhwc)]
+    assert same[1].item() == pytest.approx(same[0].item(), rel=1e-4)
+
+
 def test_conv_rank_needs_a_convolution(tiny_sd):
     head = DiffusionHead(tiny_sd, resolution=32, conv_targets=[])
     with pytest.raises(UserError, match="conv_rank=2: no adapted submodule"):

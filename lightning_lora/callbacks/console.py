@@ -10,6 +10,8 @@ message and warning still shows.
 from __future__ import annotations
 
 import logging
+import math
+import time
 import warnings
 from typing import Any
 
@@ -40,7 +42,25 @@ def quiet_lightning() -> None:
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's ``RichProgressBar``; a run bounded by steps shows a bar of optimizer steps (see module doc)."""
+    """Lightning's ``RichProgressBar``; a run bounded by steps shows a bar of optimizer steps (see module doc).
+
+    A training batch redraws the bar (and reads the logged metrics for it) at most ``refresh_rate`` times a second,
+    and always at the last batch of an epoch or of the run: per batch, a small model's step is milliseconds, and
+    a redraw every batch costs a few percent of it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._drawn_at = -math.inf
+
+    def _redraw_due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        now = time.monotonic()
+        last = batch_idx + 1 >= trainer.num_training_batches or (
+            trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        if last or now - self._drawn_at >= 1 / max(self.refresh_rate, 1e-9):
+            self._drawn_at = now
+            return True
+        return False
 
     @staticmethod
     def counts_steps(trainer: pl.Trainer) -> bool:
@@ -65,6 +85,8 @@ class StepProgressBar(RichProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self._redraw_due(trainer, batch_idx):
+            return None
         if not self.counts_steps(trainer):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self.is_disabled and self.train_progress_bar_id is None:

@@ -45,6 +45,8 @@ class NanGuard(Callback):
         self.skipped_steps: list[int] = []
         self._loss_problem: str | None = None
         self._skips_in_a_row = 0
+        self._trained_of: pl.LightningModule | None = None
+        self._trained_params: list[tuple[str, torch.nn.Parameter]] = []
 
     # ------------------------------------------------------------------ checks
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -52,12 +54,28 @@ class NanGuard(Callback):
         if not math.isfinite(value):
             self._loss_problem = f"loss is {_describe(value)}"
 
+    def _trained(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+        """The module's trainable parameters by name, listed once: walking a large base model's module tree on
+        every step costs more than the check itself."""
+        if self._trained_of is not pl_module:
+            self._trained_of = pl_module
+            self._trained_params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        return self._trained_params
+
     def _gradient_problem(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
         if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return None
-        for name, p in pl_module.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                kind = "nan" if torch.isnan(p.grad).any() else "inf"
+        named = [(n, p.grad) for n, p in self._trained(pl_module) if p.grad is not None and p.grad.numel()]
+        if not named:
+            return None
+        # one pass for all gradients: max |g| is nan or inf exactly when some element is; the slow loop below
+        # only runs to name the first bad one
+        peaks = torch._foreach_max(torch._foreach_abs([g for _, g in named]))
+        if bool(torch.stack([x.float() for x in peaks]).isfinite().all()):
+            return None
+        for name, grad in named:
+            if not torch.isfinite(grad).all():
+                kind = "nan" if torch.isnan(grad).any() else "inf"
                 return f"gradient of {name} has {kind} values"
         return None
 
