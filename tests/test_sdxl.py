@@ -16,6 +16,7 @@ from conftest import compose_train
 from omegaconf import open_dict
 from PIL import Image
 
+from lightning_lora.callbacks.ema import LoRAEMA
 from lightning_lora.errors import UserError
 from lightning_lora.heads.diffusion import DIFFUSERS_FILE, KOHYA_FILE
 from lightning_lora.heads.sdxl import SDXLHead, sdxl_pipeline_files
@@ -130,7 +131,7 @@ def test_float16_keeps_sdxls_vae_in_float32_unless_replaced(tiny_sdxl) -> None:
 @pytest.fixture(scope="module")
 def xl_run(tiny_sdxl, tmp_path_factory) -> dict:
     """``model=sdxl_tiny`` on nine images in three aspect ratios: buckets, caption dropout, LoRA in the UNet and
-    both text encoders, 3 steps, a final preview."""
+    both text encoders, an EMA of the LoRA weights, 3 steps, a final preview."""
     folder = tmp_path_factory.mktemp("three_ratios")
     rng = np.random.default_rng(0)
     for name, (w, h) in SIZES.items():
@@ -143,14 +144,19 @@ def xl_run(tiny_sdxl, tmp_path_factory) -> dict:
         "data.caption_dropout=0.3", "data.random_flip=true", "model.train_text_encoder=true", "adapter.alpha=6",
         "optimizer.lr=5e-3", "trainer.max_steps=3", "trainer.precision=32-true", "validate_before=false",
         "validate_after=false", "~callbacks.progress_bar", "model.previews.seeds=[0]",
-        "model.previews.num_inference_steps=2", f"paths.cache_dir={out.parent / 'cache'}"])
+        "model.previews.num_inference_steps=2", "callbacks.ema.enabled=true", "callbacks.ema.decay=0.5",
+        f"paths.cache_dir={out.parent / 'cache'}"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     metrics, objects = run(cfg)
     module = objects["module"].eval()
     head = objects["head"]
+    ema = next(c for c in objects["trainer"].callbacks if isinstance(c, LoRAEMA))
+    with ema.applied(module):
+        averaged = outputs(head.unet, head.text_encoder, head.text_encoder_2, head)
     return {"metrics": metrics, "dir": out, "final": out / "adapters" / "final", "head": head, "module": module,
-            "data": objects["datamodule"], "tuned": outputs(head.unet, head.text_encoder, head.text_encoder_2, head)}
+            "data": objects["datamodule"], "tuned": outputs(head.unet, head.text_encoder, head.text_encoder_2, head),
+            "averaged": averaged}
 
 
 def test_run_trains_with_buckets_and_writes_every_file(xl_run, tiny_sdxl) -> None:
@@ -179,6 +185,17 @@ def test_exports_load_in_stable_diffusion_xl_pipeline_exactly(xl_run, tiny_sdxl,
     difference = max_difference(got, xl_run["tuned"])
     print(f"{weight_name}: max |StableDiffusionXLPipeline.load_lora_weights - trained module| = {difference:.3g}")
     assert difference < 1e-5
+
+
+@pytest.mark.parametrize("weight_name", [DIFFUSERS_FILE, KOHYA_FILE])
+def test_the_ema_snapshot_loads_in_stable_diffusion_xl_pipeline_as_the_average(xl_run, tiny_sdxl, weight_name):
+    pipe = fresh_pipeline(tiny_sdxl)
+    pipe.load_lora_weights(xl_run["dir"] / "adapters" / "final_ema", weight_name=weight_name)
+    got = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, xl_run["head"])
+    difference = max_difference(got, xl_run["averaged"])
+    print(f"final_ema/{weight_name}: max |load_lora_weights - the EMA weights| = {difference:.3g}")
+    assert difference < 1e-5
+    assert max_difference(xl_run["averaged"], xl_run["tuned"]) > 1e-4  # the average is not the last weights
 
 
 def test_kohya_and_diffusers_names_are_sdxls(xl_run) -> None:
