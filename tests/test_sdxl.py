@@ -250,3 +250,39 @@ def test_sdxl_presets_ask_the_data_for_crop_coordinates() -> None:
         is False
     sd15 = compose_train(["model=sd15"]).data
     assert sd15.crop_coords is False and sd15.buckets.enabled is False and sd15.caption_dropout == 0.0
+
+
+@pytest.mark.slow
+def test_sdxl_dora_exports_load_in_stable_diffusion_xl_pipeline(tiny_sdxl, tmp_path) -> None:
+    """Issue 19 item 8 for SDXL: the SD head's DoRA export (magnitude vectors in the diffusers file, no kohya
+    file) holds for two text encoders too."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "square"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    out = tmp_path / "run"
+    cfg = compose_train([
+        "model=sdxl_tiny", f"model.pretrained={tiny_sdxl}", "data=image_folder", f"data.train_dir={folder}",
+        "data.val_fraction=0", "data.batch_size=2", "model.train_text_encoder=true", "adapter.dora=true",
+        "adapter.alpha=6", "optimizer.lr=5e-3", "trainer.max_steps=2", "trainer.precision=32-true",
+        "validate_before=false", "validate_after=false", "~callbacks.progress_bar", "model.previews.prompts=[]",
+        f"paths.cache_dir={tmp_path / 'cache'}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    _, objects = run(cfg)
+    head = objects["head"]
+    objects["module"].eval()
+    tuned = outputs(head.unet, head.text_encoder, head.text_encoder_2, head)
+    final = out / "adapters" / "final"
+    assert not (final / KOHYA_FILE).exists()
+    keys = load_file(final / DIFFUSERS_FILE).keys()
+    assert {k.split(".")[0] for k in keys if k.endswith("lora_magnitude_vector.weight")} >= {"unet", "text_encoder_2"}
+    pipe = fresh_pipeline(tiny_sdxl)
+    pipe.load_lora_weights(final, weight_name=DIFFUSERS_FILE)
+    difference = max_difference(outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, head), tuned)
+    print(f"SDXL DoRA: max |StableDiffusionXLPipeline.load_lora_weights - trained module| = {difference:.3g}")
+    assert difference < 1e-5
