@@ -187,10 +187,11 @@ class PowerLaw(Synthetic):
 PAIRS = ("sd15-lowrank", "sd15-powerlaw", "sdxl-powerlaw")
 
 
-def make_pair(pair: str, exponent: float | None, limit: int) -> tuple[Synthetic, Synthetic]:
+def make_pair(pair: str, exponent: float | None, limit: int, stride: int = 1) -> tuple[Synthetic, Synthetic]:
     shapes = sdxl_unet_shapes() if pair.startswith("sdxl") else sd15_unet_shapes()
     if limit:
         shapes = dict(list(shapes.items())[:limit])
+    shapes = dict(list(shapes.items())[::stride])
     if pair == "sd15-lowrank":
         return Synthetic(shapes, False), Synthetic(shapes, True)
     return PowerLaw(shapes, False, exponent), PowerLaw(shapes, True, exponent)
@@ -202,7 +203,7 @@ def run_child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, tuned = make_pair(args.pair, args.exponent, args.limit)
+    base, tuned = make_pair(args.pair, args.exponent, args.limit, args.stride)
     times: dict[str, float] = {}
 
     def timed(names):
@@ -235,9 +236,11 @@ def run_child(args: argparse.Namespace) -> None:
     }))
 
 
-def child(args: argparse.Namespace, method: str, pair: str, exponent: float | None, limit: int, ratio: float) -> dict:
+def child(args: argparse.Namespace, method: str, pair: str, exponent: float | None, limit: int, ratio: float,
+          stride: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--pair", pair, "--rank", str(args.rank), "--limit",
-           str(limit), "--device", args.device, "--threads", str(args.threads), "--ratio", str(ratio)]
+           str(limit), "--device", args.device, "--threads", str(args.threads), "--ratio", str(ratio),
+           "--stride", str(stride)]
     if exponent is not None:
         cmd += ["--exponent", str(exponent)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -294,6 +297,11 @@ def main() -> None:
     p.add_argument("--full-limit", type=int, default=0,
                    help="the full SVD on the first N weights only (0: the same as --limit); speed-ups are then on "
                         "those modules")
+    p.add_argument("--sdxl-full-stride", type=int, default=1,
+                   help="the SDXL pair's full SVD on every N-th weight only (it is long on 2 cores); speed-ups are "
+                        "then on those weights")
+    p.add_argument("--frontier", nargs="+", type=float, default=[],
+                   help="more --max-error-ratio values, on the SD 1.5 power-law pair only (the speed/error frontier)")
     p.add_argument("--full-exponents", nargs="+", type=float, default=None,
                    help="run the full SVD at these exponents only (default: every one); the others' speed-ups use "
                         "the full SVD's time at another exponent (its cost is set by the shapes, not the spectrum)")
@@ -305,6 +313,7 @@ def main() -> None:
     p.add_argument("--pair", default="sd15-powerlaw", help=argparse.SUPPRESS)
     p.add_argument("--exponent", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, default=1.01, help=argparse.SUPPRESS)
+    p.add_argument("--stride", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return run_child(args)
@@ -313,9 +322,10 @@ def main() -> None:
         timed_full = args.full_exponents
         exponents = sorted(args.exponents, key=lambda e: timed_full is not None and e not in timed_full)
         for exponent in [None] if pair == "sd15-lowrank" else exponents:  # those with a full SVD run first
-            own_full = args.full_exponents is None or exponent is None or exponent in args.full_exponents
+            own_full = args.full_exponents is None or exponent in args.full_exponents
             if "full" in args.methods and own_full:
-                full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01)
+                stride = args.sdxl_full_stride if pair.startswith("sdxl") else 1
+                full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01, stride)
                 full["exponent"] = exponent
                 lines.append(row(pair, exponent, "full SVD", full, full))
                 fulls[pair] = full
@@ -324,7 +334,7 @@ def main() -> None:
                 # only its times are used then: errors and optimum are per exponent
                 full = {**full, "errors": {}, "optimum": {}}
             if "randomized" in args.methods:
-                for ratio in args.ratios:
+                for ratio in args.ratios + (args.frontier if pair == "sd15-powerlaw" else []):
                     run = child(args, "randomized", pair, exponent, args.limit, ratio)
                     label = f"randomized, max ratio {ratio:g}"
                     if full is not None and full["exponent"] != exponent:
