@@ -206,11 +206,11 @@ def run_child(args: argparse.Namespace) -> None:
     base, tuned = make_pair(args.pair, args.exponent, args.limit, args.stride)
     times: dict[str, float] = {}
 
-    def timed(names):
+    def timed(names):  # CPU seconds per module: with one thread, robust to other processes on a shared machine
         for name in names:
-            t = time.perf_counter()
+            t = time.process_time()
             yield name
-            times[name] = time.perf_counter() - t
+            times[name] = time.process_time() - t
 
     t0 = time.perf_counter()
     result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=args.child,
@@ -222,9 +222,9 @@ def run_child(args: argparse.Namespace) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     synth = {}  # making the tensors is inside the timed loop; time it alone to subtract
     for name in times:
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         tuned.get(f"{name}.weight"), base.get(f"{name}.weight")
-        synth[name] = time.perf_counter() - t1
+        synth[name] = time.process_time() - t1
     known = isinstance(tuned, PowerLaw)
     print(json.dumps({
         "method": args.child, "ratio": args.ratio, "seconds": seconds, "peak_rss_mb": peak,
@@ -297,11 +297,14 @@ def main() -> None:
     p.add_argument("--full-limit", type=int, default=0,
                    help="the full SVD on the first N weights only (0: the same as --limit); speed-ups are then on "
                         "those modules")
-    p.add_argument("--sdxl-full-stride", type=int, default=1,
-                   help="the SDXL pair's full SVD on every N-th weight only (it is long on 2 cores); speed-ups are "
-                        "then on those weights")
+    p.add_argument("--stride", type=int, default=1, help="every N-th weight only (both methods)")
+    p.add_argument("--sdxl-stride", type=int, default=1, help="the SDXL pair: every N-th of those weights only")
+    p.add_argument("--full-stride", type=int, default=1,
+                   help="the full SVD on every N-th of those weights only (it is long on 2 cores); speed-ups are "
+                        "then on the weights both methods ran")
     p.add_argument("--frontier", nargs="+", type=float, default=[],
-                   help="more --max-error-ratio values, on the SD 1.5 power-law pair only (the speed/error frontier)")
+                   help="more --max-error-ratio values, on the SD 1.5 power-law pair at the first exponent only "
+                        "(the speed/error frontier)")
     p.add_argument("--full-exponents", nargs="+", type=float, default=None,
                    help="run the full SVD at these exponents only (default: every one); the others' speed-ups use "
                         "the full SVD's time at another exponent (its cost is set by the shapes, not the spectrum)")
@@ -313,7 +316,6 @@ def main() -> None:
     p.add_argument("--pair", default="sd15-powerlaw", help=argparse.SUPPRESS)
     p.add_argument("--exponent", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, default=1.01, help=argparse.SUPPRESS)
-    p.add_argument("--stride", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return run_child(args)
@@ -321,11 +323,12 @@ def main() -> None:
     for pair in args.pairs:
         timed_full = args.full_exponents
         exponents = sorted(args.exponents, key=lambda e: timed_full is not None and e not in timed_full)
+        stride = args.stride * (args.sdxl_stride if pair.startswith("sdxl") else 1)
         for exponent in [None] if pair == "sd15-lowrank" else exponents:  # those with a full SVD run first
             own_full = args.full_exponents is None or exponent in args.full_exponents
             if "full" in args.methods and own_full:
-                stride = args.sdxl_full_stride if pair.startswith("sdxl") else 1
-                full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01, stride)
+                full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01,
+                             stride * args.full_stride)
                 full["exponent"] = exponent
                 lines.append(row(pair, exponent, "full SVD", full, full))
                 fulls[pair] = full
@@ -334,8 +337,9 @@ def main() -> None:
                 # only its times are used then: errors and optimum are per exponent
                 full = {**full, "errors": {}, "optimum": {}}
             if "randomized" in args.methods:
-                for ratio in args.ratios + (args.frontier if pair == "sd15-powerlaw" else []):
-                    run = child(args, "randomized", pair, exponent, args.limit, ratio)
+                frontier = args.frontier if pair == "sd15-powerlaw" and exponent == exponents[0] else []
+                for ratio in args.ratios + frontier:
+                    run = child(args, "randomized", pair, exponent, args.limit, ratio, stride)
                     label = f"randomized, max ratio {ratio:g}"
                     if full is not None and full["exponent"] != exponent:
                         label += f" (vs the full SVD timed at exponent {full['exponent']})"
@@ -357,7 +361,8 @@ def main() -> None:
         f"Pairs (synthetic, made lazily one weight at a time; extraction rank {args.rank} for linear and conv): "
         "`sd15-lowrank` SD 1.5 UNet weights (282), delta of rank 64 plus noise with 10% of its energy; "
         "`sd15-powerlaw` / `sdxl-powerlaw` SD 1.5 (282) / SDXL (794) UNet weights, full-rank deltas with singular "
-        "values σᵢ ∝ i^-α (α = exponent), so the optimum is known exactly. Seconds exclude making the tensors. "
+        "values σᵢ ∝ i^-α (α = exponent), so the optimum is known exactly. Seconds: CPU seconds of the extraction "
+        "(one thread, so other processes on the machine do not count), making the tensors excluded. "
         "err/opt: each module's relative error over its Eckart–Young optimum (est.: over the method's own bound).",
         "",
         "| pair | exponent | method | modules | seconds | speed-up vs full | peak RSS MB | mean err/opt "
