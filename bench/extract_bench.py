@@ -1,13 +1,19 @@
-"""LoRA extraction benchmark on an SD-1.5-UNet-sized pair of synthetic checkpoints (no diffusers needed).
+"""LoRA extraction benchmark: full SVD vs the certified randomized method on synthetic UNet-shaped pairs.
 
-The 282 conv/linear weights of the SD 1.5 UNet (diffusers names and shapes, 859M parameters) are synthesised
-lazily, one at a time, from a per-weight seed: base = random, tuned = base + a decaying-spectrum rank-64 delta +
-noise carrying 10% of its energy. Each method runs in its own child process so its peak RSS is its own.
-Results are appended to ``bench/results.md``. On a busy machine pass ``--threads 1``: torch's multi-threaded
-SVD can be tens of times slower when other processes compete for the cores.
+Pairs (no diffusers needed; tensors are made lazily, one weight at a time, from per-weight seeds):
+``sd15-powerlaw`` and ``sdxl-powerlaw``, the 282 / 794 conv/linear weights of the SD 1.5 / SDXL UNet with full-rank
+deltas whose singular values fall as a power law σᵢ ∝ i^-α (``--exponents``), so each module's optimum is known
+exactly; ``sd15-lowrank``, the earlier pair (rank-64 delta plus noise). Each method runs in its own child process
+(its peak RSS is its own); times are CPU seconds per module with one thread (``--threads 1``), so other
+processes on a shared machine do not inflate them, making the tensors excluded. Speed-ups are on the modules both
+methods ran (``--full-stride`` runs the full SVD on a subset). The markdown section (date, machine, versions, the
+exact command, the table) replaces the previous one between ``<!-- extract_bench:start -->`` and
+``<!-- extract_bench:end -->`` in ``bench/results.md``.
 
-    python bench/extract_bench.py                                   # full and randomized, all 282 weights
-    python bench/extract_bench.py --methods randomized --limit 40   # a quick check
+    python bench/extract_bench.py --threads 1                      # SD 1.5 power-law pair, α = 0.5, 0.75, 1.0
+    python bench/extract_bench.py --threads 1 --pairs sd15-powerlaw sdxl-powerlaw --full-exponents 0.75 \
+        --frontier 1.001 1.02 --full-stride 4 --sdxl-stride 4     # what bench/results.md shows
+    python bench/extract_bench.py --methods randomized --limit 40 --no-write   # a quick check
 """
 
 from __future__ import annotations
