@@ -205,8 +205,18 @@ def make_pair(pair: str, exponent: float | None, limit: int, stride: int = 1) ->
 
 # ---------------------------------------------------------------------------- one method (child process)
 def run_child(args: argparse.Namespace) -> None:
+    from lightning_lora.adapters import svd
     from lightning_lora.adapters.extract import extract_lora
 
+    method = args.child
+    if method == "full-main":  # the full SVD as main had it: LAPACK on wide matrices as they are (~5x slower)
+        method = "full"
+
+        def full_as_is(matrix: torch.Tensor, rank: int):
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            return u[:, :rank], s[:rank], vh[:rank], s
+
+        svd._full_svd = full_as_is
     if args.threads:
         torch.set_num_threads(args.threads)
     base, tuned = make_pair(args.pair, args.exponent, args.limit, args.stride)
@@ -219,7 +229,7 @@ def run_child(args: argparse.Namespace) -> None:
             times[name] = time.process_time() - t
 
     t0 = time.perf_counter()
-    result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=args.child,
+    result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=method,
                           device=args.device, progress=timed,
                           max_error_ratio=args.ratio)
     if args.device.startswith("cuda"):
@@ -295,7 +305,8 @@ def main() -> None:
     p.add_argument("--pairs", nargs="+", default=["sd15-powerlaw"], choices=PAIRS)
     p.add_argument("--exponents", nargs="+", type=float, default=[0.5, 0.75, 1.0],
                    help="power-law exponents α of the deltas' singular values σᵢ ∝ i^-α")
-    p.add_argument("--methods", nargs="+", default=["full", "randomized"], choices=["full", "randomized"])
+    p.add_argument("--methods", nargs="+", default=["full", "randomized"], choices=["full-main", "full", "randomized"],
+                   help="full-main: the full SVD as at main (wide matrices not transposed), timed beside the others")
     p.add_argument("--ratios", nargs="+", type=float, default=[1.01],
                    help="--max-error-ratio values of the randomized method (several: the speed/error frontier)")
     p.add_argument("--rank", type=int, default=32)
@@ -325,18 +336,29 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return run_child(args)
-    lines, fulls = [], {}
+    lines, fulls, mains = [], {}, {}
     for pair in args.pairs:
         timed_full = args.full_exponents
         exponents = sorted(args.exponents, key=lambda e: timed_full is not None and e not in timed_full)
         stride = args.stride * (args.sdxl_stride if pair.startswith("sdxl") else 1)
         for exponent in [None] if pair == "sd15-lowrank" else exponents:  # those with a full SVD run first
             own_full = args.full_exponents is None or exponent in args.full_exponents
+            if "full-main" in args.methods and own_full and pair == "sd15-powerlaw":
+                old = child(args, "full-main", pair, exponent, args.full_limit or args.limit, 1.01,
+                            stride * args.full_stride)
+                lines.append(row(pair, exponent, "full SVD as at main (wide matrices as is)", old, old))
+                mains[pair] = old
+                print(lines[-1], flush=True)
             if "full" in args.methods and own_full:
                 full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01,
                              stride * args.full_stride)
                 full["exponent"] = exponent
                 lines.append(row(pair, exponent, "full SVD", full, full))
+                if "full-main" in args.methods and pair == "sd15-powerlaw":
+                    common = [n for n in old["times"] if n in full["times"]]
+                    gain = sum(old["times"][n] for n in common) / max(sum(full["times"][n] for n in common), 1e-9)
+                    lines[-1] = lines[-1].replace("| - |", f"| {gain:.1f}x vs main's |", 1)
+                print(lines[-1], flush=True)
                 fulls[pair] = full
             full = fulls.get(pair)
             if full is not None and full["exponent"] != exponent:
@@ -350,6 +372,13 @@ def main() -> None:
                     if full is not None and full["exponent"] != exponent:
                         label += f" (vs the full SVD timed at exponent {full['exponent']})"
                     lines.append(row(pair, exponent, label, run, full))
+                    if pair in mains:  # the speed-up over main's full SVD too
+                        common = [n for n in mains[pair]["times"] if n in run["times"]]
+                        gain = sum(mains[pair]["times"][n] for n in common) / max(
+                            sum(run["times"][n] for n in common), 1e-9)
+                        cells = lines[-1].split(" | ")
+                        cells[5] += f"; {gain:.1f}x vs main's full SVD"
+                        lines[-1] = " | ".join(cells)
                     print(lines[-1], flush=True)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else ""
     import peft

@@ -48,6 +48,9 @@ class ModuleResult:
 
 # ---------------------------------------------------------------------------- SVD
 def _full_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if matrix.shape[0] < matrix.shape[1]:  # LAPACK through torch is ~5x slower on a wide matrix than on its transpose
+        v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
+        return uh[:rank].mT, s[:rank], v[:, :rank].mT, s
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank], s
 
