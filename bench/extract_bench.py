@@ -1,13 +1,19 @@
-"""LoRA extraction benchmark on an SD-1.5-UNet-sized pair of synthetic checkpoints (no diffusers needed).
+"""LoRA extraction benchmark: full SVD vs the certified randomized method on synthetic UNet-shaped pairs.
 
-The 282 conv/linear weights of the SD 1.5 UNet (diffusers names and shapes, 859M parameters) are synthesised
-lazily, one at a time, from a per-weight seed: base = random, tuned = base + a decaying-spectrum rank-64 delta +
-noise carrying 10% of its energy. Each method runs in its own child process so its peak RSS is its own.
-Results are appended to ``bench/results.md``. On a busy machine pass ``--threads 1``: torch's multi-threaded
-SVD can be tens of times slower when other processes compete for the cores.
+Pairs (no diffusers needed; tensors are made lazily, one weight at a time, from per-weight seeds):
+``sd15-powerlaw`` and ``sdxl-powerlaw``, the 282 / 794 conv/linear weights of the SD 1.5 / SDXL UNet with full-rank
+deltas whose singular values fall as a power law σᵢ ∝ i^-α (``--exponents``), so each module's optimum is known
+exactly; ``sd15-lowrank``, the earlier pair (rank-64 delta plus noise). Each method runs in its own child process
+(its peak RSS is its own); times are CPU seconds per module with one thread (``--threads 1``), so other
+processes on a shared machine do not inflate them, making the tensors excluded. Speed-ups are on the modules both
+methods ran (``--full-stride`` runs the full SVD on a subset). The markdown section (date, machine, versions, the
+exact command, the table) replaces the previous one between ``<!-- extract_bench:start -->`` and
+``<!-- extract_bench:end -->`` in ``bench/results.md``.
 
-    python bench/extract_bench.py                                   # full and randomized, all 282 weights
-    python bench/extract_bench.py --methods randomized --limit 40   # a quick check
+    python bench/extract_bench.py --threads 1                      # SD 1.5 power-law pair, α = 0.5, 0.75, 1.0
+    python bench/extract_bench.py --threads 1 --pairs sd15-powerlaw sdxl-powerlaw --full-exponents 0.75 \
+        --frontier 1.001 1.02 --full-stride 4 --sdxl-stride 4     # what bench/results.md shows
+    python bench/extract_bench.py --methods randomized --limit 40 --no-write   # a quick check
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_section  # the shared section writer of bench/results.md
 
 HERE = Path(__file__).resolve().parent
 
 
-# ---------------------------------------------------------------------------- SD 1.5 UNet shapes
-def sd15_unet_shapes() -> dict[str, tuple[int, ...]]:
-    """The 282 ``*.weight`` tensors with ndim >= 2 of diffusers' SD 1.5 ``UNet2DConditionModel``."""
+# ---------------------------------------------------------------------------- UNet shapes
+def unet_shapes(chans: list[int], layers: list[int], ctx: int, heads_linear: bool, add_embed: int = 0,
+                ) -> dict[str, tuple[int, ...]]:
+    """The conv/linear ``*.weight`` shapes of a diffusers ``UNet2DConditionModel``: ``chans`` per level, ``layers``
+    transformer blocks per attention (0: no attention at that level), ``ctx`` the text width, ``heads_linear`` the
+    SDXL-style linear proj_in/proj_out (SD 1.5: 1×1 convs), ``add_embed`` the SDXL text-time embedding's input."""
     shapes: dict[str, tuple[int, ...]] = {}
-    temb, ctx = 1280, 768
-    chans = [320, 640, 1280, 1280]
+    temb = 4 * chans[0]
 
     def resnet(p: str, cin: int, cout: int) -> None:
         shapes[f"{p}.conv1.weight"] = (cout, cin, 3, 3)
@@ -43,45 +52,63 @@ def sd15_unet_shapes() -> dict[str, tuple[int, ...]]:
         if cin != cout:
             shapes[f"{p}.conv_shortcut.weight"] = (cout, cin, 1, 1)
 
-    def transformer(p: str, c: int) -> None:
-        shapes[f"{p}.proj_in.weight"] = (c, c, 1, 1)
-        t = f"{p}.transformer_blocks.0"
-        for a, kv in (("attn1", c), ("attn2", ctx)):
-            shapes[f"{t}.{a}.to_q.weight"] = (c, c)
-            shapes[f"{t}.{a}.to_k.weight"] = (c, kv)
-            shapes[f"{t}.{a}.to_v.weight"] = (c, kv)
-            shapes[f"{t}.{a}.to_out.0.weight"] = (c, c)
-        shapes[f"{t}.ff.net.0.proj.weight"] = (8 * c, c)  # GEGLU
-        shapes[f"{t}.ff.net.2.weight"] = (c, 4 * c)
-        shapes[f"{p}.proj_out.weight"] = (c, c, 1, 1)
+    def transformer(p: str, c: int, depth: int) -> None:
+        proj = (c, c) if heads_linear else (c, c, 1, 1)
+        shapes[f"{p}.proj_in.weight"] = proj
+        for b in range(depth):
+            t = f"{p}.transformer_blocks.{b}"
+            for a, kv in (("attn1", c), ("attn2", ctx)):
+                shapes[f"{t}.{a}.to_q.weight"] = (c, c)
+                shapes[f"{t}.{a}.to_k.weight"] = (c, kv)
+                shapes[f"{t}.{a}.to_v.weight"] = (c, kv)
+                shapes[f"{t}.{a}.to_out.0.weight"] = (c, c)
+            shapes[f"{t}.ff.net.0.proj.weight"] = (8 * c, c)  # GEGLU
+            shapes[f"{t}.ff.net.2.weight"] = (c, 4 * c)
+        shapes[f"{p}.proj_out.weight"] = proj
 
-    shapes["conv_in.weight"] = (320, 4, 3, 3)
-    shapes["time_embedding.linear_1.weight"] = (temb, 320)
+    levels = len(chans)
+    shapes["conv_in.weight"] = (chans[0], 4, 3, 3)
+    shapes["time_embedding.linear_1.weight"] = (temb, chans[0])
     shapes["time_embedding.linear_2.weight"] = (temb, temb)
-    cin = 320
+    if add_embed:
+        shapes["add_embedding.linear_1.weight"] = (temb, add_embed)
+        shapes["add_embedding.linear_2.weight"] = (temb, temb)
+    cin = chans[0]
     for i, c in enumerate(chans):
         for j in range(2):
             resnet(f"down_blocks.{i}.resnets.{j}", cin if j == 0 else c, c)
-            if i < 3:
-                transformer(f"down_blocks.{i}.attentions.{j}", c)
-        if i < 3:
+            if layers[i]:
+                transformer(f"down_blocks.{i}.attentions.{j}", c, layers[i])
+        if i < levels - 1:
             shapes[f"down_blocks.{i}.downsamplers.0.conv.weight"] = (c, c, 3, 3)
         cin = c
-    resnet("mid_block.resnets.0", 1280, 1280)
-    transformer("mid_block.attentions.0", 1280)
-    resnet("mid_block.resnets.1", 1280, 1280)
-    rev = chans[::-1]
+    top = chans[-1]
+    resnet("mid_block.resnets.0", top, top)
+    transformer("mid_block.attentions.0", top, max(layers[-1], 1))
+    resnet("mid_block.resnets.1", top, top)
+    rev, rev_layers = chans[::-1], layers[::-1]
     for i, out in enumerate(rev):
-        prev, inp = rev[max(i - 1, 0)], rev[min(i + 1, 3)]
+        prev, inp = rev[max(i - 1, 0)], rev[min(i + 1, levels - 1)]
         for j in range(3):
             skip = inp if j == 2 else out
             resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else out) + skip, out)
-            if i > 0:
-                transformer(f"up_blocks.{i}.attentions.{j}", out)
-        if i < 3:
+            if rev_layers[i]:
+                transformer(f"up_blocks.{i}.attentions.{j}", out, rev_layers[i])
+        if i < levels - 1:
             shapes[f"up_blocks.{i}.upsamplers.0.conv.weight"] = (out, out, 3, 3)
-    shapes["conv_out.weight"] = (4, 320, 3, 3)
+    shapes["conv_out.weight"] = (4, chans[0], 3, 3)
     return shapes
+
+
+def sd15_unet_shapes() -> dict[str, tuple[int, ...]]:
+    """The 282 conv/linear weights of diffusers' SD 1.5 UNet (859M parameters)."""
+    return unet_shapes([320, 640, 1280, 1280], [1, 1, 1, 0], ctx=768, heads_linear=False)
+
+
+def sdxl_unet_shapes() -> dict[str, tuple[int, ...]]:
+    """The conv/linear weights of diffusers' SDXL base UNet (transformer depths 0/2/10, text width 2048, linear
+    projections, the text-time embedding of 2816 inputs)."""
+    return unet_shapes([320, 640, 1280], [0, 2, 10], ctx=2048, heads_linear=True, add_embed=2816)
 
 
 class Synthetic:
@@ -121,88 +148,251 @@ class Synthetic:
         return w.reshape(shape)
 
 
+class PowerLaw(Synthetic):
+    """A lazy pair whose deltas have singular values σᵢ = 0.1·i^(-exponent), i = 1 … min(out, in·k), full rank.
+
+    The delta is L·diag(σ)·R with L, R orthogonal: two rounds of random signs, an orthonormal DCT and a random
+    permutation on each side (O(mn log) to make, exact singular values). So the Eckart–Young optimum at rank r is
+    known without an SVD: √(Σ_{i>r} σᵢ² / Σ σᵢ²).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], tuned: bool, exponent: float):
+        super().__init__(shapes, tuned)
+        self.exponent = exponent
+
+    def spectrum(self, key: str) -> torch.Tensor:
+        shape = self.shapes[key]
+        k = min(shape[0], math.prod(shape[1:]))
+        return 0.1 * torch.arange(1, k + 1, dtype=torch.float64) ** (-self.exponent)
+
+    def optimum(self, key: str, rank: int) -> float:
+        s2 = self.spectrum(key) ** 2
+        return math.sqrt(float(s2[rank:].sum() / s2.sum()))
+
+    def get(self, key: str) -> torch.Tensor:
+        import numpy as np
+        from scipy.fft import dct
+
+        shape = self.shapes[key]
+        g = torch.Generator().manual_seed(1000 + self.index[key])
+        out, rest = shape[0], math.prod(shape[1:])
+        w = torch.randn(out, rest, generator=g) * 0.02
+        if self.tuned:
+            rng = np.random.default_rng(1000 + self.index[key])
+            s = self.spectrum(key).numpy()
+            x = np.zeros((out, rest), dtype=np.float32)
+            x[np.arange(s.size), np.arange(s.size)] = s
+            for _ in range(2):
+                signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(out, 1))
+                x = dct(x * signs, axis=0, norm="ortho")[rng.permutation(out)]
+                signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(1, rest))
+                x = dct(x * signs, axis=1, norm="ortho")[:, rng.permutation(rest)]
+            w += torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return w.reshape(shape)
+
+
+PAIRS = ("sd15-lowrank", "sd15-powerlaw", "sdxl-powerlaw")
+
+
+def make_pair(pair: str, exponent: float | None, limit: int, stride: int = 1) -> tuple[Synthetic, Synthetic]:
+    shapes = sdxl_unet_shapes() if pair.startswith("sdxl") else sd15_unet_shapes()
+    if limit:
+        shapes = dict(list(shapes.items())[:limit])
+    shapes = dict(list(shapes.items())[::stride])
+    if pair == "sd15-lowrank":
+        return Synthetic(shapes, False), Synthetic(shapes, True)
+    return PowerLaw(shapes, False, exponent), PowerLaw(shapes, True, exponent)
+
+
 # ---------------------------------------------------------------------------- one method (child process)
 def run_child(args: argparse.Namespace) -> None:
+    from lightning_lora.adapters import svd
     from lightning_lora.adapters.extract import extract_lora
 
+    method = args.child
+    if method == "full-main":  # the full SVD as main had it: LAPACK on wide matrices as they are (~5x slower)
+        method = "full"
+
+        def full_as_is(matrix: torch.Tensor, rank: int):
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            return u[:, :rank], s[:rank], vh[:rank], s
+
+        svd._full_svd = full_as_is
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = sd15_unet_shapes()
-    if args.limit:
-        shapes = dict(list(shapes.items())[: args.limit])
-    base, tuned = Synthetic(shapes, False), Synthetic(shapes, True)
+    base, tuned = make_pair(args.pair, args.exponent, args.limit, args.stride)
+    times: dict[str, float] = {}
+
+    def timed(names):  # CPU seconds per module: with one thread, robust to other processes on a shared machine
+        for name in names:
+            t = time.process_time()
+            yield name
+            times[name] = time.process_time() - t
+
     t0 = time.perf_counter()
-    result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=args.child,
-                          device=args.device)
+    result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=method,
+                          device=args.device, progress=timed,
+                          max_error_ratio=args.ratio)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    # time spent synthesising the tensors is included; measure it alone to subtract
-    t1 = time.perf_counter()
-    for key in shapes:
-        tuned.get(key), base.get(key)
-    synth = time.perf_counter() - t1
-    errors = {r.name: r.rel_error for r in result.results}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    synth = {}  # making the tensors is inside the timed loop; time it alone to subtract
+    for name in times:
+        t1 = time.process_time()
+        tuned.get(f"{name}.weight"), base.get(f"{name}.weight")
+        synth[name] = time.process_time() - t1
+    known = isinstance(tuned, PowerLaw)
     print(json.dumps({
-        "method": args.child, "modules": len(result.results), "seconds": seconds, "synth_seconds": synth,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "errors": errors, "fallbacks": result.fallbacks,
-        "optimum": {r.name: r.optimum for r in result.results},
+        "method": args.child, "ratio": args.ratio, "seconds": seconds, "peak_rss_mb": peak,
+        "times": {n: times[n] - synth[n] for n in times},
+        "errors": {r.name: r.rel_error for r in result.results},
+        "optimum": {r.name: (tuned.optimum(f"{r.name}.weight", r.rank) if known else r.optimum)
+                    for r in result.results},
+        "optimum_known": known, "fallbacks": result.fallbacks,
     }))
+
+
+def child(args: argparse.Namespace, method: str, pair: str, exponent: float | None, limit: int, ratio: float,
+          stride: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, "--pair", pair, "--rank", str(args.rank), "--limit",
+           str(limit), "--device", args.device, "--threads", str(args.threads), "--ratio", str(ratio),
+           "--stride", str(stride)]
+    if exponent is not None:
+        cmd += ["--exponent", str(exponent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row(pair: str, exponent: float | None, label: str, run: dict, full: dict | None) -> str:
+    ref = run["optimum"]
+    if not run["optimum_known"] and full is not None:
+        ref = {n: full["errors"][n] for n in run["errors"] if n in full["errors"]}
+    ratios = [run["errors"][n] / ref[n] for n in run["errors"] if ref.get(n)]
+    est = "" if run["optimum_known"] or full is not None else " (est.)"
+    seconds = sum(run["times"].values())
+    speed = ""
+    if full is not None and run is not full:
+        common = [n for n in full["times"] if n in run["times"]]
+        speed = f"{sum(full['times'][n] for n in common) / max(sum(run['times'][n] for n in common), 1e-9):.1f}x"
+        if len(common) < len(run["times"]):
+            speed += f" ({len(common)} modules)"
+    return (f"| {pair} | {exponent if exponent is not None else '-'} | {label} | {len(run['errors'])} | "
+            f"{seconds:.1f} | {speed or '-'} | {run['peak_rss_mb']:.0f} | "
+            f"{sum(ratios) / max(len(ratios), 1):.5f}{est} | {max(ratios, default=float('nan')):.5f}{est} | "
+            f"{run['fallbacks']} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["full", "randomized"], choices=["full", "randomized"])
+    p.add_argument("--pairs", nargs="+", default=["sd15-powerlaw"], choices=PAIRS)
+    p.add_argument("--exponents", nargs="+", type=float, default=[0.5, 0.75, 1.0],
+                   help="power-law exponents α of the deltas' singular values σᵢ ∝ i^-α")
+    p.add_argument("--methods", nargs="+", default=["full", "randomized"], choices=["full-main", "full", "randomized"],
+                   help="full-main: the full SVD as at main (wide matrices not transposed), timed beside the others")
+    p.add_argument("--ratios", nargs="+", type=float, default=[1.01],
+                   help="--max-error-ratio values of the randomized method (several: the speed/error frontier)")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0, help="only the first N weights (0: all 282)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N weights (0: all)")
+    p.add_argument("--full-limit", type=int, default=0,
+                   help="the full SVD on the first N weights only (0: the same as --limit); speed-ups are then on "
+                        "those modules")
+    p.add_argument("--stride", type=int, default=1, help="every N-th weight only (both methods)")
+    p.add_argument("--sdxl-stride", type=int, default=1, help="the SDXL pair: every N-th of those weights only")
+    p.add_argument("--full-stride", type=int, default=1,
+                   help="the full SVD on every N-th of those weights only (it is long on 2 cores); speed-ups are "
+                        "then on the weights both methods ran")
+    p.add_argument("--frontier", nargs="+", type=float, default=[],
+                   help="more --max-error-ratio values, on the SD 1.5 power-law pair at the first exponent only "
+                        "(the speed/error frontier)")
+    p.add_argument("--full-exponents", nargs="+", type=float, default=None,
+                   help="run the full SVD at these exponents only (default: every one); the others' speed-ups use "
+                        "the full SVD's time at another exponent (its cost is set by the shapes, not the spectrum)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--results", default=str(HERE / "results.md"))
+    p.add_argument("--no-write", action="store_true", help="print the section without writing results.md")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pair", default="sd15-powerlaw", help=argparse.SUPPRESS)
+    p.add_argument("--exponent", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ratio", type=float, default=1.01, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return run_child(args)
-    runs = {}
-    for method in args.methods:
-        cmd = [sys.executable, __file__, "--child", method, "--rank", str(args.rank), "--limit", str(args.limit),
-               "--device", args.device, "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        runs[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-    lines = []
-    full = runs.get("full")
-    for method, r in runs.items():
-        errs = list(r["errors"].values())
-        worst = max(r["errors"], key=r["errors"].get)
-        ref = full["errors"] if full else r["optimum"]  # exact optimum from the full SVD when it ran
-        ratios = [r["errors"][k] / ref[k] for k in r["errors"] if ref.get(k)]
-        lines.append(
-            f"| {method} | {r['modules']} | {r['seconds']:.1f} | {r['seconds'] - r['synth_seconds']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {sum(errs) / len(errs):.4f} | {r['errors'][worst]:.4f} | "
-            f"{max(ratios):.4f}{'' if full else ' (est.)'} | {r['fallbacks']} |")
-    if full and "randomized" in runs:
-        f_t = full["seconds"] - full["synth_seconds"]
-        r_t = runs["randomized"]["seconds"] - runs["randomized"]["synth_seconds"]
-        lines.append(f"\nSpeed-up of randomized over full SVD (synthesis excluded): {f_t / max(r_t, 1e-9):.1f}x")
+    lines, fulls, mains = [], {}, {}
+    for pair in args.pairs:
+        timed_full = args.full_exponents
+        exponents = sorted(args.exponents, key=lambda e: timed_full is not None and e not in timed_full)
+        stride = args.stride * (args.sdxl_stride if pair.startswith("sdxl") else 1)
+        for exponent in [None] if pair == "sd15-lowrank" else exponents:  # those with a full SVD run first
+            own_full = args.full_exponents is None or exponent in args.full_exponents
+            if "full-main" in args.methods and own_full and pair == "sd15-powerlaw":
+                old = child(args, "full-main", pair, exponent, args.full_limit or args.limit, 1.01,
+                            stride * args.full_stride)
+                lines.append(row(pair, exponent, "full SVD as at main (wide matrices as is)", old, old))
+                mains[pair] = old
+                print(lines[-1], flush=True)
+            if "full" in args.methods and own_full:
+                full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01,
+                             stride * args.full_stride)
+                full["exponent"] = exponent
+                lines.append(row(pair, exponent, "full SVD", full, full))
+                if "full-main" in args.methods and pair == "sd15-powerlaw":
+                    common = [n for n in old["times"] if n in full["times"]]
+                    gain = sum(old["times"][n] for n in common) / max(sum(full["times"][n] for n in common), 1e-9)
+                    lines[-1] = lines[-1].replace("| - |", f"| {gain:.1f}x vs main's |", 1)
+                print(lines[-1], flush=True)
+                fulls[pair] = full
+            full = fulls.get(pair)
+            if full is not None and full["exponent"] != exponent:
+                # only its times are used then: errors and optimum are per exponent
+                full = {**full, "errors": {}, "optimum": {}}
+            if "randomized" in args.methods:
+                frontier = args.frontier if pair == "sd15-powerlaw" and exponent == exponents[0] else []
+                for ratio in args.ratios + frontier:
+                    run = child(args, "randomized", pair, exponent, args.limit, ratio, stride)
+                    label = f"randomized, max ratio {ratio:g}"
+                    if full is not None and full["exponent"] != exponent:
+                        label += f" (vs the full SVD timed at exponent {full['exponent']})"
+                    lines.append(row(pair, exponent, label, run, full))
+                    if pair in mains:  # the speed-up over main's full SVD too
+                        common = [n for n in mains[pair]["times"] if n in run["times"]]
+                        gain = sum(mains[pair]["times"][n] for n in common) / max(
+                            sum(run["times"][n] for n in common), 1e-9)
+                        cells = lines[-1].split(" | ")
+                        cells[5] += f"; {gain:.1f}x vs main's full SVD"
+                        lines[-1] = " | ".join(cells)
+                    print(lines[-1], flush=True)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else ""
     import peft
+    import scipy
 
     header = [
-        f"\n## extract_bench {dt.datetime.now().isoformat(timespec='seconds')}",
+        f"## extract_bench {dt.datetime.now().isoformat(timespec='seconds')}",
         f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-        f"threads={args.threads or torch.get_num_threads()} device={args.device} {gpu}".rstrip(),
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, peft {peft.__version__}",
-        f"pair: synthetic SD 1.5 UNet weights (282 conv/linear), limit={args.limit or 'all'}, "
-        f"delta rank 64 (decaying spectrum) + noise (10% of its energy); extraction rank {args.rank} (linear and conv)",
+        f"threads={args.threads or torch.get_num_threads()} device={args.device} {gpu} "
+        f"load average at the end {os.getloadavg()[0]:.1f}".replace("  ", " "),
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, peft {peft.__version__}, "
+        f"scipy {scipy.__version__}",
+        f"command: `python bench/extract_bench.py {' '.join(sys.argv[1:])}`",
         "",
-        "| method | modules | seconds | seconds w/o synthesis | peak RSS MB | mean rel err | worst rel err "
-        "| worst err / optimum | full-SVD fallbacks |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Pairs (synthetic, made lazily one weight at a time; extraction rank {args.rank} for linear and conv): "
+        "`sd15-lowrank` SD 1.5 UNet weights (282), delta of rank 64 plus noise with 10% of its energy; "
+        "`sd15-powerlaw` / `sdxl-powerlaw` SD 1.5 (282) / SDXL (794) UNet weights, full-rank deltas with singular "
+        "values σᵢ ∝ i^-α (α = exponent), so the optimum is known exactly. Seconds: CPU seconds of the extraction "
+        "(one thread, so other processes on the machine do not count), making the tensors excluded. "
+        "err/opt: each module's relative error over its Eckart–Young optimum (est.: over the method's own bound).",
+        "",
+        "| pair | exponent | method | modules | seconds | speed-up vs full | peak RSS MB | mean err/opt "
+        "| worst err/opt | full-SVD fallbacks |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     text = "\n".join(header + lines) + "\n"
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(text)
     print(text)
+    if not args.no_write:
+        write_section("extract_bench", text, args.results)
 
 
 if __name__ == "__main__":

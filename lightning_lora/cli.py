@@ -96,7 +96,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from lightning_lora.adapters import formats
     from lightning_lora.adapters.checkpoints import module_weights
     from lightning_lora.adapters.extract import check_min_diff, extract_lora, parse_rank
-    from lightning_lora.adapters.svd import check_clamp_quantile
+    from lightning_lora.adapters.svd import check_clamp_quantile, check_max_error_ratio
 
     rank = parse_rank(args.rank, "--rank")
     conv_rank = parse_rank(args.conv_rank, "--conv-rank") if args.conv_rank is not None else rank
@@ -106,6 +106,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(positive_int(args.threads, "--threads"))
     check_min_diff(args.min_diff, "--min-diff")
+    check_max_error_ratio(args.max_error_ratio)
     if args.clamp_quantile is not None:
         check_clamp_quantile(args.clamp_quantile)
     out = Path(args.out)
@@ -117,7 +118,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     base, tuned = _open_pair(args.base, args.tuned)
     result = extract_lora(base, tuned, rank=rank, conv_rank=conv_rank, min_diff=args.min_diff,
                           modules=args.modules, method=args.method, device=device,
-                          clamp_quantile=args.clamp_quantile, progress=_progress("extract"))
+                          clamp_quantile=args.clamp_quantile, progress=_progress("extract"),
+                          max_error_ratio=args.max_error_ratio)
     if not result.factors:
         raise UserError(f"no weight of {args.tuned} differs from the base by more than --min-diff={args.min_diff}")
     all_modules = list(module_weights(base))
@@ -414,8 +416,12 @@ def build_parser(heads: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--modules", nargs="+", default=None,
                    help="only modules matching a glob ('*attn*') or containing a plain substring ('attn1')")
     e.add_argument("--device", default="cpu", help="cpu or cuda (for the SVDs)")
-    e.add_argument("--method", choices=METHODS, default="full",
-                   help="full SVD, or randomized (svd_lowrank, checked against the optimum per module)")
+    e.add_argument("--method", choices=METHODS, default="randomized",
+                   help="randomized (default: a sketch kept only where its error is certified within "
+                        "--max-error-ratio of the optimum, else that module's full SVD), or full SVD everywhere")
+    e.add_argument("--max-error-ratio", type=float, default=1.01,
+                   help="randomized: each module's error at most this times its Eckart-Young optimum (>= 1; "
+                        "default 1.01)")
     e.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
                    help="also write a PEFT directory (<out>_peft/), or a kohya/diffusers file (<out>.<format>."
                         "safetensors)")

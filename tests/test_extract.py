@@ -264,3 +264,75 @@ def test_plain_target_names_with_rank_patterns_load_in_peft(tmp_path):
         got = load_lora_weights(plain, path)(b["x"], b["context"])
         want = tuned_model(b["x"], b["context"])
     assert torch.allclose(got, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the randomized method's certificate
+def _power_law(out: int, inn: int, exponent: float, seed: int = 0) -> torch.Tensor:
+    """A full-rank delta with singular values σᵢ = i^-exponent (slowly falling, as fine-tuning deltas' do)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out, inn)
+    u, _ = torch.linalg.qr(torch.randn(out, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(inn, k, generator=g, dtype=torch.float64))
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -exponent
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("exponent", [0.5, 0.75, 1.0, 1.5])
+@pytest.mark.parametrize("shape", [(256, 384), (384, 256), (160, 16, 3, 3)], ids=["wide", "tall", "conv3x3"])
+def test_randomized_is_certified_within_one_percent_on_power_law_spectra(exponent, shape):
+    delta = _power_law(shape[0], math.prod(shape[1:]), exponent, seed=int(10 * exponent)).reshape(shape)
+    f, info = factorize(delta, 16, method="randomized")
+    assert info.method == "randomized"  # kept: the certificate holds without the full SVD
+    best = _optimum(delta, 16)
+    achieved = float((f.delta().double() - delta.double()).norm() / delta.double().norm())
+    assert achieved <= 1.01 * best
+    assert info.rel_error == pytest.approx(achieved, rel=1e-4)
+    assert info.optimum <= best * (1 + 1e-6)  # the certified lower bound is below the true optimum ...
+    assert info.rel_error <= 1.01 * info.optimum  # ... and the error is within 1% of that bound
+
+
+def test_max_error_ratio_is_the_contract_and_a_flat_spectrum_falls_back():
+    """Equal singular values leave no gap: no sketch can be certified, so the module gets the full SVD."""
+    g = torch.Generator().manual_seed(0)
+    flat, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+    _, info = factorize(flat, 16, method="randomized")
+    assert info.method == "full (fallback)"
+    assert info.rel_error == pytest.approx(math.sqrt(240 / 256), rel=1e-5) == info.optimum
+    # a ratio of exactly 1 certifies nothing but an exact fit: every module of a real spectrum falls back
+    delta = _power_law(256, 256, 1.0)
+    assert factorize(delta, 16, method="randomized", max_error_ratio=1.0)[1].method == "full (fallback)"
+    assert factorize(delta, 16, method="randomized", max_error_ratio=1.02)[1].method == "randomized"
+
+
+@pytest.mark.parametrize("value", [0.99, float("nan"), float("inf"), -1.0])
+def test_max_error_ratio_is_checked(value):
+    with pytest.raises(UserError, match=r"--max-error-ratio=.* must be a finite number >= 1"):
+        factorize(torch.zeros(4, 4), 2, method="randomized", max_error_ratio=value)
+    with pytest.raises(UserError, match="--max-error-ratio"):
+        extract_lora({"a.weight": torch.zeros(4, 4)}, {"a.weight": torch.ones(4, 4)}, max_error_ratio=value)
+
+
+def test_residual_norm_bound_is_an_upper_bound():
+    """The probabilistic bound on ‖(I − qqᵀ)ΔW‖₂² holds (and is not vacuous) on slowly and quickly falling spectra."""
+    from lightning_lora.adapters.svd import _residual_norm_bound
+
+    for exponent in (0.25, 0.5, 1.0):
+        delta = _power_law(200, 300, exponent, seed=3)
+        g = torch.Generator().manual_seed(1)
+        q = torch.linalg.qr(delta @ torch.randn(300, 40, generator=g)).Q
+        truth = float(torch.linalg.matrix_norm((delta - q @ (q.mT @ delta)).double(), ord=2)) ** 2
+        bound = _residual_norm_bound(delta, q, delta @ torch.randn(300, 30, generator=g))
+        assert truth <= bound <= 4 * truth
+
+
+@pytest.mark.parametrize("value", ["0.5", "nan"])
+def test_cli_max_error_ratio_is_one_line_before_any_weight_is_read(tmp_path, capsys, value):
+    from helpers import assert_one_error_line
+
+    from lightning_lora.cli import main as cli_main
+
+    rc = cli_main(["extract", "--base", str(tmp_path / "missing_base.safetensors"), "--tuned",
+                   str(tmp_path / "missing_tuned.safetensors"), "--out", str(tmp_path / "x.safetensors"),
+                   "--max-error-ratio", value])
+    assert_one_error_line(rc, capsys.readouterr().err, f"--max-error-ratio={float(value)!r}")
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ import torch
 
 from lightning_lora.adapters.factors import Factors, is_spatial
 from lightning_lora.adapters.finite import require_finite
-from lightning_lora.adapters.svd import ModuleResult, factorize, sq_norm
+from lightning_lora.adapters.svd import ModuleResult, check_max_error_ratio, factorize, sq_norm
 from lightning_lora.checks import positive_int
 from lightning_lora.errors import UserError
 
@@ -61,15 +61,17 @@ def select_modules(names: Iterable[str], patterns: Sequence[str] | None) -> list
 def extract_lora(base, tuned, *, rank: int | None = 32, conv_rank: int | None = None, min_diff: float = 1e-3,
                  modules: Sequence[str] | None = None, method: str = "full", device: str = "cpu",
                  clamp_quantile: float | None = None, progress: Callable[[Iterable], Iterable] | None = None,
-                 ) -> Extraction:
+                 max_error_ratio: float = 1.01) -> Extraction:
     """Extract a LoRA from two checkpoints with the same keys (``WeightSource`` or name->tensor mappings).
 
     Every ``<module>.weight`` with ndim >= 2 whose delta max-abs exceeds ``min_diff`` gets factors;
     ``conv_rank`` (default: ``rank``) applies to convs with a kernel bigger than 1×1. One module is in
-    memory at a time (plus the factors kept so far).
+    memory at a time (plus the factors kept so far). ``method="randomized"`` keeps a module's sketch only when its
+    error is certified within ``max_error_ratio`` of the optimum (else that module gets the full SVD).
     """
     base, tuned = _as_source(base), _as_source(tuned)
     check_min_diff(min_diff)
+    check_max_error_ratio(max_error_ratio)
     conv_rank = rank if conv_rank is None else conv_rank
     names = {k[: -len(".weight")]: k for k in base if k.endswith(".weight") and len(base.shape(k)) >= 2}
     chosen = select_modules(sorted(names), modules)
@@ -84,7 +86,8 @@ def extract_lora(base, tuned, *, rank: int | None = 32, conv_rank: int | None = 
             result.skipped_small.append(name)
             continue
         r = conv_rank if is_spatial(delta.shape) else rank
-        factors, info = factorize(delta, r, method=method, device=device, clamp_quantile=clamp_quantile)
+        factors, info = factorize(delta, r, method=method, device=device, clamp_quantile=clamp_quantile,
+                                  max_error_ratio=max_error_ratio)
         info.name = name
         result.factors[name] = factors
         result.results.append(info)
