@@ -164,7 +164,8 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
                                         device_id=torch.device("cpu"))
         strategy = FSDPStrategy()
         strategy.model = root
-        trainer = SimpleNamespace(strategy=strategy, is_global_zero=rank == 0, global_step=3, logger=None)
+        trainer = SimpleNamespace(strategy=strategy, is_global_zero=rank == 0, global_step=3, logger=None, loggers=[],
+                                  callbacks=[])
 
         # Previews first: the root's lazy init happens inside full_params, before any forward of the root.
         previews = SamplePreviews(out_dir / "samples", every_n_steps=1)
