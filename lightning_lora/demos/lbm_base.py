@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from lightning_lora.data.digits import TRANSLATION_TRANSFORMS, SklearnDigits, translation_target
 from lightning_lora.models.lbm import WEIGHTS_FILE, build_modules, save_lbm_folder
+from lightning_lora.models.lbm_tiny import TINY_CONFIG
 
 RESOLUTION = 16  # sklearn's 8x8 digits at twice their size: latents 4x8x8, cheap on two CPU cores
 BASE_TRANSFORM = "invert"  # the one translation the base performs
@@ -63,24 +64,8 @@ BASE_VAE: dict[str, Any] = {  # two levels (latents at 1/2), no attention: its t
     "mid_block_add_attention": False,
     "scaling_factor": 1.0,  # set from the trained encoder's latents
 }
-#: LBM's own keys (the relighting model's values) plus the architecture sections ``models/lbm.py`` reads
-BASE_CONFIG: dict[str, Any] = {
-    "backbone_signature": "lightning_lora/lbm_digits_base",
-    "vae_num_channels": 4,
-    "unet_input_channels": 4,
-    "timestep_sampling": "custom_timesteps",
-    "selected_timesteps": [250, 500, 750, 1000],
-    "prob": [0.25, 0.25, 0.25, 0.25],
-    "conditioning_images_keys": [],
-    "conditioning_masks_keys": [],
-    "source_key": "source_image",
-    "target_key": "target_image",
-    "bridge_noise_sigma": 0.005,
-    "latent_loss_type": "l2",
-    "latent_loss_weight": 1.0,
-    "pixel_loss_type": "lpips",
-    "pixel_loss_weight": 0.0,
-}
+#: LBM's own keys: the tiny model's (the relighting model's values) under this base's name
+BASE_CONFIG: dict[str, Any] = {**TINY_CONFIG, "backbone_signature": "lightning_lora/lbm_digits_base"}
 
 
 def to_pixels(images: list) -> torch.Tensor:
