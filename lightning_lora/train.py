@@ -7,6 +7,7 @@ Hydra wrapper that turns user errors into one line and returns the monitored met
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import platform
@@ -279,7 +280,14 @@ def shipped_data_options() -> Iterator[tuple[str, DictConfig]]:
     """``(name, raw config)`` of every ``data=<name>`` option in the shipped ``conf/data/``."""
     for path in sorted((config_dir() / "data").glob("*.yaml")):
         if not path.stem.startswith("_"):
-            yield path.stem, OmegaConf.load(path)
+            yield path.stem, OmegaConf.create(_raw_yaml(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=256)
+def _raw_yaml(path: Path, mtime_ns: int) -> dict[str, Any]:
+    """A config file's raw contents, parsed once per version (a refused pair lists the data options that fit, which
+    reads every one of them)."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
 def _data_options_taking(cfg: DictConfig, kinds: tuple[str, ...]) -> list[str]:
