@@ -32,7 +32,7 @@ def fit_line(scores: dict) -> str:
     """How well the judged samples fit their templates: the SS demo's mean IoU, the SLat demo's mean distance."""
     if "mean_iou" in scores:
         return f"mean IoU {scores['mean_iou']:.2f}"
-    return f"mean RMS colour distance {scores['mean_rms']:.2f}"
+    return f"mean colour cosine {scores['mean_cosine']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

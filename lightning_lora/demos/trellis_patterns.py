@@ -10,8 +10,8 @@ judge that says which pattern a sampled latent shows by its distance to every pa
   fixed orthonormal projection to eight channels, scaled to unit variance (:func:`decode_colours` inverts it).
 - Condition tokens: a fixed random token set per pattern (seeded) plus a little noise per object.
 - The judge (:func:`judge`) knows nothing of any model: the colours decoded from a sample are compared with every
-  pattern painted on the same voxels; the class is the nearest one by root-mean-square distance, or ``None`` when
-  even that is above ``max_rms``.
+  pattern painted on the same voxels; the class is the most similar one (cosine over every voxel's colour), or
+  ``None`` when even that is below ``min_cosine``.
 """
 
 from __future__ import annotations
@@ -44,11 +44,16 @@ BASE_PATTERNS = ("red", "blue", "gradient")
 NEW_PATTERN = "stripes"
 SOLIDS = ("sphere", "box", "cylinder")  # the structures the patterns are painted on
 SIZE_RANGE = (0.6, 0.9)
-STRIPE_VOXELS = 2  # each stripe's height in voxels
+STRIPE_VOXELS = 4  # each stripe's height in voxels
+#: the grey ramp runs from black to white over heights -RAMP_HEIGHT..RAMP_HEIGHT (a box, 0.3-0.45 high each way,
+#: still spans most of it)
+RAMP_HEIGHT = 0.5
 TOKEN_NOISE = 0.05
 CLASS_TOKEN_SEED = 1  # the pattern token sets: one table for the base, the LoRA data and the judge's conditions
 PROJECTION_SEED = 0
-MAX_RMS = 0.6  # colour units in [-1, 1]: a uniform red and blue are 1.63 apart, stripes and the ramp >= 0.9
+#: the judge's bar: the cosine of two different patterns on one solid is at most 0.17 (stripes vs. plain green:
+#: 0.33), of a random sample's colours and any pattern ~0.03
+MIN_COSINE = 0.5
 MEASURE_SIZE = 0.8  # the size of the solids the judged samples are drawn on
 
 
@@ -63,7 +68,7 @@ def pattern_colours(pattern: str, coords: np.ndarray, resolution: int = RESOLUTI
     elif pattern == "blue":
         out[:] = (-1.0, -1.0, 1.0)
     elif pattern == "gradient":
-        out[:] = np.clip(((z + 0.5) / resolution * 2 - 1) / 0.8, -1, 1)[:, None]
+        out[:] = np.clip(((z + 0.5) / resolution * 2 - 1) / RAMP_HEIGHT, -1, 1)[:, None]
     else:
         white = (z // STRIPE_VOXELS) % 2 == 1
         out[:] = np.where(white[:, None], np.float32([1, 1, 1]), np.float32([-1, 1, -1]))
@@ -138,17 +143,21 @@ def write_patterns_root(folder: str | Path, patterns: Sequence[str], per_pattern
 
 
 # --------------------------------------------------------------------------- the judge
-def judge(samples: Sequence[tuple[np.ndarray, np.ndarray]], max_rms: float = MAX_RMS
+def judge(samples: Sequence[tuple[np.ndarray, np.ndarray]], min_cosine: float = MIN_COSINE
           ) -> tuple[list[str | None], np.ndarray]:
-    """(pattern, RMS colour distance) of each (coords [N, 3], feats [N, C]) sample: the nearest pattern painted on
-    the same voxels, or None when it is further than ``max_rms``."""
+    """(pattern, cosine) of each (coords [N, 3], feats [N, C]) sample: the pattern painted on the same voxels whose
+    colours [N, 3] are most similar to the decoded ones (cosine over all voxels and channels: blind to a uniform
+    error of scale, not to a wrong colour or a wrong place), or None when even that is below ``min_cosine``."""
     named, scores = [], []
     for coords, feats in samples:
-        rgb = decode_colours(feats)
-        rms = [float(np.sqrt(np.mean((rgb - pattern_colours(p, coords)) ** 2))) for p in PATTERNS]
-        best = int(np.argmin(rms))
-        named.append(PATTERNS[best] if rms[best] <= max_rms else None)
-        scores.append(rms[best])
+        rgb = decode_colours(feats).reshape(-1)
+        cosines = []
+        for pattern in PATTERNS:
+            template = pattern_colours(pattern, coords).reshape(-1)
+            cosines.append(float(rgb @ template / max(np.linalg.norm(rgb) * np.linalg.norm(template), 1e-12)))
+        best = int(np.argmax(cosines))
+        named.append(PATTERNS[best] if cosines[best] >= min_cosine else None)
+        scores.append(cosines[best])
     return named, np.asarray(scores, dtype=np.float32)
 
 

@@ -46,7 +46,7 @@ def sparse_batch(objects: list, rows: list[int]) -> dict[str, torch.Tensor]:
             "cond": torch.stack([torch.from_numpy(objects[r][2]) for r in rows])}
 
 
-def train_base(steps: int = 1500, batch_size: int = 8, lr: float = 2e-3, per_pattern: int = 96, seed: int = 0,
+def train_base(steps: int = 2000, batch_size: int = 8, lr: float = 2e-3, per_pattern: int = 96, seed: int = 0,
                log=print):
     """The trained head (see the module's recipe)."""
     torch.manual_seed(seed)
@@ -72,7 +72,7 @@ def train_base(steps: int = 1500, batch_size: int = 8, lr: float = 2e-3, per_pat
     return head.eval().requires_grad_(False)
 
 
-def ensure_trellis_slat_base(folder: str | os.PathLike, steps: int = 1500, seed: int = 0, log=print) -> str:
+def ensure_trellis_slat_base(folder: str | os.PathLike, steps: int = 2000, seed: int = 0, log=print) -> str:
     """``<folder>/denoiser.safetensors`` (with its ``.json``), trained and written (atomically) the first time."""
     from lightning_lora.models.trellis.loading import save_trellis_model
 

@@ -69,8 +69,8 @@ class PatternsDataModule(TrellisDataModule):
 class PatternMeasure:
     """``measure(head)``: ``seeds_per_class`` samples of each pattern's condition tokens (``new`` first, then
     ``kept``), sample ``j`` on the surface of solid ``j mod 3`` (sphere, box, cylinder), judged: ``value`` = the share
-    of ``new``'s samples judged ``new``; ``<pattern>_share`` for every pattern; ``mean_rms`` the mean colour distance
-    to the nearest template; ``images`` = ``shown_per_class`` coloured voxel pictures per pattern (a row each)."""
+    of ``new``'s samples judged ``new``; ``<pattern>_share`` for every pattern; ``mean_cosine`` the mean similarity to
+    the most similar template; ``images`` = ``shown_per_class`` coloured voxel pictures per pattern (a row each)."""
 
     def __init__(self, new: str = NEW_PATTERN, kept: Sequence[str] = BASE_PATTERNS, seeds_per_class: int = 6,
                  steps: int = 25, cfg_strength: float = 3.0, shown_per_class: int = 3, seed: int = 0) -> None:
@@ -109,7 +109,7 @@ class PatternMeasure:
                 for i in range(len(self.patterns))]
         return {"metric": f"{self.patterns[0]} share (colour pattern judge)", "value": shares[self.patterns[0]],
                 **{f"{p}_share": v for p, v in shares.items() if p != self.patterns[0]},
-                "mean_rms": float(np.mean(scores)), "named": named,
+                "mean_cosine": float(np.mean(scores)), "named": named,
                 "images": torch.stack([torch.stack(row) for row in rows])}
 
     def __call__(self, head: Any) -> dict[str, Any]:
