@@ -22,7 +22,7 @@ PRESET_DATA = {
     "sd_tiny": "digits", "sd_digits_base": "styled_digits", "sdxl": "image_folder", "sdxl_tiny": "digits",
     "lbm": "paired_shards", "lbm_tiny": "digits_pairs", "lbm_digits_base": "digits_pairs", "trellis_ss": "trellis",
     "trellis_slat": "trellis", "trellis_ss_tiny": "trellis_demo", "trellis_slat_tiny": "trellis_demo",
-    "trellis_ss_demo": "trellis_shapes",
+    "trellis_ss_demo": "trellis_shapes", "trellis_slat_demo": "trellis_patterns",
 }
 TEXT, IMAGE_TEXT = ("code_search", "pairs"), ("code_search", "digits_retrieval", "image_pairs", "pairs")
 CAPTIONED = ("digits", "dreambooth", "hf_dataset", "image_folder", "styled_digits", "webdataset")
@@ -32,7 +32,8 @@ TAKES = {
     "sdxl": CAPTIONED, "sdxl_tiny": CAPTIONED,
     "lbm": ("digits_pairs", "paired_shards"),
     "lbm_tiny": ("digits_pairs", "paired_shards"), "lbm_digits_base": ("digits_pairs", "paired_shards"),
-    **{m: ("trellis", "trellis_demo") for m in ("trellis_slat", "trellis_slat_tiny")},
+    **{m: ("trellis", "trellis_demo", "trellis_patterns") for m in ("trellis_slat", "trellis_slat_tiny",
+                                                                    "trellis_slat_demo")},
     **{m: ("trellis", "trellis_demo", "trellis_shapes") for m in ("trellis_ss", "trellis_ss_tiny", "trellis_ss_demo")},
 }
 HEADS = {**{m: "EmbeddingHead" for m in ("minilm", "hf_encoder", "clip", "clip_tiny", "qwen3_vl_embedding",
@@ -41,7 +42,7 @@ HEADS = {**{m: "EmbeddingHead" for m in ("minilm", "hf_encoder", "clip", "clip_t
          "sdxl": "SDXLHead", "sdxl_tiny": "SDXLHead",
          "lbm_tiny": "BridgeHead", "lbm_digits_base": "BridgeHead",
          **{m: "FlowMatching3DHead" for m in ("trellis_ss", "trellis_slat", "trellis_ss_tiny", "trellis_slat_tiny",
-                                              "trellis_ss_demo")}}
+                                              "trellis_ss_demo", "trellis_slat_demo")}}
 DATA_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
 # The released TRELLIS presets condition on images, encoded by the model's DINOv2: a stand-in value (nothing loads)
 ENCODER = {m: ["model.image_encoder.pretrained=dinov2"] for m in ("trellis_ss", "trellis_slat")}

@@ -1,5 +1,5 @@
 """Build a demo base once: ``python -m lightning_lora.demos.pretrain sd|lbm [--out PATH] [--vae-steps N] ...`` or
-``python -m lightning_lora.demos.pretrain trellis_ss [--out PATH] [--steps N] [--judge N]``.
+``python -m lightning_lora.demos.pretrain trellis_ss|trellis_slat [--out PATH] [--steps N] [--judge N]``.
 
 The base is written (atomically) under the cache folder the demo experiments read (``$LIGHTNING_LORA_CACHE`` or
 ``~/.cache/lightning_lora``), and reused when it is already there.
@@ -17,14 +17,22 @@ from lightning_lora.errors import UserError, user_message
 from lightning_lora.extras import first_missing, missing_line
 
 #: family -> the folder name of its base under the cache
-BASES = {"sd": "sd_digits_base", "lbm": "lbm_digits_base", "trellis_ss": "trellis_ss_demo_base"}
+BASES = {"sd": "sd_digits_base", "lbm": "lbm_digits_base", "trellis_ss": "trellis_ss_demo_base",
+         "trellis_slat": "trellis_slat_demo_base"}
 #: family -> the optional packages its base and data need (the digits bases: diffusers and scikit-learn's digits)
-NEEDS = {"sd": ("diffusers", "sklearn"), "lbm": ("diffusers", "sklearn"), "trellis_ss": ()}
+NEEDS = {"sd": ("diffusers", "sklearn"), "lbm": ("diffusers", "sklearn"), "trellis_ss": (), "trellis_slat": ()}
 
 
 def cache_dir() -> Path:
     """The same folder as ``conf/paths``' ``cache_dir``."""
     return Path(os.environ.get("LIGHTNING_LORA_CACHE") or Path(os.environ.get("HOME", ".")) / ".cache/lightning_lora")
+
+
+def fit_line(scores: dict) -> str:
+    """How well the judged samples fit their templates: the SS demo's mean IoU, the SLat demo's mean distance."""
+    if "mean_iou" in scores:
+        return f"mean IoU {scores['mean_iou']:.2f}"
+    return f"mean colour cosine {scores['mean_cosine']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=None, help="sd, lbm: VAE steps (default: the recipe's)")
     parser.add_argument("--unet-steps", type=int, default=None,
                         help="sd, lbm: UNet/denoiser steps (default: the recipe's)")
-    parser.add_argument("--steps", type=int, default=None, help="trellis_ss: denoiser steps (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="trellis_ss, trellis_slat: denoiser steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", type=int, default=0, metavar="N",
                         help="then judge the base: sd: N samples per digit (plain and red prompts); trellis_ss: N "
-                             "samples per shape class; lbm: any N > 0 prints its PSNR/SSIM on the held-out digits")
+                             "samples per shape class; trellis_slat: N samples per pattern; lbm: any N > 0 prints its "
+                             "PSNR/SSIM on the held-out digits")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     # the base is a diffusers model and its data scikit-learn's digits: one line naming the extra, not a traceback
@@ -55,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     steps = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
     try:
-        if args.family == "trellis_ss":
+        if args.family == "trellis_slat":
+            from lightning_lora.demos.trellis_slat_base import ensure_trellis_slat_base
+
+            path = ensure_trellis_slat_base(out, seed=args.seed, log=log,
+                                            **({"steps": args.steps} if args.steps else {}))
+        elif args.family == "trellis_ss":
             from lightning_lora.demos.trellis_base import ensure_trellis_ss_base
 
             path = ensure_trellis_ss_base(out, seed=args.seed, log=log, **({"steps": args.steps} if args.steps else {}))
@@ -71,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         print(user_message(err), file=sys.stderr)
         return 2
     print(f"{args.family} base: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
-    if args.judge and args.family == "trellis_ss":
-        from lightning_lora.demos.trellis_demo import judge_base as judge_shapes
+    if args.judge and args.family in ("trellis_ss", "trellis_slat"):
+        if args.family == "trellis_ss":
+            from lightning_lora.demos.trellis_demo import judge_base as judge_trellis
+        else:
+            from lightning_lora.demos.trellis_slat_demo import judge_base as judge_trellis
 
-        scores = judge_shapes(path, args.judge)
+        scores = judge_trellis(path, args.judge)
         shares = ", ".join(f"{key.removesuffix('_share')} {value:.2f}" for key, value in scores.items()
                            if key.endswith("_share"))
         print(f"judge, {args.judge} samples per class: {scores['metric']} {scores['value']:.2f}; {shares}; "
-              f"mean IoU {scores['mean_iou']:.2f}", flush=True)
+              f"{fit_line(scores)}", flush=True)
     elif args.judge and args.family == "lbm":
         from lightning_lora.demos.lbm_demo import measure_base
 
