@@ -148,7 +148,7 @@ def test_a_mismatched_pair_stops_the_cli_before_anything_is_built_with_one_line(
     assert proc.stderr.strip().splitlines() == [
         "error: model=trellis_slat_tiny (FlowMatching3DHead) cannot train on data=code_search (CodeSearchDataModule): "
         "the model takes TRELLIS slat latents with condition tokens, the data yields text pairs; data options it "
-        "takes: data=trellis, data=trellis_demo"]
+        "takes: data=trellis, data=trellis_demo, data=trellis_patterns"]
     assert not cache.exists()  # neither the tiny base nor the code-search corpus was built
     assert not (tmp_path / "run" / "config.yaml").exists()
 
@@ -241,5 +241,6 @@ def test_slat_presets_normalise_with_trellis_released_values_and_condition_on_im
     with pytest.raises(UserError, match=needle) as info:
         check_model_takes_data(compose_train(["model=trellis_slat", "model.image_encoder.pretrained=null"]))
     # data=trellis itself fits as shipped: the message says a setting of this run (here data.cond) is the difference
-    assert str(info.value).endswith("data options it takes: data=trellis, data=trellis_demo (data=trellis as "
-                                    "shipped; a data or model setting of this run changes what it yields)")
+    assert str(info.value).endswith("data options it takes: data=trellis, data=trellis_demo, data=trellis_patterns "
+                                    "(data=trellis as shipped; a data or model setting of this run changes what it "
+                                    "yields)")
