@@ -10,32 +10,19 @@ cosine decay to a tenth, gradients clipped to norm 1. The result is a TRELLIS ch
 
 from __future__ import annotations
 
-import math
 import os
-import time
-from pathlib import Path
 
 import torch
 
+from lightning_lora.demos.trellis_base import ensure_base, preset_head, train_flow
 from lightning_lora.demos.trellis_patterns import BASE_PATTERNS, pattern_objects
-from lightning_lora.fileio import atomic_directory
 
 PRESET = "trellis_slat_demo"
-WEIGHTS = "denoiser.safetensors"
-WARMUP = 100
 
 
 def demo_head(ckpt: str | None = None):
     """The ``trellis_slat_demo`` preset's head: a random denoiser, or the weights at ``ckpt``."""
-    from hydra.utils import instantiate
-    from omegaconf import open_dict
-
-    from lightning_lora.config import compose_config
-
-    cfg = compose_config([f"model={PRESET}"])
-    with open_dict(cfg):
-        cfg.model.ckpt = ckpt  # replaces the built-base path before it is resolved
-    return instantiate(cfg.model)
+    return preset_head(PRESET, ckpt)
 
 
 def sparse_batch(objects: list, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -52,35 +39,10 @@ def train_base(steps: int = 2000, batch_size: int = 8, lr: float = 2e-3, per_pat
     torch.manual_seed(seed)
     head = demo_head()
     objects = [obj for pattern in BASE_PATTERNS for obj in pattern_objects(pattern, per_pattern, seed)]
-    params = list(head.denoiser.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    head.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        warm = min(1.0, (step + 1) / WARMUP)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        rows = torch.randint(len(objects), (batch_size,), generator=generator).tolist()
-        loss = head.flow_loss(sparse_batch(objects, rows), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step}: flow loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
-    return head.eval().requires_grad_(False)
+    return train_flow(head, len(objects), lambda rows: sparse_batch(objects, rows.tolist()), steps, batch_size, lr,
+                      seed, log)
 
 
 def ensure_trellis_slat_base(folder: str | os.PathLike, steps: int = 2000, seed: int = 0, log=print) -> str:
     """``<folder>/denoiser.safetensors`` (with its ``.json``), trained and written (atomically) the first time."""
-    from lightning_lora.models.trellis.loading import save_trellis_model
-
-    folder = Path(folder).expanduser()
-    if (folder / WEIGHTS).is_file():
-        return str(folder / WEIGHTS)
-    with torch.random.fork_rng(devices=[]):
-        head = train_base(steps, seed=seed, log=log)
-    with atomic_directory(folder) as tmp:
-        save_trellis_model(head.denoiser, tmp / "denoiser")
-    return str(folder / WEIGHTS)
+    return ensure_base(folder, lambda: train_base(steps, seed=seed, log=log))
