@@ -66,7 +66,7 @@ def test_exact_low_rank_delta_is_reconstructed(shape, method):
 def test_truncated_error_is_the_eckart_young_optimum(method, shape, r):
     torch.manual_seed(0)  # svd_lowrank draws its sketch from the global generator
     delta = _decaying(shape[0], math.prod(shape[1:]), seed=r)
-    f, info = factorize(delta.reshape(shape[0], -1), r, method=method)
+    f, info = factorize(delta.reshape(shape[0], -1), r, method=method, randomized_min_dim=128)
     achieved = float((f.delta() - delta).norm() / delta.norm())
     best = _optimum(delta, r)
     assert best > 0.01  # a real truncation
@@ -79,7 +79,7 @@ def test_truncated_error_is_the_eckart_young_optimum(method, shape, r):
 
 def test_randomized_falls_back_to_full_svd_when_the_sketch_is_poor():
     delta = _decaying(300, 300, seed=3, noise=0.5)
-    f, info = factorize(delta, 40, method="randomized", oversample=0, niter=0)
+    f, info = factorize(delta, 40, method="randomized", max_steps=1, randomized_min_dim=128)
     assert info.method == "full (fallback)"
     assert float((f.delta() - delta).norm() / delta.norm()) == pytest.approx(_optimum(delta, 40), rel=1e-4)
 
@@ -277,11 +277,11 @@ def _power_law(out: int, inn: int, exponent: float, seed: int = 0) -> torch.Tens
     return ((u * s) @ v.T).float()
 
 
-@pytest.mark.parametrize("exponent", [0.5, 0.75, 1.0, 1.5])
+@pytest.mark.parametrize("exponent", [0.5, 0.75, 1.0, 1.5, 2.0])
 @pytest.mark.parametrize("shape", [(256, 384), (384, 256), (160, 16, 3, 3)], ids=["wide", "tall", "conv3x3"])
 def test_randomized_is_certified_within_one_percent_on_power_law_spectra(exponent, shape):
     delta = _power_law(shape[0], math.prod(shape[1:]), exponent, seed=int(10 * exponent)).reshape(shape)
-    f, info = factorize(delta, 16, method="randomized")
+    f, info = factorize(delta, 16, method="randomized", randomized_min_dim=128)
     assert info.method == "randomized"  # kept: the certificate holds without the full SVD
     best = _optimum(delta, 16)
     achieved = float((f.delta().double() - delta.double()).norm() / delta.double().norm())
@@ -295,13 +295,14 @@ def test_max_error_ratio_is_the_contract_and_a_flat_spectrum_falls_back():
     """Equal singular values leave no gap: no sketch can be certified, so the module gets the full SVD."""
     g = torch.Generator().manual_seed(0)
     flat, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
-    _, info = factorize(flat, 16, method="randomized")
+    _, info = factorize(flat, 16, method="randomized", randomized_min_dim=128)
     assert info.method == "full (fallback)"
     assert info.rel_error == pytest.approx(math.sqrt(240 / 256), rel=1e-5) == info.optimum
     # a ratio of exactly 1 certifies nothing but an exact fit: every module of a real spectrum falls back
     delta = _power_law(256, 256, 1.0)
-    assert factorize(delta, 16, method="randomized", max_error_ratio=1.0)[1].method == "full (fallback)"
-    assert factorize(delta, 16, method="randomized", max_error_ratio=1.02)[1].method == "randomized"
+    small = {"method": "randomized", "randomized_min_dim": 128}
+    assert factorize(delta, 16, max_error_ratio=1.0, **small)[1].method == "full (fallback)"
+    assert factorize(delta, 16, max_error_ratio=1.02, **small)[1].method == "randomized"
 
 
 @pytest.mark.parametrize("value", [0.99, float("nan"), float("inf"), -1.0])
@@ -312,17 +313,45 @@ def test_max_error_ratio_is_checked(value):
         extract_lora({"a.weight": torch.zeros(4, 4)}, {"a.weight": torch.ones(4, 4)}, max_error_ratio=value)
 
 
-def test_residual_norm_bound_is_an_upper_bound():
-    """The probabilistic bound on ‖(I − qqᵀ)ΔW‖₂² holds (and is not vacuous) on slowly and quickly falling spectra."""
-    from lightning_lora.adapters.svd import _residual_norm_bound
+def test_residual_norm_bounds_are_upper_bounds_that_tighten():
+    """Every probabilistic bound on ‖(I − VVᵀ)ΔW‖₂² holds, the power steps tighten it, and it ends within 2× of the
+    truth, on slowly and quickly falling spectra."""
+    from lightning_lora.adapters.svd import _residual_norm_bounds
 
     for exponent in (0.25, 0.5, 1.0):
         delta = _power_law(200, 300, exponent, seed=3)
         g = torch.Generator().manual_seed(1)
-        q = torch.linalg.qr(delta @ torch.randn(300, 40, generator=g)).Q
-        truth = float(torch.linalg.matrix_norm((delta - q @ (q.mT @ delta)).double(), ord=2)) ** 2
-        bound = _residual_norm_bound(delta, q, delta @ torch.randn(300, 30, generator=g))
-        assert truth <= bound <= 4 * truth
+        basis = torch.linalg.qr(delta @ torch.randn(300, 40, generator=g)).Q
+        truth = float(torch.linalg.matrix_norm((delta - basis @ (basis.mT @ delta)).double(), ord=2)) ** 2
+        steps = list(_residual_norm_bounds(delta, basis, delta @ torch.randn(300, 32, generator=g)))
+        bounds = [upper for upper, _ in steps]
+        assert len(steps) == 4 and all(upper >= truth for upper in bounds)
+        assert bounds == sorted(bounds, reverse=True) and bounds[-1] <= 2 * truth
+        assert all(truth * 0.9 <= estimate <= upper for upper, estimate in steps)
+
+
+def test_chi2_lower_quantile_is_below_the_true_quantile():
+    chi2 = pytest.importorskip("scipy.stats").chi2  # scipy comes with the [demo] extra (scikit-learn)
+    from lightning_lora.adapters.svd import _chi2_lower
+
+    for dof, prob in ((16, 1e-12), (32, 1e-12), (32, 1e-3), (4, 0.01)):
+        x = _chi2_lower(dof, prob)
+        assert chi2.cdf(x, dof) <= prob  # a valid quantile ...
+        assert x >= 0.5 * chi2.ppf(prob, dof)  # ... and not a uselessly small one
+
+
+def test_sq_norm_matches_float64_on_a_large_tensor():
+    from lightning_lora.adapters.svd import sq_norm
+
+    x = torch.randn(3_000_007, generator=torch.Generator().manual_seed(0)) * 1e-3  # not a multiple of the row size
+    assert sq_norm(x) == pytest.approx(float(x.double().square().sum()), rel=1e-8)
+
+
+def test_small_modules_get_the_full_svd_by_default():
+    """Below 400 on the smaller side the full SVD is as fast as a Krylov space half that wide."""
+    delta = _power_law(320, 768, 0.75)
+    assert factorize(delta, 32, method="randomized")[1].method == "full"
+    assert factorize(delta, 32, method="randomized", randomized_min_dim=128)[1].method == "randomized"
 
 
 @pytest.mark.parametrize("value", ["0.5", "nan"])
@@ -336,3 +365,15 @@ def test_cli_max_error_ratio_is_one_line_before_any_weight_is_read(tmp_path, cap
                    "--max-error-ratio", value])
     assert_one_error_line(rc, capsys.readouterr().err, f"--max-error-ratio={float(value)!r}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("delta_rank", "rank"), [(8, 16), (40, 32), (60, 32)])
+def test_randomized_on_exactly_low_rank_deltas(delta_rank, rank):
+    """A delta of rank ≤ the block fills the Krylov space at once (the next block is rounding noise); one of a
+    little more is exact after a step or two: both are kept, at the optimum, with the right error."""
+    delta = low_rank((300, 450), delta_rank, seed=delta_rank)
+    f, info = factorize(delta, rank, method="randomized", randomized_min_dim=128)
+    assert info.method == "randomized"
+    best = _optimum(delta, rank)
+    achieved = float((f.delta().double() - delta.double()).norm() / delta.double().norm())
+    assert achieved <= 1.01 * best + 1e-6 and info.rel_error == pytest.approx(achieved, abs=1e-5)
