@@ -377,3 +377,9 @@ def test_randomized_on_exactly_low_rank_deltas(delta_rank, rank):
     best = _optimum(delta, rank)
     achieved = float((f.delta().double() - delta.double()).norm() / delta.double().norm())
     assert achieved <= 1.01 * best + 1e-6 and info.rel_error == pytest.approx(achieved, abs=1e-5)
+
+
+def test_a_block_narrower_than_the_rank_still_certifies():
+    delta = _power_law(300, 450, 0.75, seed=4)
+    _, info = factorize(delta, 32, method="randomized", block=8, randomized_min_dim=128)
+    assert info.method == "randomized" and info.rel_error <= 1.01 * _optimum(delta, 32)

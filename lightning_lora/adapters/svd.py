@@ -223,6 +223,9 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
     for _ in range(max_steps):
         images.append(product(blocks[-1]))
         basis, image = torch.cat(blocks, dim=1), torch.cat(images, dim=1)
+        if basis.shape[1] < rank:  # a block narrower than the rank: nothing to judge yet
+            blocks.append(_next_block(images[-1], basis))
+            continue
         theta, vecs, gram = _rayleigh_ritz(basis, image)
         err2 = max(total - float(theta[:rank].sum()), 0.0)
         if not precise and err2 < _FLOAT64_BELOW * total:  # float64 from here on: basis, products, ‖ΔW‖²
