@@ -164,12 +164,13 @@ def band_counts(errors: Iterable[float]) -> dict[str, int]:
 def _finite_delta(base, tuned, key: str) -> torch.Tensor:
     """tuned − base for ``key`` in float32; a NaN/Inf in either (or an overflowing difference) is named with its
     checkpoint and weight instead of failing inside the SVD."""
+    tensors = {}
     for label, source in (("base", base), ("tuned", tuned)):
-        tensor = source.get(key)
+        tensors[label] = source.get(key)  # read once: a checkpoint's tensor is a copy out of its file
         path = getattr(source, "path", None)
         where = f"the {label} checkpoint" + (f" {path}" if path is not None else "")
-        require_finite([(key, tensor)], f"{where}: weight", hint="; a LoRA cannot be made from it")
-    delta = tuned.get(key).to(torch.float32) - base.get(key).to(torch.float32)
+        require_finite([(key, tensors[label])], f"{where}: weight", hint="; a LoRA cannot be made from it")
+    delta = tensors["tuned"].to(torch.float32) - tensors["base"].to(torch.float32)
     require_finite([(key, delta)], "tuned - base overflows float32 for weight")
     return delta
 
