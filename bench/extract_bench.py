@@ -208,8 +208,20 @@ def make_pair(pair: str, exponent: float | None, limit: int, stride: int = 1) ->
 def run_child(args: argparse.Namespace) -> None:
     from lightning_lora.adapters import svd
     from lightning_lora.adapters.extract import extract_lora
+    from lightning_lora.adapters.factors import Factors
 
     method = args.child
+    if method == "read":  # reading the pair and making the deltas only: the memory every method needs
+        from lightning_lora.adapters import extract
+
+        method = "full"
+
+        def no_svd(delta: torch.Tensor, rank, **_):
+            r = min(rank, *delta.shape[:2])
+            return (Factors(torch.zeros(r, *delta.shape[1:]), torch.zeros(delta.shape[0], r, *(1,) * (delta.ndim - 2)),
+                            1.0), svd.ModuleResult("", tuple(delta.shape), r, 1.0, 0.0))
+
+        extract.factorize = no_svd
     if method == "full-main":  # the full SVD as main had it: LAPACK on wide matrices as they are (~5x slower)
         method = "full"
 
@@ -298,8 +310,10 @@ def main() -> None:
     p.add_argument("--pairs", nargs="+", default=["sd15-powerlaw"], choices=PAIRS)
     p.add_argument("--exponents", nargs="+", type=float, default=[0.5, 0.75, 1.0],
                    help="power-law exponents α of the deltas' singular values σᵢ ∝ i^-α")
-    p.add_argument("--methods", nargs="+", default=["full", "randomized"], choices=["full-main", "full", "randomized"],
-                   help="full-main: the full SVD as at main (wide matrices not transposed), timed beside the others")
+    p.add_argument("--methods", nargs="+", default=["full", "randomized"],
+                   choices=["read", "full-main", "full", "randomized"],
+                   help="full-main: the full SVD as at main (wide matrices not transposed), timed beside the others; "
+                        "read: reading the pair and making the deltas only (the peak RSS every method starts from)")
     p.add_argument("--ratios", nargs="+", type=float, default=[1.01],
                    help="--max-error-ratio values of the randomized method (several: the speed/error frontier)")
     p.add_argument("--rank", type=int, default=32)
@@ -344,6 +358,12 @@ def main() -> None:
                             stride * args.full_stride)
                 lines.append(row(pair, exponent, "full SVD as at main (wide matrices as is)", old, old))
                 mains[pair] = old
+                print(lines[-1], flush=True)
+            if "read" in args.methods and own_full:  # the peak RSS of reading alone, beside the others'
+                read = child(args, "read", pair, exponent, args.limit, 1.01, stride)
+                lines.append(f"| {pair} | {exponent} | reading the pair and making the deltas only | "
+                             f"{len(read['errors'])} | {sum(read['times'].values()):.1f} | - | "
+                             f"{read['peak_rss_mb']:.0f} | - | - | - |")
                 print(lines[-1], flush=True)
             if "full" in args.methods and own_full:
                 full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01,
