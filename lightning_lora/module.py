@@ -107,6 +107,39 @@ def _zero_touch(params: Iterable[nn.Parameter]) -> torch.Tensor | float:
     return sum(p.reshape(-1)[0] for p in params) * 0.0  # starts from int 0: any device, any dtype
 
 
+#: leaves a batch may hold that no device transfer touches (captions, image paths, flags)
+_PLAIN_LEAVES = (str, bytes, int, float, bool, type(None))
+
+
+def _holds_nothing_to_move(value: Any) -> bool:
+    """Whether ``value`` is plain data all the way down: lists, tuples and dicts of ``_PLAIN_LEAVES``."""
+    if type(value) in _PLAIN_LEAVES:
+        return True
+    if type(value) in (list, tuple):
+        return all(_holds_nothing_to_move(v) for v in value)
+    if type(value) is dict:
+        return all(_holds_nothing_to_move(v) for v in value.values())
+    return False
+
+
+def _move_flat_batch(batch: Any, device: torch.device) -> dict[str, Any] | None:
+    """A dict batch of tensors and plain data with its tensors on ``device`` (each moved as Lightning moves it),
+    the plain data as it is; None for any other batch (Lightning's own transfer takes it)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    if type(batch) is not dict:
+        return None
+    moved: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = move_data_to_device(value, device)
+        elif _holds_nothing_to_move(value):
+            moved[key] = value
+        else:
+            return None
+    return moved
+
+
 class LoRAAdaptationModule(pl.LightningModule):
     """Train a LoRA adapter on any `TaskHead`: ``trainer.fit(LoRAAdaptationModule(head, spec), datamodule)``."""
 
@@ -354,6 +387,12 @@ class LoRAAdaptationModule(pl.LightningModule):
         # the trainable set is fixed once the adapter is in: list it once, not every step
         ddp = isinstance(self.trainer.strategy, DDPStrategy)
         self._touched = [p for p in self.parameters() if p.requires_grad] if ddp else []
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Lightning's default visits every element of every list to find tensors (16 captions or image paths:
+        # 16 visits, each several type checks, every step); a flat dict batch is moved key by key instead.
+        moved = _move_flat_batch(batch, device)
+        return moved if moved is not None else super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.head.training_step(batch)

@@ -202,3 +202,31 @@ def test_accumulating_gradients_equals_one_big_batch(accumulate: int) -> None:
     assert all(not torch.equal(reference[n], untrained[n]) for n in reference)  # the steps moved every tensor
     for name, value in reference.items():
         assert torch.allclose(accumulated[name], value, rtol=1e-5, atol=1e-6), name
+
+
+class Movable:
+    """A batch leaf Lightning moves through its own ``.to(device)`` (not a tensor, not plain data)."""
+
+    def __init__(self) -> None:
+        self.moved_to: torch.device | None = None
+
+    def to(self, device: torch.device, **kwargs) -> Movable:
+        self.moved_to = device
+        return self
+
+
+def test_batch_transfer_moves_what_lightning_moves() -> None:
+    module = LoRAAdaptationModule(TinyHead(), AdapterSpec(r=2, alpha=4))
+    meta = torch.device("meta")  # a device other than the batch's, without an accelerator
+    flat = {"pixel_values": torch.ones(2, 3), "index": torch.arange(2), "text": ["a", "b"],
+            "query": [{"text": None, "image": "x.png"}, {"text": "t", "image": None}], "flag": True}
+    out = module.transfer_batch_to_device(flat, meta, 0)
+    assert out["pixel_values"].device == meta and out["index"].device == meta and out["index"].dtype == torch.long
+    assert {k: out[k] for k in ("text", "query", "flag")} == {k: flat[k] for k in ("text", "query", "flag")}
+    # anything else goes through Lightning's walk: a leaf with its own .to, tensors nested in lists, non-dict batches
+    leaf = Movable()
+    assert module.transfer_batch_to_device({"x": torch.ones(1), "leaf": [leaf]}, meta, 0)["x"].device == meta
+    assert leaf.moved_to == meta
+    nested = module.transfer_batch_to_device({"negatives": [[torch.ones(1)]]}, meta, 0)
+    assert nested["negatives"][0][0].device == meta
+    assert module.transfer_batch_to_device([torch.ones(1), "s"], meta, 0)[0].device == meta
