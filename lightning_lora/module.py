@@ -148,6 +148,13 @@ def _move_flat_batch(batch: Any, device: torch.device) -> dict[str, Any] | None:
     return moved
 
 
+def _reads_train_values(callback: Any) -> bool:
+    """Whether a callback reads ``train/*`` values at its steps: it monitors one (``ModelCheckpoint``,
+    ``EarlyStopping``) or names one in its checkpoint file names."""
+    monitor, filename = getattr(callback, "monitor", None), getattr(callback, "filename", None)
+    return str(monitor or "").startswith("train/") or "train/" in str(filename or "")
+
+
 class LoRAAdaptationModule(pl.LightningModule):
     """Train a LoRA adapter on any `TaskHead`: ``trainer.fit(LoRAAdaptationModule(head, spec), datamodule)``."""
 
@@ -409,10 +416,10 @@ class LoRAAdaptationModule(pl.LightningModule):
     def on_train_start(self) -> None:
         from lightning.pytorch.callbacks import Timer
 
-        # a callback that reads train/* values or may stop the run at any step: they reach Lightning every step
+        # a callback that reads train/* values or may stop the run at any step (a Timer): they reach Lightning
+        # every step
         callbacks = self.trainer.callbacks
-        self._log_every_step = any(isinstance(cb, Timer) for cb in callbacks) or any(
-            str(getattr(cb, "monitor", None) or "").startswith("train/") for cb in callbacks)
+        self._log_every_step = any(isinstance(cb, Timer) or _reads_train_values(cb) for cb in callbacks)
         self._logged_at = -math.inf
 
     def _train_values_read(self, batch_idx: int) -> bool:

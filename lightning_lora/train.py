@@ -378,6 +378,17 @@ def _read_resumed(cfg: DictConfig, spec: AdapterSpec) -> dict[str, Any] | None:
     return checkpoint
 
 
+def trainer_callbacks(cfg: DictConfig) -> list[Any]:
+    """The callbacks ``run`` hands the Trainer: the empty-epoch guard first (an epoch that yields no batch stops
+    before any callback writes for it), then the config's callbacks, less those that say they are ``idle`` in this
+    run (EMA off, no Hub repository): Lightning calls every hook of every callback at every step, about 10 us each
+    on a small model's step. A resumed run keeps them all (its checkpoint may hold an idle callback's state)."""
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if cfg.get("resume") is None:
+        callbacks = [cb for cb in callbacks if not getattr(cb, "idle", False)]
+    return [EmptyEpochGuard(), *callbacks]
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -481,8 +492,7 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
 
     quiet_lightning()  # no product tips or known third-party deprecations between the progress bars
     trainer: pl.Trainer = instantiate(
-        # the guard first: an epoch that yields no batch stops before any callback writes for it
-        cfg.trainer, callbacks=[EmptyEpochGuard(), *_instantiate_all(cfg.get("callbacks"))],
+        cfg.trainer, callbacks=trainer_callbacks(cfg),
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
     )
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)

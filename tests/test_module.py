@@ -242,7 +242,7 @@ class LoggingHead(TinyHead):
 
 
 def _logged_run(tmp_path, interval: float, callbacks=()) -> tuple[list[dict[str, str]], int, float, list[float]]:
-    """A 7-step run logging every 3 steps to CSV: (its rows, self.log calls, the final train/loss, every loss)."""
+    """A 5-step run logging every 2 steps to CSV: (its rows, self.log calls, the final train/loss, every loss)."""
     import csv
 
     pl.seed_everything(0)
@@ -253,7 +253,7 @@ def _logged_run(tmp_path, interval: float, callbacks=()) -> tuple[list[dict[str,
     module.log = lambda name, value, **kw: (calls.append(name), log(name, value, **kw))  # type: ignore[method-assign]
     step = module.head.training_step
     module.head.training_step = lambda b: (out := step(b), losses.append(float(out.loss.detach())))[0]  # type: ignore
-    trainer = pl.Trainer(accelerator="cpu", max_steps=7, log_every_n_steps=3, enable_progress_bar=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, log_every_n_steps=2, enable_progress_bar=False,
                          enable_checkpointing=bool(callbacks), enable_model_summary=False, callbacks=list(callbacks),
                          logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=""), limit_val_batches=0)
     trainer.fit(module, TinyData())
@@ -265,11 +265,15 @@ def _logged_run(tmp_path, interval: float, callbacks=()) -> tuple[list[dict[str,
 def test_train_values_reach_the_loggers_at_their_steps_without_a_log_call_every_step(tmp_path) -> None:
     every, every_calls, _, _ = _logged_run(tmp_path / "every", interval=0.0)  # a log call at every step
     rows, calls, final, losses = _logged_run(tmp_path / "cadence", interval=math.inf)
-    assert rows == every and [r["step"] for r in rows] == ["2", "5"]  # after steps 3 and 6
+    assert rows == every and [r["step"] for r in rows] == ["1", "3"]  # after steps 2 and 4
     assert {"train/loss", "train/scaled"} <= set(rows[0])
-    assert every_calls == 2 * 7 and calls == 2 * 4  # the first step (nothing logged yet), 3, 6 and the last
+    assert every_calls == 2 * 5 and calls == 2 * 4  # the first step (nothing logged yet), 2, 4 and the last
     assert final == losses[-1]
     # a callback that monitors a train/* value reads it every step
     monitor = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train/loss", every_n_train_steps=2)
     _, monitored_calls, _, _ = _logged_run(tmp_path / "monitored", interval=math.inf, callbacks=[monitor])
-    assert monitored_calls == 2 * 7
+    assert monitored_calls == 2 * 5
+    from lightning_lora.module import _reads_train_values
+
+    assert _reads_train_values(pl.callbacks.ModelCheckpoint(filename="{step}-{train/loss:.4f}"))
+    assert not _reads_train_values(pl.callbacks.ModelCheckpoint(monitor="val/loss", filename="step_{step:07d}"))

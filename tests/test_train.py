@@ -188,3 +188,22 @@ def test_configs_are_found_after_a_wheel_install(tmp_path) -> None:
 def test_configs_are_found_from_the_source_checkout() -> None:
     proc = run_cli(["--cfg", "job", "model=hf_encoder", "model.pretrained=/x"], cwd=REPO)
     assert proc.returncode == 0 and "pretrained: /x" in proc.stdout
+
+
+def test_idle_callbacks_stay_out_of_the_trainer_unless_resuming(tmp_path) -> None:
+    from omegaconf import open_dict
+
+    from lightning_lora.callbacks import EmptyEpochGuard, ExactResume, LoRAEMA, NanGuard, PushToHub
+    from lightning_lora.train import trainer_callbacks
+
+    def kinds(overrides: list[str]) -> list[type]:
+        cfg = compose_train(overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return [type(cb) for cb in trainer_callbacks(cfg)]
+
+    shipped = kinds([])  # EMA off and no Hub repository: nothing for those two to do at any step
+    assert shipped[0] is EmptyEpochGuard and {NanGuard, ExactResume} <= set(shipped)
+    assert LoRAEMA not in shipped and PushToHub not in shipped
+    assert {LoRAEMA, PushToHub} <= set(kinds(["callbacks.ema.enabled=true", "callbacks.push.repo_id=me/lora"]))
+    assert {LoRAEMA, PushToHub} <= set(kinds([f"resume={tmp_path / 'last.ckpt'}"]))  # its state may be in there
