@@ -441,6 +441,8 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.head.training_step(batch)
+        # no train/* value is synced across processes (sync_dist would be a collective), so each process may
+        # decide on its own clock
         if self._train_values_read(batch_idx):
             self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)
             for key, value in out.logs.items():
