@@ -1,5 +1,5 @@
 """Per-step cost of NanGuard's gradient check on each tiny preset: a loop over every named parameter checking each
-gradient tensor (what NanGuard did before issue 21) vs NanGuard's one foreach pass over the trainable gradients.
+gradient tensor (what NanGuard did before issue 21) vs NanGuard's one-pass check of the trainable gradients.
 
 Each preset's module gets one backward on a real batch; then both checks run alternately (``--repeats`` each, one
 torch thread) and the medians are reported. Nothing here is non-finite: this is the price every healthy step pays.

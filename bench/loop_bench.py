@@ -189,22 +189,21 @@ def _bare_module(head: Any) -> Any:
 
 def shipped_trainer(cfg: Any, max_steps: int, clock: Any, run: int) -> Any:
     """The Trainer ``python -m lightning_lora.train`` builds from the composed config (``conf/trainer/default.yaml``,
-    every callback of ``conf/callbacks/default.yaml`` after the empty-epoch guard, the TensorBoard logger, atomic
-    checkpoint IO), bounded to ``max_steps`` with no validation and, like the plain loop, no gradient clipping; in
-    a run directory of its own (its snapshots and checkpoints are written after the timed steps)."""
+    the callbacks of ``conf/callbacks/default.yaml`` that ``train.trainer_callbacks`` keeps, the TensorBoard logger,
+    atomic checkpoint IO), bounded to ``max_steps`` with no validation and, like the plain loop, no gradient
+    clipping; in a run directory of its own (its snapshots and checkpoints are written after the timed steps)."""
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
     from lightning_lora.callbacks import AtomicCheckpointIO
-    from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
-    from lightning_lora.train import _instantiate_all
+    from lightning_lora.train import _instantiate_all, trainer_callbacks
 
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = f"{cfg.paths.output_dir}/shipped_{run}"
     return instantiate(cfg.trainer, max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
                        gradient_clip_val=None, accelerator="cpu", devices=1,
-                       callbacks=[EmptyEpochGuard(), *_instantiate_all(cfg.get("callbacks")), clock],
+                       callbacks=[*trainer_callbacks(cfg), clock],
                        logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()])
 
 

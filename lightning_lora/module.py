@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,12 @@ from lightning_lora.config_checks import check_section
 from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes, new_directory_or_none
 from lightning_lora.heads.base import TaskHead
+
+# Lightning says so whenever a LightningModule overrides transfer_batch_to_device and a LightningDataModule feeds it
+# (a data module's own override still wins, with Lightning's other message): the override is this module's design
+# (see transfer_batch_to_device), nothing a user did, so exactly that message is not shown.
+warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but "
+                        r"have passed in a `LightningDataModule`")
 
 #: head parameters trained beside the adapter (e.g. a learnable temperature), in every adapter snapshot
 HEAD_PARAMETERS = "head_parameters.safetensors"
@@ -107,8 +115,52 @@ def _zero_touch(params: Iterable[nn.Parameter]) -> torch.Tensor | float:
     return sum(p.reshape(-1)[0] for p in params) * 0.0  # starts from int 0: any device, any dtype
 
 
+#: leaves a batch may hold that no device transfer touches (captions, image paths, flags)
+_PLAIN_LEAVES = (str, bytes, int, float, bool, type(None))
+
+
+def _holds_nothing_to_move(value: Any) -> bool:
+    """Whether ``value`` is plain data all the way down: lists, tuples and dicts of ``_PLAIN_LEAVES``."""
+    if type(value) in _PLAIN_LEAVES:
+        return True
+    if type(value) in (list, tuple):
+        return all(_holds_nothing_to_move(v) for v in value)
+    if type(value) is dict:
+        return all(_holds_nothing_to_move(v) for v in value.values())
+    return False
+
+
+def _move_flat_batch(batch: Any, device: torch.device) -> dict[str, Any] | None:
+    """A dict batch of tensors and plain data with its tensors on ``device`` (each moved as Lightning moves it),
+    the plain data as it is; None for any other batch (Lightning's own transfer takes it)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    if type(batch) is not dict:
+        return None
+    moved: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = move_data_to_device(value, device)
+        elif _holds_nothing_to_move(value):
+            moved[key] = value
+        else:
+            return None
+    return moved
+
+
+def _reads_train_values(callback: Any) -> bool:
+    """Whether a callback reads ``train/*`` values at its steps: it monitors one (``ModelCheckpoint``,
+    ``EarlyStopping``) or names one in its checkpoint file names."""
+    monitor, filename = getattr(callback, "monitor", None), getattr(callback, "filename", None)
+    return str(monitor or "").startswith("train/") or "train/" in str(filename or "")
+
+
 class LoRAAdaptationModule(pl.LightningModule):
     """Train a LoRA adapter on any `TaskHead`: ``trainer.fit(LoRAAdaptationModule(head, spec), datamodule)``."""
+
+    #: between the loggers' steps, the newest ``train/*`` values reach Lightning at most this often (seconds):
+    #: the progress bar redraws at most 4 times a second (``callbacks.progress_bar.refresh_rate``)
+    TRAIN_LOG_INTERVAL_S = 0.25
 
     def __init__(
         self,
@@ -355,11 +407,46 @@ class LoRAAdaptationModule(pl.LightningModule):
         ddp = isinstance(self.trainer.strategy, DDPStrategy)
         self._touched = [p for p in self.parameters() if p.requires_grad] if ddp else []
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Lightning's default visits every element of every list to find tensors (16 captions or image paths:
+        # 16 visits, each several type checks, every step); a flat dict batch is moved key by key instead.
+        moved = _move_flat_batch(batch, device)
+        return moved if moved is not None else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_train_start(self) -> None:
+        from lightning.pytorch.callbacks import Timer
+
+        # a callback that reads train/* values or may stop the run at any step (a Timer): they reach Lightning
+        # every step
+        callbacks = self.trainer.callbacks
+        self._log_every_step = any(isinstance(cb, Timer) or _reads_train_values(cb) for cb in callbacks)
+        self._logged_at = -math.inf
+
+    def _train_values_read(self, batch_idx: int) -> bool:
+        """Whether anyone reads this step's ``train/*`` values, so that they go to ``self.log``: Lightning hands
+        them to the loggers at this step (``trainer.log_every_n_steps``, or the run is stopping), it is the epoch's
+        or the run's last step, a callback monitors one of them or a Timer may stop the run (``on_train_start``),
+        or ``TRAIN_LOG_INTERVAL_S`` passed since the last ones (what the progress bar shows). One ``self.log``
+        costs Lightning about 0.5 ms of host time, a few percent of a small model's step."""
+        trainer = self._trainer
+        if trainer is None or getattr(self, "_log_every_step", True):
+            return True
+        now = time.monotonic()
+        read = (trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+                or batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= trainer.global_step + 1
+                or now - self._logged_at >= self.TRAIN_LOG_INTERVAL_S)
+        if read:
+            self._logged_at = now
+        return read
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.head.training_step(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)
-        for key, value in out.logs.items():
-            self.log(f"train/{key}", value, batch_size=out.batch_size)
+        # no train/* value is synced across processes (sync_dist would be a collective), so each process may
+        # decide on its own clock
+        if self._train_values_read(batch_idx):
+            self.log("train/loss", out.loss, prog_bar=True, batch_size=out.batch_size)
+            for key, value in out.logs.items():
+                self.log(f"train/{key}", value, batch_size=out.batch_size)
         if getattr(self, "_touched", None):
             return out.loss + _zero_touch(self._touched)
         return out.loss

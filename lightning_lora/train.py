@@ -32,7 +32,13 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lightning_lora import extras, hub
 from lightning_lora.adapters import AdapterSpec
-from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
+from lightning_lora.callbacks import (
+    AdapterCheckpoint,
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    SamplePreviews,
+    quiet_lightning,
+)
 from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
 from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
 from lightning_lora.callbacks.trackers import end_runs
@@ -40,6 +46,7 @@ from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.config_checks import check_config, check_resume_fits
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
+from lightning_lora.heads.base import TaskHead
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
 from lightning_lora.rundir import hold_run_dir
 from lightning_lora.sweep import record_failure
@@ -378,6 +385,26 @@ def _read_resumed(cfg: DictConfig, spec: AdapterSpec) -> dict[str, Any] | None:
     return checkpoint
 
 
+def trainer_callbacks(cfg: DictConfig) -> list[Any]:
+    """The callbacks ``run`` hands the Trainer: the empty-epoch guard first (an epoch that yields no batch stops
+    before any callback writes for it), then the config's callbacks, less those idle in this run (``_idle``):
+    Lightning calls every hook of every callback at every step, about 10 us each on a small model's step. A resumed
+    run keeps them all (its checkpoint may hold an idle callback's state)."""
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if cfg.get("resume") is None:
+        head_class = _class_of(cfg.model)
+        callbacks = [cb for cb in callbacks if not _idle(cb, head_class)]
+    return [EmptyEpochGuard(), *callbacks]
+
+
+def _idle(callback: Any, head_class: type | None) -> bool:
+    """Whether a callback has nothing to do in this run: it says so (``idle``: EMA off, no Hub repository), or it
+    draws previews and the head's class never draws (it keeps ``TaskHead.preview_images``)."""
+    if isinstance(callback, SamplePreviews):
+        return head_class is not None and getattr(head_class, "preview_images", None) is TaskHead.preview_images
+    return bool(getattr(callback, "idle", False))
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -481,8 +508,7 @@ def _run_in(cfg: DictConfig, output_dir: Path, started: float, spec: AdapterSpec
 
     quiet_lightning()  # no product tips or known third-party deprecations between the progress bars
     trainer: pl.Trainer = instantiate(
-        # the guard first: an epoch that yields no batch stops before any callback writes for it
-        cfg.trainer, callbacks=[EmptyEpochGuard(), *_instantiate_all(cfg.get("callbacks"))],
+        cfg.trainer, callbacks=trainer_callbacks(cfg),
         logger=_instantiate_all(cfg.get("logger")) or False, plugins=[AtomicCheckpointIO()],
     )
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)

@@ -202,3 +202,78 @@ def test_accumulating_gradients_equals_one_big_batch(accumulate: int) -> None:
     assert all(not torch.equal(reference[n], untrained[n]) for n in reference)  # the steps moved every tensor
     for name, value in reference.items():
         assert torch.allclose(accumulated[name], value, rtol=1e-5, atol=1e-6), name
+
+
+class Movable:
+    """A batch leaf Lightning moves through its own ``.to(device)`` (not a tensor, not plain data)."""
+
+    def __init__(self) -> None:
+        self.moved_to: torch.device | None = None
+
+    def to(self, device: torch.device, **kwargs) -> Movable:
+        self.moved_to = device
+        return self
+
+
+def test_batch_transfer_moves_what_lightning_moves() -> None:
+    module = LoRAAdaptationModule(TinyHead(), AdapterSpec(r=2, alpha=4))
+    meta = torch.device("meta")  # a device other than the batch's, without an accelerator
+    flat = {"pixel_values": torch.ones(2, 3), "index": torch.arange(2), "text": ["a", "b"],
+            "query": [{"text": None, "image": "x.png"}, {"text": "t", "image": None}], "flag": True}
+    out = module.transfer_batch_to_device(flat, meta, 0)
+    assert out["pixel_values"].device == meta and out["index"].device == meta and out["index"].dtype == torch.long
+    assert {k: out[k] for k in ("text", "query", "flag")} == {k: flat[k] for k in ("text", "query", "flag")}
+    # anything else goes through Lightning's walk: a leaf with its own .to, tensors nested in lists, non-dict batches
+    leaf = Movable()
+    assert module.transfer_batch_to_device({"x": torch.ones(1), "leaf": [leaf]}, meta, 0)["x"].device == meta
+    assert leaf.moved_to == meta
+    nested = module.transfer_batch_to_device({"negatives": [[torch.ones(1)]]}, meta, 0)
+    assert nested["negatives"][0][0].device == meta
+    assert module.transfer_batch_to_device([torch.ones(1), "s"], meta, 0)[0].device == meta
+
+
+class LoggingHead(TinyHead):
+    """TinyHead that also reports a value of its own (``train/scaled``), as heads may."""
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        out.logs = {"scaled": 2 * out.loss.detach()}
+        return out
+
+
+def _logged_run(tmp_path, interval: float, callbacks=()) -> tuple[list[dict[str, str]], int, float, list[float]]:
+    """A 5-step run logging every 2 steps to CSV: (its rows, self.log calls, the final train/loss, every loss)."""
+    import csv
+
+    pl.seed_everything(0)
+    module = LoRAAdaptationModule(LoggingHead(), AdapterSpec(r=2, alpha=4, init="random"))
+    module.TRAIN_LOG_INTERVAL_S = interval
+    calls, losses = [], []
+    log = module.log
+    module.log = lambda name, value, **kw: (calls.append(name), log(name, value, **kw))  # type: ignore[method-assign]
+    step = module.head.training_step
+    module.head.training_step = lambda b: (out := step(b), losses.append(float(out.loss.detach())))[0]  # type: ignore
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, log_every_n_steps=2, enable_progress_bar=False,
+                         enable_checkpointing=bool(callbacks), enable_model_summary=False, callbacks=list(callbacks),
+                         logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=""), limit_val_batches=0)
+    trainer.fit(module, TinyData())
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows, len(calls), float(trainer.callback_metrics["train/loss"]), losses
+
+
+def test_train_values_reach_the_loggers_at_their_steps_without_a_log_call_every_step(tmp_path) -> None:
+    every, every_calls, _, _ = _logged_run(tmp_path / "every", interval=0.0)  # a log call at every step
+    rows, calls, final, losses = _logged_run(tmp_path / "cadence", interval=math.inf)
+    assert rows == every and [r["step"] for r in rows] == ["1", "3"]  # after steps 2 and 4
+    assert {"train/loss", "train/scaled"} <= set(rows[0])
+    assert every_calls == 2 * 5 and calls == 2 * 4  # the first step (nothing logged yet), 2, 4 and the last
+    assert final == losses[-1]
+    # a callback that monitors a train/* value reads it every step
+    monitor = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train/loss", every_n_train_steps=2)
+    _, monitored_calls, _, _ = _logged_run(tmp_path / "monitored", interval=math.inf, callbacks=[monitor])
+    assert monitored_calls == 2 * 5
+    from lightning_lora.module import _reads_train_values
+
+    assert _reads_train_values(pl.callbacks.ModelCheckpoint(filename="{step}-{train/loss:.4f}"))
+    assert not _reads_train_values(pl.callbacks.ModelCheckpoint(monitor="val/loss", filename="step_{step:07d}"))

@@ -492,6 +492,25 @@ def test_nonfinite_values_are_named() -> None:
     assert [_describe(v) for v in (math.nan, math.inf, -math.inf)] == ["nan", "+inf", "-inf"]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_guard_check_finds_every_non_finite_gradient_and_leaves_finite_ones_bit_identical(monkeypatch,
+                                                                                               fused) -> None:
+    from lightning_lora.callbacks import nan_guard
+
+    if not fused:  # the per-tensor route other devices take
+        monkeypatch.setattr(nan_guard, "_FUSED_CHECK_DEVICES", ())
+    tiny = torch.finfo(torch.float32).tiny / 4  # a subnormal: a check that rescaled would be seen flushing it
+    grads = [torch.tensor([[1.5, -0.0], [tiny, -3e38]]), torch.randn(5, dtype=torch.bfloat16), torch.randn(3, 2)]
+    before = [g.clone() for g in grads]
+    assert not nan_guard._any_non_finite(grads)
+    assert all(torch.equal(a, b) and a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32).equal(
+        b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32)) for a, b in zip(grads, before, strict=True))
+    for which, bad in [(0, math.nan), (1, math.inf), (2, -math.inf)]:
+        grads[which].view(-1)[-1] = bad
+        assert nan_guard._any_non_finite(grads), (which, bad)
+        grads[which].copy_(before[which])
+
+
 # Each row of the family matrix but the tiny BERT (its resume tests above run in the default suite): 6 steps with
 # snapshots and checkpoints every 2, dropout on (its RNG must resume too), a constant schedule; embedding rows with
 # the gradient cache (its chunks replay the dropout RNG), TRELLIS rows with a random LoRA init.

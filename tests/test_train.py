@@ -188,3 +188,25 @@ def test_configs_are_found_after_a_wheel_install(tmp_path) -> None:
 def test_configs_are_found_from_the_source_checkout() -> None:
     proc = run_cli(["--cfg", "job", "model=hf_encoder", "model.pretrained=/x"], cwd=REPO)
     assert proc.returncode == 0 and "pretrained: /x" in proc.stdout
+
+
+def test_idle_callbacks_stay_out_of_the_trainer_unless_resuming(tmp_path) -> None:
+    from omegaconf import open_dict
+
+    from lightning_lora.callbacks import EmptyEpochGuard, ExactResume, LoRAEMA, NanGuard, PushToHub, SamplePreviews
+    from lightning_lora.train import trainer_callbacks
+
+    def kinds(overrides: list[str]) -> list[type]:
+        cfg = compose_train(overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return [type(cb) for cb in trainer_callbacks(cfg)]
+
+    # EMA off, no Hub repository, a head that never draws: nothing for those three to do at any step
+    shipped = kinds([])
+    assert shipped[0] is EmptyEpochGuard and {NanGuard, ExactResume} <= set(shipped)
+    assert not {LoRAEMA, PushToHub, SamplePreviews} & set(shipped)
+    assert SamplePreviews in kinds(["model=sd_tiny"])  # the SD head draws previews
+    assert {LoRAEMA, PushToHub} <= set(kinds(["callbacks.ema.enabled=true", "callbacks.push.repo_id=me/lora"]))
+    resumed = set(kinds([f"resume={tmp_path / 'last.ckpt'}"]))  # an idle callback's state may be in there
+    assert {LoRAEMA, PushToHub, SamplePreviews} <= resumed

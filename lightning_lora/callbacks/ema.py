@@ -131,6 +131,11 @@ class LoRAEMA(Callback):
                 pl_module.save_adapters(target, step=trainer.global_step, run_dir=target)
         trainer.strategy.barrier("ema_snapshot")
 
+    @property
+    def idle(self) -> bool:
+        """Off (``enabled: false``): it averages, saves and stores nothing (``train.run`` then leaves it out)."""
+        return not self.enabled
+
     # ------------------------------------------------------------------ resumable checkpoints
     def state_dict(self) -> dict[str, Any]:
         if not self.enabled or not self.shadow:

@@ -34,6 +34,30 @@ def _describe(value: float) -> str:
     return "nan" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
 
 
+#: devices whose fused check (the one autocast's GradScaler runs) takes the gradients as they are
+_FUSED_CHECK_DEVICES = ("cpu", "cuda")
+
+
+def _any_non_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether some element of ``grads`` is nan or inf.
+
+    One fused kernel call per device and dtype (``_amp_foreach_non_finite_check_and_unscale_`` with an inverse
+    scale of 1, which writes every value back unchanged): on a small model's step, each extra tensor op costs
+    more than the check itself. Elsewhere (another device, a tensor subclass or a sparse gradient), max |g| per
+    tensor in one foreach pass: it is nan or inf exactly when some element is."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        if type(g) is not torch.Tensor or g.layout != torch.strided or g.device.type not in _FUSED_CHECK_DEVICES:
+            peaks = torch._foreach_max(torch._foreach_abs(grads))
+            return not bool(torch.stack([x.float() for x in peaks]).isfinite().all())
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    found: dict[torch.device, torch.Tensor] = {}
+    for (device, _), group in groups.items():
+        flag = found.setdefault(device, torch.zeros(1, device=device))
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+    return any(bool(flag) for flag in found.values())
+
+
 class NanGuard(Callback):
     def __init__(self, action: str = "stop", check_gradients: bool = True, max_skips: int = 10) -> None:
         choice(action, "callbacks.nan_guard.action", ACTIONS)
@@ -68,10 +92,8 @@ class NanGuard(Callback):
         named = [(n, p.grad) for n, p in self._trained(pl_module) if p.grad is not None and p.grad.numel()]
         if not named:
             return None
-        # one pass for all gradients: max |g| is nan or inf exactly when some element is; the slow loop below
-        # only runs to name the first bad one
-        peaks = torch._foreach_max(torch._foreach_abs([g for _, g in named]))
-        if bool(torch.stack([x.float() for x in peaks]).isfinite().all()):
+        # one pass for all gradients; the slow loop below only runs to name the first bad one
+        if not _any_non_finite([g for _, g in named]):
             return None
         for name, grad in named:
             if not torch.isfinite(grad).all():
@@ -82,7 +104,9 @@ class NanGuard(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         problem = self._loss_problem or self._gradient_problem(trainer, pl_module)
         self._loss_problem = None
-        bad = trainer.strategy.reduce_boolean_decision(problem is not None, all=False)
+        bad = problem is not None
+        if trainer.world_size > 1:  # all processes decide together (one process: no tensor, no collective)
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             self._skips_in_a_row = 0
             return

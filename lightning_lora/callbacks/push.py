@@ -29,6 +29,11 @@ class PushToHub(Callback):
         self.revision, self.commit_message, self.token = revision, commit_message, token
         self.url: str | None = None  # the commit's URL once pushed
 
+    @property
+    def idle(self) -> bool:
+        """No repository: this run pushes nothing (``train.run`` then leaves the callback out of the Trainer)."""
+        return self.repo_id is None
+
     def later(self, run_dir: Path) -> str:
         """The command that pushes this run by hand."""
         return f"lightning-lora push {run_dir} {self.repo_id} --snapshot {self.snapshot}"

@@ -43,20 +43,31 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every generator's state, as values ``torch.load(weights_only=True)`` reads back."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, state, gauss = random.getstate()
+def _raw_rng() -> tuple[Any, ...]:
+    """Every generator's state as the libraries hand it out (fresh copies, cheap to take): what the sampler notes
+    for every batch; ``_storable`` turns it into checkpoint values only when a checkpoint is written."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # initialized: available
+    return torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda
+
+
+def _storable(raw: tuple[Any, ...]) -> dict[str, Any]:
+    """A ``_raw_rng`` state as values ``torch.load(weights_only=True)`` reads back."""
+    torch_state, (kind, keys, pos, has_gauss, cached), (version, state, gauss), cuda = raw
     rng: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
+        "torch": torch_state,
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64),
                    "gauss": float("nan") if gauss is None else float(gauss)},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        rng["cuda"] = cuda
     return rng
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every generator's state, as values ``torch.load(weights_only=True)`` reads back."""
+    return _storable(_raw_rng())
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
@@ -84,7 +95,7 @@ class ResumableSampler(Sampler):
         self.skip: int = 0
         self.at_first: dict[str, Any] | None = None
         self.at_second: Callable[[], None] | None = None
-        self.batch_rng: dict[str, Any] | None = None  # the state as the latest batch started to load
+        self._batch_raw: tuple[Any, ...] | None = None  # the state as the latest batch started to load
         self.started = 0  # batches of this pass that began to load (the skipped ones included)
 
     def __iter__(self) -> Iterator[Any]:
@@ -101,12 +112,17 @@ class ResumableSampler(Sampler):
                     restore_rng(at_first)
                 elif i == skip + self.batch_size and at_second is not None:
                     at_second()
-                self.batch_rng = capture_rng()
+                self._batch_raw = _raw_rng()  # every batch: converted only if a checkpoint needs it
                 self.started += 1
             yield index
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @property
+    def batch_rng(self) -> dict[str, Any] | None:
+        """The generators' state as the latest batch started to load, as checkpoint values."""
+        return None if self._batch_raw is None else _storable(self._batch_raw)
 
 
 def _distributed() -> bool:
