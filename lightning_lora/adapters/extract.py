@@ -179,7 +179,7 @@ class _Deltas:
     def __call__(self, key: str) -> tuple[torch.Tensor, float]:
         tuned, base = self.tuned.get(key), self.base.get(key)  # read once each: a copy out of the file
         if self.buffer.numel() < tuned.numel():
-            self.buffer = torch.empty(tuned.numel())
+            self.buffer = torch.empty(tuned.numel(), dtype=torch.float32)
         delta = self.buffer[: tuned.numel()].view(tuned.shape)
         delta.copy_(tuned).sub_(base)  # in float32 whatever the checkpoints' dtype
         if not delta.numel():

@@ -75,21 +75,30 @@ _FLOAT64_BELOW = 1e-3
 _CHUNK = 1 << 21  # float64 elements per column block of the weight (16 MB)
 
 
-def _left_mul64(q: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
-    """qᵀ·mat in float64 (q float64 [m, w], mat float32 [m, n]) one column block at a time, so no float64 copy of
-    the whole weight is held."""
+def _blocks64(mat: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``mat``'s column blocks in float64, one at a time, so no float64 copy of the whole weight is held."""
     step = max(1, _CHUNK // mat.shape[0])
-    return torch.cat([q.mT @ mat[:, i:i + step].double() for i in range(0, mat.shape[1], step)], dim=1)
+    for i in range(0, mat.shape[1], step):
+        yield mat[:, i:i + step].double()
+
+
+def _left_mul64(q: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """qᵀ·mat in float64 (q float64 [m, w], mat float32 [m, n])."""
+    return torch.cat([q.mT @ part for part in _blocks64(mat)], dim=1)
 
 
 def _image64(work: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """ΔW·(ΔWᵀ·v) in float64 (v float64), one column block of the float32 weight at a time."""
-    step = max(1, _CHUNK // work.shape[0])
+    """ΔW·(ΔWᵀ·v) in float64 (v float64)."""
     out = torch.zeros(work.shape[0], v.shape[1], dtype=torch.float64, device=v.device)
-    for i in range(0, work.shape[1], step):
-        part = work[:, i:i + step].double()
+    for part in _blocks64(work):
         out += part @ (part.mT @ v)
     return out
+
+
+def _eigh_descending(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, rounding below zero clamped) and eigenvectors of a symmetric PSD matrix."""
+    values, vectors = torch.linalg.eigh(sym)
+    return values.flip(0).clamp_min(0), vectors.flip(1)
 
 
 def _chi2_lower(dof: int, prob: float) -> float:
@@ -112,8 +121,7 @@ def _rayleigh_ritz(basis: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tens
     v, p = basis.double(), image.double()
     t = v.mT @ p
     t = (t + t.mT) / 2
-    theta, vecs = torch.linalg.eigh(t)
-    theta, vecs = theta.flip(0).clamp_min(0), vecs.flip(1)
+    theta, vecs = _eigh_descending(t)
     resid = (p - v @ t) @ vecs
     return theta, vecs, resid.mT @ resid
 
@@ -183,8 +191,7 @@ def _factors_of(work: torch.Tensor, basis: torch.Tensor, vecs: torch.Tensor, ran
     w = torch.linalg.qr(basis.double() @ vecs[:, :rank]).Q
     b = _left_mul64(w, work) if precise else (w.to(work.dtype).mT @ work).double()
     err2 = max(total - float(b.square().sum()), 0.0)
-    s2, ub = torch.linalg.eigh(b @ b.mT)  # the r×r SVD of b through its Gram matrix
-    s2, ub = s2.flip(0).clamp_min(0), ub.flip(1)
+    s2, ub = _eigh_descending(b @ b.mT)  # the r×r SVD of b through its Gram matrix
     s = s2.sqrt()
     vh = (ub.mT @ b) / torch.where(s > 0, s, 1.0)[:, None]
     return (w @ ub).float(), s.float(), vh.float(), err2
@@ -216,6 +223,10 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
     def product(v: torch.Tensor) -> torch.Tensor:  # M·V = ΔW·(ΔWᵀ·V)
         return _image64(work, v) if precise else work @ (work.mT @ v)
 
+    def ritz(basis: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        theta, vecs, gram = _rayleigh_ritz(basis, image)
+        return theta, vecs, gram, max(total - float(theta[:rank].sum()), 0.0)  # the truncation's error²
+
     def certified(theta: torch.Tensor, gram: torch.Tensor, err2: float, rho: float) -> float | None:
         bound = _optimum_lower_bound(theta, gram, rank, total, rho) - margin
         return bound if bound > 0 and err2 + margin <= max_ratio ** 2 * bound else None
@@ -226,16 +237,14 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
         if basis.shape[1] < rank:  # a block narrower than the rank: nothing to judge yet
             blocks.append(_next_block(images[-1], basis))
             continue
-        theta, vecs, gram = _rayleigh_ritz(basis, image)
-        err2 = max(total - float(theta[:rank].sum()), 0.0)
+        theta, vecs, gram, err2 = ritz(basis, image)
         if not precise and err2 < _FLOAT64_BELOW * total:  # float64 from here on: basis, products, ‖ΔW‖²
             precise = True
-            total = float(torch.linalg.vector_norm(work, dtype=torch.float64)) ** 2
+            total = _exact_sq_norm(work)
             margin = _ROUNDING64 * total
             basis = torch.linalg.qr(basis.double()).Q
             blocks, images = [basis], [product(basis)]
-            theta, vecs, gram = _rayleigh_ritz(basis, images[0])
-            err2 = max(total - float(theta[:rank].sum()), 0.0)
+            theta, vecs, gram, err2 = ritz(basis, images[0])
         bound = err2 if err2 <= _EXACT_SQ * total else certified(theta, gram, err2, beyond)
         if bound is None and certified(theta, gram, err2, 0.0) is not None:  # worth probing the residual
             for upper, estimate in _residual_norm_bounds(work, basis.to(work.dtype), start):
@@ -326,10 +335,15 @@ def sq_norm(x: torch.Tensor) -> float:
     reduction over ~30M entries was off by 0.3%), 25× faster than upcasting every element."""
     flat = x.reshape(-1)
     if flat.numel() < 1 << 20:  # few rows: their float32 rounding would not average out; upcasting is cheap here
-        return float(torch.linalg.vector_norm(flat, dtype=torch.float64)) ** 2
+        return _exact_sq_norm(flat)
     head = flat.numel() - flat.numel() % 1024
     rows = torch.linalg.vector_norm(flat[:head].view(-1, 1024), dim=1).double().square().sum()
-    return float(rows) + float(torch.linalg.vector_norm(flat[head:], dtype=torch.float64)) ** 2
+    return float(rows) + _exact_sq_norm(flat[head:])
+
+
+def _exact_sq_norm(x: torch.Tensor) -> float:
+    """‖x‖² with every element upcast to float64 (exact to float64 rounding; slow on big weights)."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
