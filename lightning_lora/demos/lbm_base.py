@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lightning_lora.data.digits import TRANSLATION_TRANSFORMS, SklearnDigits, translation_target
+from lightning_lora.demos.vae import vae_step
 from lightning_lora.models.lbm import WEIGHTS_FILE, build_modules, save_lbm_folder
-from lightning_lora.models.lbm_tiny import TINY_CONFIG
+from lightning_lora.models.lbm_tiny import TINY_CONFIG, TINY_UNET
 
 RESOLUTION = 16  # sklearn's 8x8 digits at twice their size: latents 4x8x8, cheap on two CPU cores
 BASE_TRANSFORM = "invert"  # the one translation the base performs
@@ -34,23 +34,8 @@ BASE_TRANSFORM = "invert"  # the one translation the base performs
 HELD_OUT = (1700, 1797)
 MARKER = "config.yaml"
 
-BASE_UNET: dict[str, Any] = {
-    "sample_size": RESOLUTION // 2,
-    "in_channels": 4,
-    "out_channels": 4,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "cross_attention_dim": [32, 64],  # attn2 attends to the image tokens (LBM passes no text)
-    "transformer_layers_per_block": [1, 1],
-    "attention_head_dim": [2, 4],
-    "use_linear_projection": True,
-    "norm_num_groups": 8,
-}
+#: the tiny LBM's UNet at the base's latent size (RESOLUTION / 2)
+BASE_UNET: dict[str, Any] = {**TINY_UNET, "sample_size": RESOLUTION // 2}
 BASE_VAE: dict[str, Any] = {  # two levels (latents at 1/2), no attention: its training dominates on a CPU
     "in_channels": 3,
     "out_channels": 3,
@@ -87,14 +72,7 @@ def train_vae(vae: torch.nn.Module, pixels: torch.Tensor, steps: int, g: torch.G
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     start = time.perf_counter()
     for step in range(steps):
-        x = pixels[torch.randint(0, len(pixels), (32,), generator=g)]
-        dist = vae.encode(x).latent_dist
-        recon = vae.decode(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)).sample
-        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
-        loss = F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = vae_step(vae, opt, pixels[torch.randint(0, len(pixels), (32,), generator=g)], g)
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}: l1+kl {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     vae.eval().requires_grad_(False)

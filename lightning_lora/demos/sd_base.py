@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lora.demos.digit_styles import draw_styled, styled_caption
+from lightning_lora.demos.vae import vae_step
 from lightning_lora.fileio import atomic_directory
 
 RESOLUTION = 16  # sklearn's 8x8 digits at twice their size: latents 4x8x8, cheap on two CPU cores
@@ -68,15 +69,7 @@ def train_base(vae_steps: int = 300, unet_steps: int = 3000, seed: int = 0, log=
     start = time.perf_counter()
     for step in range(vae_steps):
         idx = torch.randint(0, len(codec_pixels), (16,), generator=g)
-        x = codec_pixels[idx]
-        dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
-        recon = vae.decode(z).sample
-        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
-        loss = F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = vae_step(vae, opt, codec_pixels[idx], g)
         if step % 100 == 0 or step == vae_steps - 1:
             log(f"vae step {step}: l1+kl {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     vae.eval().requires_grad_(False)
