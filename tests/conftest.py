@@ -120,6 +120,27 @@ def compose_train(overrides: list[str] | None = None) -> DictConfig:
     return compose_config(overrides or [])
 
 
+#: a demo experiment cut to its plumbing: two steps, no checkpoints, no progress bar
+DEMO_TWO_STEPS = ["trainer.max_steps=2", "optimizer.lr=0.05", "callbacks.adapter_checkpoint.every_n_steps=0",
+                  "callbacks.model_checkpoint.every_n_train_steps=0", "~callbacks.progress_bar"]
+
+
+def run_demo(overrides: list[str], out: Path) -> tuple[dict, dict, dict]:
+    """``run`` a composed demo config writing to ``out``; its ``adaptation`` block as ``metrics.json`` has it (checked
+    equal to the returned metrics'), the metrics and the run's objects."""
+    import json
+
+    from lightning_lora.train import run
+
+    cfg = compose_train(overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    metrics, objects = run(cfg)
+    block = json.loads((out / "metrics.json").read_text())["adaptation"]
+    assert block == metrics["adaptation"]
+    return block, metrics, objects
+
+
 @pytest.fixture
 def fast_cfg(tmp_path, tiny_bert, cache_dir):
     """A composed config for an in-process ``run(cfg)`` on the tiny BERT, writing under tmp_path."""

@@ -4,14 +4,13 @@ The full demo (base built, LoRA trained to the issue's target) is slow-marked.""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import DEMO_TWO_STEPS, compose_train, run_demo
 from omegaconf import open_dict
 
 from lightning_lora.demos.lbm_demo import TranslationMeasure, translation_scores
@@ -74,18 +73,12 @@ def test_two_step_demo_writes_the_adaptation_block_and_sample_lbm_draws_the_same
     from lightning_lora.heads.bridge import LBM_FILE
 
     # the random tiny LBM stands in for the trained base: the plumbing is what is tested here
-    cfg = compose_train(["experiment=demo_lbm", f"model.pretrained={tiny_lbm}", f"paths.cache_dir={cache_dir}",
-                         "trainer.max_steps=2", "data.num_images=40", "data.batch_size=4", "optimizer.lr=0.05",
-                         "callbacks.adaptation.measure.start=1700", "callbacks.adaptation.measure.stop=1706",
-                         "callbacks.adaptation.measure.shown=3", "model.previews.num_samples=0",
-                         "callbacks.adapter_checkpoint.every_n_steps=0",
-                         "callbacks.model_checkpoint.every_n_train_steps=0", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, objects = run(cfg)
     out = tmp_path / "run"
-    block = json.loads((out / "metrics.json").read_text())["adaptation"]
-    assert block == metrics["adaptation"]
+    block, _, objects = run_demo(["experiment=demo_lbm", f"model.pretrained={tiny_lbm}", f"paths.cache_dir={cache_dir}",
+                                  "data.num_images=40", "data.batch_size=4",
+                                  "callbacks.adaptation.measure.start=1700", "callbacks.adaptation.measure.stop=1706",
+                                  "callbacks.adaptation.measure.shown=3", "model.previews.num_samples=0",
+                                  *DEMO_TWO_STEPS], out)
     assert block["metric"] == "relight PSNR to held-out targets (dB)"
     assert np.isfinite(block["before"]) and np.isfinite(block["after"]) and block["after"] != block["before"]
     assert set(block["ssim"]) == {"before", "after"}

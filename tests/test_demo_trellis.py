@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import DEMO_TWO_STEPS, compose_train, run_demo
 from omegaconf import open_dict
 
 from lightning_lora.data.trellis import SHAPES, _occupancy, write_npz
@@ -67,22 +67,15 @@ def test_two_step_demo_writes_the_adaptation_block_and_sample_flow3d_draws_the_s
     from lightning_lora.demos.trellis_demo import ShapeClassMeasure
 
     cache = tiny_base.parent.parent
-    cfg = compose_train(["experiment=demo_trellis", f"paths.cache_dir={cache}", "trainer.max_steps=2",
-                         "data.per_shape=8", "data.batch_size=4", "optimizer.lr=0.05",
-                         "callbacks.adaptation.measure.seeds_per_class=2", "callbacks.adaptation.measure.steps=2",
-                         "callbacks.adaptation.measure.shown_per_class=2",
-                         "callbacks.adapter_checkpoint.every_n_steps=0",
-                         "callbacks.model_checkpoint.every_n_train_steps=0", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, objects = run(cfg)
     out = tmp_path / "run"
-    block = json.loads((out / "metrics.json").read_text())["adaptation"]
-    assert block == metrics["adaptation"]
+    block, _, objects = run_demo(["experiment=demo_trellis", f"paths.cache_dir={cache}", "data.per_shape=8",
+                                  "data.batch_size=4", "callbacks.adaptation.measure.seeds_per_class=2",
+                                  "callbacks.adaptation.measure.steps=2",
+                                  "callbacks.adaptation.measure.shown_per_class=2", *DEMO_TWO_STEPS], out)
     assert block["metric"] == "torus share (voxel IoU judge)"
     assert 0.0 <= block["before"] <= 1.0 and 0.0 <= block["after"] <= 1.0
     assert {k for k in block if isinstance(block[k], dict)} == {"sphere_share", "box_share", "cylinder_share",
-                                                                 "mean_iou"}
+                                                           "mean_iou"}
     # four classes x two seeds: before above after, 8 rows of 2 pictures (3 panels of 48 px, 4 px apart)
     assert Image.open(out / "samples" / "before_after.png").size == (2 * (3 * 48 + 8 + 2) - 2, 8 * 50 - 2)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import DEMO_TWO_STEPS, compose_train, run_demo
 from omegaconf import open_dict
 
 from lightning_lora.demos import trellis_patterns as tp
@@ -61,22 +61,16 @@ def test_two_step_demo_writes_the_adaptation_block(tiny_base, tmp_path, capsys):
     from PIL import Image
 
     cache = tiny_base.parent.parent
-    cfg = compose_train(["experiment=demo_trellis_slat", f"paths.cache_dir={cache}", "trainer.max_steps=2",
-                         "data.per_pattern=4", "data.batch_size=4", "optimizer.lr=0.05",
-                         "callbacks.adaptation.measure.seeds_per_class=2", "callbacks.adaptation.measure.steps=2",
-                         "callbacks.adaptation.measure.shown_per_class=2",
-                         "callbacks.adapter_checkpoint.every_n_steps=0",
-                         "callbacks.model_checkpoint.every_n_train_steps=0", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, objects = run(cfg)
     out = tmp_path / "run"
-    block = json.loads((out / "metrics.json").read_text())["adaptation"]
-    assert block == metrics["adaptation"]
+    block, _, objects = run_demo(["experiment=demo_trellis_slat", f"paths.cache_dir={cache}",
+                                  "data.per_pattern=4", "data.batch_size=4",
+                                  "callbacks.adaptation.measure.seeds_per_class=2",
+                                  "callbacks.adaptation.measure.steps=2",
+                                  "callbacks.adaptation.measure.shown_per_class=2", *DEMO_TWO_STEPS], out)
     assert block["metric"] == "stripes share (colour pattern judge)"
     assert 0.0 <= block["before"] <= 1.0 and 0.0 <= block["after"] <= 1.0
     assert {k for k in block if isinstance(block[k], dict)} == {"red_share", "blue_share", "gradient_share",
-                                                                 "mean_cosine"}
+                                                           "mean_cosine"}
     # four patterns x two seeds: before above after, 8 rows of 2 pictures (3 panels of 48 px, 4 px apart)
     assert Image.open(out / "samples" / "before_after.png").size == (2 * (3 * 48 + 8 + 2) - 2, 8 * 50 - 2)
 
