@@ -464,9 +464,34 @@ def _apply(rules: tuple[Rule, ...], get: Callable[[str], Any]) -> None:
         rule.check(value, rule.key)
 
 
+def _shards_parameters(strategy: Any) -> bool:
+    """Whether a ``trainer.strategy`` value is Lightning's FSDP: a registry name (``fsdp``, ``fsdp_cpu_offload``) or
+    a ``_target_`` naming FSDPStrategy or a subclass (a target that does not import is left to the Trainer)."""
+    if isinstance(strategy, str):
+        return strategy.startswith("fsdp")
+    target = strategy.get("_target_") if isinstance(strategy, Mapping) else None
+    if not isinstance(target, str):
+        return False
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    try:
+        cls = get_class(target)
+    except Exception:
+        return False
+    return isinstance(cls, type) and issubclass(cls, FSDPStrategy)
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Every rule of ``RULES`` over ``cfg``, in order, then the devices; the first bad value raises its line."""
+    """Every rule of ``RULES`` over ``cfg``, in order, then the keys that only fail together and the devices; the
+    first bad value raises its line."""
     _apply(RULES, lambda key: _value(cfg, key))
+    strategy = _value(cfg, "trainer.strategy")
+    if _value(cfg, "callbacks.ema.enabled") is True and _shards_parameters(strategy):
+        shown = strategy if isinstance(strategy, str) else "fsdp"
+        raise UserError(f"callbacks.ema.enabled=true cannot run with trainer.strategy={shown}: each rank holds only "
+                        "a shard of every LoRA tensor; use strategy=ddp or strategy=single, or "
+                        "callbacks.ema.enabled=false")
     # only the two keys: the trainer's others may name what exists only under Hydra (default_root_dir)
     chosen = {key: _value(cfg, f"trainer.{key}") for key in ("devices", "accelerator")}
     check_devices({key: value for key, value in chosen.items() if value is not _ABSENT})

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import compose_train
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import open_dict
 from safetensors.torch import load_file
 from tiny import TinyData, TinyHead
@@ -113,6 +114,20 @@ def test_ema_settings_are_checked_before_anything_loads() -> None:
     with pytest.raises(UserError, match=r"callbacks.ema.every_n_steps=0 must be a positive integer"):
         check_config(compose_train(["callbacks.ema.every_n_steps=0"]))
     assert compose_train([]).callbacks.ema.enabled is False
+
+
+class _MyFSDP(FSDPStrategy):
+    """A user's subclass of Lightning's FSDP: still sharded."""
+
+
+@pytest.mark.parametrize("strategy", [["strategy=fsdp"], ["trainer.strategy=fsdp_cpu_offload"],
+                                      ["strategy=fsdp", f"trainer.strategy._target_={__name__}._MyFSDP"]])
+def test_ema_under_fsdp_is_refused_before_anything_loads(strategy) -> None:
+    cfg = compose_train(["callbacks.ema.enabled=true", *strategy])
+    with pytest.raises(UserError, match=r"^callbacks.ema.enabled=true cannot run with trainer.strategy=fsdp"):
+        check_config(cfg)
+    check_config(compose_train(strategy))  # EMA off: FSDP is fine
+    check_config(compose_train(["callbacks.ema.enabled=true", "strategy=ddp"]))  # EMA under DDP is fine
 
 
 RESUME = ["validate_before=false", "validate_after=false", "trainer.max_steps=4", "scheduler.name=constant",

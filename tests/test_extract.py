@@ -383,3 +383,14 @@ def test_a_block_narrower_than_the_rank_still_certifies():
     delta = _power_law(300, 450, 0.75, seed=4)
     _, info = factorize(delta, 32, method="randomized", block=8, randomized_min_dim=128)
     assert info.method == "randomized" and info.rel_error <= 1.01 * _optimum(delta, 32)
+
+
+def test_extract_lora_from_python_names_mismatched_pairs_before_reading_weights() -> None:
+    """Mappings of different keys or shapes get one line naming them, not a KeyError or torch's broadcast error."""
+    base = {"a.weight": torch.zeros(4, 6), "b.weight": torch.zeros(3, 3)}
+    shapes = r"^base and tuned differ in shape for 1 tensors: a.weight \[4, 6\] vs \[6, 4\]"
+    with pytest.raises(UserError, match=shapes):
+        extract_lora(base, {"a.weight": torch.ones(6, 4), "b.weight": torch.ones(3, 3)}, rank=2)
+    with pytest.raises(UserError, match=r"^base and tuned have different keys: 1 only in base, e.g. b.weight"):
+        extract_lora(base, {"a.weight": torch.ones(4, 6)}, rank=2)
+    assert set(extract_lora(base, {k: v + 1 for k, v in base.items()}, rank=2).factors) == {"a", "b"}

@@ -24,6 +24,7 @@ import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -196,8 +197,14 @@ def align_prefix(base: WeightSource, tuned: WeightSource) -> str:
     return ""
 
 
-def check_same_keys(base: WeightSource, tuned: WeightSource, limit: int = 3) -> None:
-    """UserError naming the first differing keys or shapes of two checkpoints that should match."""
+def _named(label: str, source: Any) -> str:
+    path = getattr(source, "path", None)
+    return label if path is None else f"{label} {path}"
+
+
+def check_same_keys(base: Any, tuned: Any, limit: int = 3) -> None:
+    """UserError naming the first differing keys or shapes of two checkpoints that should match (``WeightSource``s,
+    or anything with ``keys()``, iteration and ``shape(key)``)."""
     kb, kt = set(base.keys()), set(tuned.keys())
     only_b, only_t = sorted(kb - kt), sorted(kt - kb)
     if only_b or only_t:
@@ -206,7 +213,7 @@ def check_same_keys(base: WeightSource, tuned: WeightSource, limit: int = 3) -> 
             parts.append(f"{len(only_b)} only in base, e.g. {', '.join(only_b[:limit])}")
         if only_t:
             parts.append(f"{len(only_t)} only in tuned, e.g. {', '.join(only_t[:limit])}")
-        raise UserError(f"base {base.path} and tuned {tuned.path} have different keys: " + "; ".join(parts))
+        raise UserError(f"{_named('base', base)} and {_named('tuned', tuned)} have different keys: " + "; ".join(parts))
     bad = [k for k in base if base.shape(k) != tuned.shape(k)]
     if bad:
         shown = ", ".join(f"{k} {list(base.shape(k))} vs {list(tuned.shape(k))}" for k in bad[:limit])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_lora.adapters.checkpoints import check_same_keys
 from lightning_lora.adapters.factors import Factors, is_spatial
 from lightning_lora.adapters.finite import require_finite
 from lightning_lora.adapters.svd import ModuleResult, check_max_error_ratio, factorize, sq_norm
@@ -72,6 +73,7 @@ def extract_lora(base, tuned, *, rank: int | None = 32, conv_rank: int | None = 
     base, tuned = _as_source(base), _as_source(tuned)
     check_min_diff(min_diff)
     check_max_error_ratio(max_error_ratio)
+    check_same_keys(base, tuned)  # before any weight is read: one line, not a KeyError or a broadcast error
     conv_rank = rank if conv_rank is None else conv_rank
     names = {k[: -len(".weight")]: k for k in base if k.endswith(".weight") and len(base.shape(k)) >= 2}
     chosen = select_modules(sorted(names), modules)
