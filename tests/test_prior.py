@@ -116,3 +116,43 @@ def test_data_dreambooth_trains_end_to_end(tmp_path, cache_dir) -> None:
     assert rc in (0, None)
     assert [p.name for p in class_images(tmp_path / "class")] == ["class_00000.png", "class_00001.png"]
     assert (tmp_path / "r" / "adapters" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+class _MustNotSample:
+    def sample(self, *args, **kwargs):
+        raise AssertionError("only local rank 0 makes class images")
+
+
+def test_other_local_ranks_wait_for_rank_0s_class_images(tmp_path, monkeypatch) -> None:
+    """Under torchrun/srun every process runs setup_with_model: local ranks > 0 make nothing and wait until the
+    folder holds every class image, and say so when they give up."""
+    import threading
+
+    import lightning_lora.data.prior as prior
+
+    classes = tmp_path / "class"
+    data = DreamBoothDataModule(train_dir=str(_instance_dir(tmp_path / "inst")), val_fraction=0.0,
+                                class_dir=str(classes), class_prompt="a photo of a dog", num_class_images=2,
+                                class_sample_steps=2, resolution=32, batch_size=2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(prior, "CLASS_POLL_SECONDS", 0.02)
+    monkeypatch.setattr(prior, "CLASS_WAIT_SECONDS", 0.1)
+    with pytest.raises(UserError, match=r"still lacks 2 of data.num_class_images=2 class images after 0 s"):
+        data.setup_with_model(_MustNotSample())
+
+    def rank_0() -> None:  # another process's writes, a little later
+        classes.mkdir()
+        for seed in range(2):
+            Image.new("RGB", (32, 32), (seed, 0, 0)).save(classes / f"class_{seed:05d}.png")
+
+    monkeypatch.setattr(prior, "CLASS_WAIT_SECONDS", 30.0)
+    writer = threading.Timer(0.1, rank_0)
+    writer.start()
+    data.setup_with_model(_MustNotSample())
+    writer.join()
+    assert data.missing_class_images() == 0 and not data.generated
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # torchrun's variable wins where both are set
+    assert prior._local_rank() == 0
+    monkeypatch.delenv("LOCAL_RANK")
+    assert prior._local_rank() == 3

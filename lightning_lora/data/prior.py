@@ -7,6 +7,11 @@ it holds fewer, ``train.run`` asks the data module to make the rest with the bas
 ``class_NNNNN.png``, each written atomically with a progress bar, so a killed run keeps what it made and the next
 run reuses every image already there (as the diffusers script does, generated images are never replaced).
 
+With several processes on a node started together (torchrun, srun: ``LOCAL_RANK`` / ``SLURM_LOCALID`` above 0), only
+the node's local rank 0 makes them; the others wait until the folder holds them all (up to ``CLASS_WAIT_SECONDS``),
+so N processes do not make the same images N times. Lightning's own launcher starts the other ranks only as
+training starts, after rank 0 made them all.
+
 Every training batch holds ``batch_size`` instance rows followed by as many class rows (the i-th item pairs
 instance ``i mod n_instance`` with class ``i mod n_class``; an epoch is as long as the larger set) and a boolean
 ``prior_mask`` marking the class rows: the head computes ``instance loss + prior_loss_weight * class loss``.
@@ -15,7 +20,9 @@ Validation uses the instance images only.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,17 @@ from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
 
 CLASS_IMAGE = "class_{:05d}.png"
+#: how long a process other than its node's local rank 0 waits for the class images, and how often it looks
+CLASS_WAIT_SECONDS, CLASS_POLL_SECONDS = 3 * 3600.0, 5.0
+
+
+def _local_rank() -> int:
+    """This process's rank on its node as torchrun (``LOCAL_RANK``) or srun (``SLURM_LOCALID``) set it; 0 alone."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def class_images(folder: Path) -> list[Path]:
@@ -95,9 +113,13 @@ class DreamBoothDataModule(ImageFolderDataModule):
         return max(0, self.num_class_images - len(class_images(self.class_dir)))
 
     def setup_with_model(self, head: Any) -> None:
-        """Make the missing class images with ``head`` (the base model: no adapter exists yet), one seed each."""
+        """Make the missing class images with ``head`` (the base model: no adapter exists yet), one seed each; on a
+        process other than its node's local rank 0, wait for that one to make them."""
         missing = self.missing_class_images()
         if not missing:
+            return
+        if _local_rank() > 0:
+            self._wait_for_class_images()
             return
         from tqdm.auto import tqdm
 
@@ -113,6 +135,21 @@ class DreamBoothDataModule(ImageFolderDataModule):
                     made += 1
                     bar.update(1)
                 seed += 1
+
+    def _wait_for_class_images(self) -> None:
+        waited, told = 0.0, False
+        while (missing := self.missing_class_images()) > 0:
+            if waited >= CLASS_WAIT_SECONDS:
+                raise UserError(f"data.class_dir={self.class_dir} still lacks {missing} of data.num_class_images="
+                                f"{self.num_class_images} class images after {waited:.0f} s waiting for local rank 0 "
+                                "to make them; make them first with one process (trainer.devices=1), or check that "
+                                "rank 0 is running and this folder is the one it writes")
+            if not told:
+                print(f"local rank {_local_rank()}: waiting for local rank 0 to make {missing} class images in "
+                      f"{self.class_dir}", file=sys.stderr)
+                told = True
+            time.sleep(CLASS_POLL_SECONDS)
+            waited += CLASS_POLL_SECONDS
 
     def _class_set(self) -> ImageCaptionDataset:
         found = class_images(self.class_dir)[: self.num_class_images]
