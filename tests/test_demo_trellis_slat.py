@@ -45,6 +45,22 @@ def tiny_base(tmp_path_factory) -> Path:
     return Path(ensure_trellis_slat_base(cache / "trellis_slat_demo_base", steps=2, log=lambda line: None))
 
 
+def test_a_changed_pattern_definition_writes_a_new_data_folder(tmp_path, monkeypatch):
+    """The data folder is reused only while the definitions would write the same objects: its name carries their
+    digest, not only the pattern names, count and seed."""
+    from lightning_lora.demos.trellis_slat_demo import PatternsDataModule
+
+    def folder() -> Path:
+        return PatternsDataModule(str(tmp_path), patterns=["stripes"], per_pattern=2, batch_size=2).roots[0]
+
+    first = folder()
+    assert folder() == first and first.name.startswith("stripes_n2_s0_")
+    original = tp.pattern_colours
+    monkeypatch.setattr(tp, "pattern_colours", lambda pattern, coords, *a: 0.5 * original(pattern, coords, *a))
+    second = folder()
+    assert second != first and (first / "metadata.csv").is_file() and (second / "metadata.csv").is_file()
+
+
 def test_the_base_is_a_trellis_checkpoint_pair_built_once_and_deterministically(tiny_base, tmp_path):
     from lightning_lora.demos.trellis_slat_base import ensure_trellis_slat_base
 

@@ -26,6 +26,7 @@ from lightning_lora.demos.trellis_shapes import (
     class_shares,
     judge_latents,
     shape_conditions,
+    shapes_digest,
     write_shapes_root,
 )
 from lightning_lora.errors import UserError
@@ -55,8 +56,8 @@ class ShapesDataModule(TrellisDataModule):
                  **kwargs: Any) -> None:
         shapes = _shapes(shapes, "data.shapes")
         positive_int(per_shape, "data.per_shape", got=True)
-        folder = write_shapes_root(Path(root).expanduser() / f"{'-'.join(shapes)}_n{per_shape}_s{seed}", shapes,
-                                   per_shape, seed)
+        name = f"{'-'.join(shapes)}_n{per_shape}_s{seed}_{shapes_digest(shapes, seed)}"
+        folder = write_shapes_root(Path(root).expanduser() / name, shapes, per_shape, seed)
         super().__init__(str(folder), kind="ss", resolution=RESOLUTION, **kwargs)
 
 

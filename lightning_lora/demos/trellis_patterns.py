@@ -32,6 +32,7 @@ from lightning_lora.data.trellis import (
     project_voxels,
     write_npz,
 )
+from lightning_lora.demos.trellis_shapes import arrays_digest
 from lightning_lora.fileio import atomic_directory, atomic_write_text
 
 RESOLUTION = 16  # the structured-latent grid (TRELLIS's is 64; small enough for minutes on a CPU)
@@ -122,6 +123,12 @@ def pattern_objects(pattern: str, count: int, seed: int) -> list[tuple[np.ndarra
         coords = solid_coords(SOLIDS[i % len(SOLIDS)], float(size))
         out.append((coords, encode_colours(pattern_colours(pattern, coords)), tokens[i]))
     return out
+
+
+def patterns_digest(patterns: Sequence[str], seed: int) -> str:
+    """The digest (``arrays_digest``) of one object of each solid for each pattern as ``seed`` makes them."""
+    return arrays_digest(part for pattern in patterns for obj in pattern_objects(pattern, len(SOLIDS), seed)
+                         for part in obj)
 
 
 def write_patterns_root(folder: str | Path, patterns: Sequence[str], per_pattern: int, seed: int) -> Path:

@@ -31,6 +31,7 @@ from lightning_lora.demos.trellis_patterns import (
     colour_picture,
     judge,
     pattern_conditions,
+    patterns_digest,
     solid_coords,
     write_patterns_root,
 )
@@ -61,8 +62,8 @@ class PatternsDataModule(TrellisDataModule):
                  **kwargs: Any) -> None:
         patterns = _patterns(patterns, "data.patterns")
         positive_int(per_pattern, "data.per_pattern", got=True)
-        folder = write_patterns_root(Path(root).expanduser() / f"{'-'.join(patterns)}_n{per_pattern}_s{seed}",
-                                     patterns, per_pattern, seed)
+        name = f"{'-'.join(patterns)}_n{per_pattern}_s{seed}_{patterns_digest(patterns, seed)}"
+        folder = write_patterns_root(Path(root).expanduser() / name, patterns, per_pattern, seed)
         super().__init__(str(folder), kind="slat", resolution=RESOLUTION, **kwargs)
 
 
