@@ -172,6 +172,23 @@ def _roots(value: Any, key: str) -> Any:
     return value
 
 
+def _function_or(*names: str) -> Check:
+    """One of ``names``, or the dotted path of a function that imports (e.g. a preset's own colour rule)."""
+    def check(value: Any, key: str) -> Any:
+        if value in names:
+            return value
+        if isinstance(value, str) and "." in value:
+            from hydra.utils import get_method
+
+            try:
+                if callable(get_method(value)):
+                    return value
+            except Exception:
+                pass
+        raise UserError(f"{key}={value!r} must be {' or '.join(names)} or the dotted path of a function that imports")
+    return check
+
+
 def _optimizer(node: Any, key: str) -> None:
     """``_target_`` a torch optimizer class, built later over the adapter's parameters (``_partial_: true``),
     and every other key one of its arguments."""
@@ -398,6 +415,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.streaming", boolean),
     Rule("data.class_sample_steps", _positive_int),
     Rule("model.prior_loss_weight", _non_negative_number),
+    Rule("model.previews.colours", _function_or("pca")),
     # the LoRA EMA callback (callbacks/ema.py repeats these for Python callers): before anything loads
     Rule("callbacks.ema.enabled", boolean),
     Rule("callbacks.ema.decay", _fraction("[0, 1]")),

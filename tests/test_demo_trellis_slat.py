@@ -134,3 +134,15 @@ def test_full_demo_teaches_stripes_and_keeps_the_old_patterns(tmp_path):
     assert block["before"] <= 0.1 and block["after"] >= 0.8
     for pattern in tp.BASE_PATTERNS:
         assert block[f"{pattern}_share"]["after"] >= 0.8
+
+
+def test_the_demo_preset_draws_its_samples_in_the_demo_colours():
+    """sample flow3d --png with model=trellis_slat_demo colours voxels by the demo's decoder, not by principal
+    directions: a painted object's features come back as its paint."""
+    from hydra.utils import get_method
+
+    assert get_method(compose_train(["model=trellis_slat_demo"]).model.previews.colours) is tp.colour_rgb
+    coords = tp.solid_coords(tp.SOLIDS[0], 0.7)
+    for pattern in tp.PATTERNS:
+        paint = tp.pattern_colours(pattern, coords)
+        assert np.allclose(tp.colour_rgb(tp.encode_colours(paint)), (paint + 1) / 2, atol=1e-5)

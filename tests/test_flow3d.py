@@ -281,9 +281,11 @@ def test_cli_sample_draws_the_sampled_voxels(tmp_path, capsys, tiny_dino) -> Non
     from lightning_lora.cli import main
     from lightning_lora.data.trellis import (
         SLAT_MODEL,
+        colour_image,
         decode_demo_ss,
+        feature_colours,
         make_trellis_demo,
-        slat_occupancy,
+        voxel_colour_picture,
         voxel_picture,
     )
 
@@ -291,15 +293,19 @@ def test_cli_sample_draws_the_sampled_voxels(tmp_path, capsys, tiny_dino) -> Non
     sha = sorted((demo / "cond_tokens").iterdir())[0].stem
     tokens, xyz = demo / "cond_tokens" / f"{sha}.npz", demo / "latents" / SLAT_MODEL / f"{sha}.npz"
 
-    # structured latent: the voxels are the given coords; the tiny (demo) preset writes <out>.png by itself
+    # structured latent: the voxels are the given coords and the sample is their features, drawn as colours (the
+    # preset's previews.colours: pca); the tiny (demo) preset writes <out>.png by itself
     slat = ["sample", "flow3d", "--model", "trellis_slat_tiny", "--cond", str(tokens), "--coords", str(xyz),
             "--steps", "2"]
     assert main([*slat, "--out", str(tmp_path / "slat.npz")]) == 0
+    assert "voxels coloured by model.previews.colours=pca" in capsys.readouterr().out
     with Image.open(tmp_path / "slat.png") as image:
         picture = np.asarray(image)
-        assert image.mode == "L" and image.size == (3 * 128 + 2 * 4, 128)  # 32^3 grid, 4 pixels per voxel
-    expected = np.asarray(voxel_picture(slat_occupancy(np.load(xyz)["coords"], 32)))
-    assert np.array_equal(picture, expected) and picture.max() > 128 and 0.3 < (picture == 0).mean() < 0.95
+        assert image.mode == "RGB" and image.size == (3 * 128 + 2 * 4, 128)  # 32^3 grid, 4 pixels per voxel
+    sampled = np.load(tmp_path / "slat.npz")
+    expected = colour_image(voxel_colour_picture(sampled["coords"], feature_colours(sampled["feats"]), 32))
+    assert np.array_equal(picture, np.asarray(expected))
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50  # features differ voxel to voxel: many colours
 
     # sparse-structure latent: decoded by inverting the demo's stand-in encoding; --png chooses the place
     ss = ["sample", "flow3d", "--model", "trellis_ss_tiny", "--cond", str(tokens), "--steps", "2"]

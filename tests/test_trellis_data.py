@@ -203,3 +203,39 @@ def test_demo_module_upgrades_an_old_cache_and_skips_unrendered_rows(tmp_path) -
     tokens = TrellisDataModule(str(folder), resolution=32, val_fraction=0.0)
     tokens.setup()
     assert len(tokens.train_set) == 4
+
+
+def test_feature_colours_are_the_principal_directions_scaled_to_unit_range() -> None:
+    """Features that are an orthonormal mix of known colours come back as those colours up to a per-channel
+    affine map; each direction's sign is fixed by its loadings (not by the SVD's whim), so negated features give the
+    complementary colours; the voxels' order does not matter; no spread gives grey."""
+    from lightning_lora.data.trellis import feature_colours
+
+    g = np.random.default_rng(0)
+    rgb = g.uniform(size=(200, 3)) * np.array([3.0, 2.0, 1.0])  # distinct spreads: distinct principal directions
+    mix = np.linalg.qr(g.normal(size=(8, 3)))[0]  # 3 -> 8 channels, orthonormal
+    colours = feature_colours(rgb @ mix.T)
+    assert colours.shape == (200, 3) and colours.dtype == np.float32
+    assert colours.min(axis=0).tolist() == [0, 0, 0] and colours.max(axis=0).tolist() == [1, 1, 1]
+    for channel in range(3):  # each colour channel is one of the original channels, linearly (up to the sample's
+        assert abs(np.corrcoef(colours[:, channel], rgb[:, channel])[0, 1]) > 0.99  # small cross-covariances)
+    assert np.allclose(feature_colours(-(rgb @ mix.T)), 1 - colours, atol=1e-6)
+    order = g.permutation(200)
+    assert np.allclose(feature_colours((rgb @ mix.T)[order]), colours[order], atol=1e-6)
+    assert np.all(feature_colours(np.ones((5, 8))) == 0.5) and feature_colours(np.ones((1, 8))).shape == (1, 3)
+
+
+def test_previews_colours_is_checked_before_anything_loads(tmp_path) -> None:
+    from conftest import compose_train
+
+    from lightning_lora.config_checks import check_config
+    from lightning_lora.heads.flow3d import FlowMatching3DHead
+
+    check_config(compose_train(["model=trellis_slat_tiny"]))
+    check_config(compose_train(["model=trellis_slat_tiny", "model.previews.colours=numpy.tanh"]))
+    for bad in ("rainbow", "lightning_lora.nothing_here"):
+        with pytest.raises(UserError, match=rf"^model.previews.colours='{bad}' must be pca or the dotted path"):
+            check_config(compose_train(["model=trellis_slat_tiny", f"model.previews.colours={bad}"]))
+        with pytest.raises(UserError, match=rf"^model.previews.colours='{bad}' is unknown"):
+            FlowMatching3DHead(torch.nn.Linear(2, 2), ckpt=str(tmp_path / "never_read.safetensors"),
+                               previews={"colours": bad})

@@ -406,6 +406,60 @@ def voxel_picture(grids: Sequence[np.ndarray] | np.ndarray, panel: int = 128) ->
     return Image.fromarray(canvas, mode="L")
 
 
+def voxel_colour_picture(coords: np.ndarray, rgb: np.ndarray, resolution: int, panel: int = 128) -> np.ndarray:
+    """[3, H, W] in [0, 1]: voxels ``coords`` [N, 3] in their colours ``rgb`` [N, 3] (in [0, 1]) seen front, side and
+    top (``VIEWS``): each pixel the colour of the first voxel its ray meets, darkened with depth as
+    ``project_voxels`` shades; panels ``PANEL_GAP`` apart on the picture's grey."""
+    coords = np.asarray(coords, dtype=np.int64)
+    volume = np.zeros((resolution,) * 3 + (3,), dtype=np.float32)
+    occ = np.zeros((resolution,) * 3, dtype=bool)
+    volume[tuple(coords.T)] = rgb
+    occ[tuple(coords.T)] = True
+    scale = max(1, panel // resolution)
+    size = resolution * scale
+    width = len(VIEWS) * size + (len(VIEWS) - 1) * PANEL_GAP
+    canvas = np.full((3, size, width), GAP_VALUE / 255, dtype=np.float32)
+    for col, view in enumerate(VIEWS):
+        shade, hit = project_voxels(occ, view)
+        _, depth_axis, from_high, h_axis, v_axis = view
+        colours = np.transpose(volume, (v_axis, h_axis, depth_axis, 3))
+        mask = np.transpose(occ, (v_axis, h_axis, depth_axis))
+        if from_high:
+            colours, mask = colours[:, :, ::-1], mask[:, :, ::-1]
+        first = mask.argmax(axis=2)
+        seen = np.take_along_axis(colours, first[:, :, None, None], axis=2)[:, :, 0][::-1]
+        image = np.where(hit[..., None], seen * (0.5 + 0.5 * shade[..., None]), 0.0).transpose(2, 0, 1)
+        left = col * (size + PANEL_GAP)
+        canvas[:, :, left:left + size] = image.repeat(scale, 1).repeat(scale, 2)
+    return canvas
+
+
+def colour_image(picture: np.ndarray) -> Any:
+    """A [3, H, W] picture in [0, 1] as an RGB PIL image."""
+    from PIL import Image
+
+    return Image.fromarray(np.round(255 * np.clip(picture, 0, 1)).astype(np.uint8).transpose(1, 2, 0), mode="RGB")
+
+
+def feature_colours(feats: np.ndarray) -> np.ndarray:
+    """[N, 3] in [0, 1]: voxel features [N, C] as colours, the usual picture of a feature field: their first three
+    principal directions over the object, each scaled to [0, 1] and signed so that its largest loading is positive
+    (the same features always give the same colours). A direction with no spread stays mid-grey."""
+    x = np.asarray(feats, dtype=np.float64).reshape(len(feats), -1)
+    x = x - x.mean(axis=0) if len(x) else x
+    rgb = np.full((len(x), 3), 0.5)
+    if len(x) < 2:
+        return rgb.astype(np.float32)
+    _, spread, directions = np.linalg.svd(x, full_matrices=False)
+    for i in range(min(3, len(spread))):
+        if spread[i] <= 1e-6 * spread[0]:
+            break
+        direction = directions[i] * np.sign(directions[i][np.argmax(np.abs(directions[i]))])
+        score = x @ direction
+        rgb[:, i] = (score - score.min()) / (score.max() - score.min())
+    return rgb.astype(np.float32)
+
+
 def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

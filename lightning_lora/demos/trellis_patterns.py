@@ -26,10 +26,9 @@ from lightning_lora.checks import choice, positive_int
 from lightning_lora.data.trellis import (
     COND_DIR,
     SLAT_MODEL,
-    VIEWS,
     _occupancy,
     _surface,
-    project_voxels,
+    voxel_colour_picture,
     write_npz,
 )
 from lightning_lora.demos.trellis_shapes import arrays_digest
@@ -176,29 +175,12 @@ def class_shares(named: Sequence[str | None], patterns: Sequence[str], per_class
 
 
 # --------------------------------------------------------------------------- pictures
+def colour_rgb(feats: np.ndarray) -> np.ndarray:
+    """[N, 3] in [0, 1]: the decoded colours of structured-latent features (the demo preset's ``previews.colours``)."""
+    return (np.clip(decode_colours(feats), -1, 1) + 1) / 2
+
+
 def colour_picture(coords: np.ndarray, feats: np.ndarray, resolution: int = RESOLUTION, panel: int = 48
                    ) -> np.ndarray:
-    """[3, H, W] in [0, 1]: the voxels' decoded colours seen front, side and top (the SS demo's projections, each
-    first-hit voxel in its colour, shaded by depth), panels 4 pixels apart on grey."""
-    coords = np.asarray(coords, dtype=np.int64)
-    rgb = (np.clip(decode_colours(feats), -1, 1) + 1) / 2
-    volume = np.zeros((resolution,) * 3 + (3,), dtype=np.float32)
-    occ = np.zeros((resolution,) * 3, dtype=bool)
-    volume[tuple(coords.T)] = rgb
-    occ[tuple(coords.T)] = True
-    scale = max(1, panel // resolution)
-    size = resolution * scale
-    canvas = np.full((3, size, len(VIEWS) * size + (len(VIEWS) - 1) * 4), 0.25, dtype=np.float32)
-    for col, view in enumerate(VIEWS):
-        shade, hit = project_voxels(occ, view)
-        _, depth_axis, from_high, h_axis, v_axis = view
-        colours = np.transpose(volume, (v_axis, h_axis, depth_axis, 3))
-        mask = np.transpose(occ, (v_axis, h_axis, depth_axis))
-        if from_high:
-            colours, mask = colours[:, :, ::-1], mask[:, :, ::-1]
-        first = mask.argmax(axis=2)
-        seen = np.take_along_axis(colours, first[:, :, None, None], axis=2)[:, :, 0][::-1]
-        image = np.where(hit[..., None], seen * (0.5 + 0.5 * shade[..., None]), 0.0).transpose(2, 0, 1)
-        left = col * (size + 4)
-        canvas[:, :, left:left + size] = image.repeat(scale, 1).repeat(scale, 2)
-    return canvas
+    """[3, H, W] in [0, 1]: the voxels' decoded colours seen front, side and top (``voxel_colour_picture``)."""
+    return voxel_colour_picture(coords, colour_rgb(feats), resolution, panel)

@@ -23,10 +23,11 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
@@ -241,6 +242,26 @@ def build_image_encoder(spec: Any) -> DinoImageEncoder | None:
 
 
 # --------------------------------------------------------------------------- the head
+def _colour_rule(spec: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``model.previews.colours``: ``pca`` (``data.trellis.feature_colours``) or the dotted path of a function
+    features [N, C] -> colours [N, 3] in [0, 1], resolved at once so a wrong name fails before any weight loads."""
+    if spec == "pca":
+        from lightning_lora.data.trellis import feature_colours
+
+        return feature_colours
+    if isinstance(spec, str) and "." in spec:
+        from hydra.utils import get_method
+
+        try:
+            rule = get_method(spec)
+        except Exception:
+            rule = None
+        if callable(rule):
+            return rule
+    raise UserError(f"model.previews.colours={spec!r} is unknown; valid: pca (each sample's principal feature "
+                    "directions) or the dotted path of a function features [N, C] -> colours [N, 3] in [0, 1]")
+
+
 class FlowMatching3DHead(TaskHead):
     """Rectified-flow LoRA training of a TRELLIS denoiser (dense sparse-structure or sparse structured-latent).
 
@@ -291,6 +312,11 @@ class FlowMatching3DHead(TaskHead):
         if latent is not None and choice(latent, "model.latent", LATENTS) != latent_of(denoiser):
             raise UserError(f"model.latent={latent} but model.denoiser is a {type(denoiser).__name__}, which trains "
                             f"on {latent_of(denoiser)} latents")
+        self.previews = dict(previews or {})
+        if self.previews.get("decode", "demo") != "demo":
+            raise UserError(f"model.previews.decode={self.previews['decode']!r} is unknown; valid: demo (the demo's "
+                            "stand-in SS encoding, inverted)")
+        self._colours = _colour_rule(self.previews.get("colours", "pca"))
         self.denoiser = denoiser
         self.ckpt = str(ckpt) if ckpt else None
         if self.ckpt:
@@ -303,10 +329,6 @@ class FlowMatching3DHead(TaskHead):
             raise UserError(f"model.cond_noise_at_inference={cond_noise_at_inference!r} must be true or false")
         self.cond_noise_at_inference = cond_noise_at_inference
         self.name = name or type(denoiser).__name__
-        self.previews = dict(previews or {})
-        if self.previews.get("decode", "demo") != "demo":
-            raise UserError(f"model.previews.decode={self.previews['decode']!r} is unknown; valid: demo (the demo's "
-                            "stand-in SS encoding, inverted)")
         self.image_encoder = build_image_encoder(image_encoder)
         cond_channels = getattr(denoiser, "cond_channels", None)
         if self.image_encoder is not None and cond_channels and self.image_encoder.hidden_size != cond_channels:
@@ -480,6 +502,15 @@ class FlowMatching3DHead(TaskHead):
             noise = SparseTensor(coords.to(cond.device), feats, batch_size=cond.shape[0])
         return euler_sample(model, noise, cond, steps, cfg_strength, tuple(cfg_interval), rescale_t, self.sigma_min)
 
+    def voxel_rgb(self, feats: np.ndarray) -> np.ndarray:
+        """[N, 3] in [0, 1]: structured-latent features [N, C] as the colours pictures draw them
+        (``model.previews.colours``: their principal directions, or the preset's own decoder)."""
+        rgb = np.asarray(self._colours(np.asarray(feats)), dtype=np.float32)
+        if rgb.shape != (len(feats), 3):
+            raise UserError(f"model.previews.colours gave colours of shape {list(rgb.shape)} for {len(feats)} voxels; "
+                            "it must map features [N, C] to colours [N, 3] in [0, 1]")
+        return np.clip(rgb, 0.0, 1.0)
+
     # ------------------------------------------------------------------ previews (callbacks.SamplePreviews)
     def preview_conditions(self) -> list[torch.Tensor]:
         """The fixed condition token sets of the previews, each [1, T, D]: ``previews.cond`` files (tokens
@@ -511,8 +542,6 @@ class FlowMatching3DHead(TaskHead):
         conds = self.preview_conditions()
         if not conds or self.sparse:
             return None
-        import numpy as np
-
         from lightning_lora.data.trellis import decode_demo_ss, voxel_picture
 
         device = next(self.denoiser.parameters()).device
@@ -617,9 +646,10 @@ class FlowMatching3DHead(TaskHead):
         from lightning_lora.adapters.finite import require_finite
         from lightning_lora.config import compose_config
         from lightning_lora.data.trellis import (
+            colour_image,
             decode_demo_ss,
             read_cond_image,
-            slat_occupancy,
+            voxel_colour_picture,
             voxel_picture,
             write_npz,
         )
@@ -675,14 +705,16 @@ class FlowMatching3DHead(TaskHead):
         write_npz(out, **arrays)
         print(f"wrote {out} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
         if png is not None:
-            if coords is not None:  # a structured latent lives on the given voxels
-                grids = [slat_occupancy(arrays["coords"], head.denoiser.resolution)]
+            if coords is not None:  # a structured latent lives on the given voxels: its features are the sample
+                rgb = head.voxel_rgb(arrays["feats"])
+                picture = colour_image(voxel_colour_picture(arrays["coords"], rgb, head.denoiser.resolution))
+                drawn = f"{len(rgb)} voxels coloured by model.previews.colours={head.previews.get('colours', 'pca')}"
             else:  # the demo's stand-in SS encoding, inverted: occupancy per sampled latent
                 grids = [decode_demo_ss(item) for item in arrays["latent"]]
-            picture = voxel_picture(grids)
+                picture = voxel_picture(grids)
+                drawn = f"{', '.join(str(int(g.sum())) for g in grids)} voxels"
             atomic_write_bytes(png, image_png_bytes(picture))
-            print(f"wrote {png} ({picture.width}x{picture.height}: front, side and top views of "
-                  f"{', '.join(str(int(g.sum())) for g in grids)} voxels)")
+            print(f"wrote {png} ({picture.width}x{picture.height}: front, side and top views of {drawn})")
         return 0
 
     # ------------------------------------------------------------------ lightning-lora encode-cond
