@@ -242,6 +242,16 @@ def build_image_encoder(spec: Any) -> DinoImageEncoder | None:
 
 
 # --------------------------------------------------------------------------- the head
+def checked_coords(array: np.ndarray, res: int, where: str) -> torch.Tensor:
+    """Voxel coords [N, 3] inside a ``res``³ grid as [N, 4] (batch index 0 + xyz); else one line naming ``where``."""
+    xyz = torch.from_numpy(np.asarray(array)).long()
+    if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0 or xyz.min() < 0 or xyz.max() >= res:
+        span = f", range [{int(xyz.min())}, {int(xyz.max())}]" if xyz.numel() else ""
+        raise UserError(f"{where}: coords must be a non-empty [N, 3] inside [0, {res}); got shape "
+                        f"{tuple(xyz.shape)}{span}")
+    return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
+
+
 def _colour_rule(spec: Any) -> Callable[[np.ndarray], np.ndarray]:
     """``model.previews.colours``: ``pca`` (``data.trellis.feature_colours``) or the dotted path of a function
     features [N, C] -> colours [N, 3] in [0, 1], resolved at once so a wrong name fails before any weight loads."""
@@ -534,24 +544,46 @@ class FlowMatching3DHead(TaskHead):
             conds.append(torch.randn(1, int(self.previews.get("num_tokens", 8)), int(width), generator=g))
         return conds
 
-    def preview_images(self) -> torch.Tensor | None:
-        """Voxel pictures (front, side and top projections) of sparse-structure samples, a row per condition and a
-        column per seed, [conds, seeds, 3, H, W]; None without conditions, and for structured latents (their voxels
-        are the given coords: sampling does not change them). The occupancy is the demo's stand-in SS encoding
-        inverted (``data.trellis.decode_demo_ss``), which the tiny presets and data=trellis_demo use."""
-        conds = self.preview_conditions()
-        if not conds or self.sparse:
-            return None
-        from lightning_lora.data.trellis import decode_demo_ss, voxel_picture
+    def preview_coords(self, count: int) -> list[torch.Tensor]:
+        """The voxels each of ``count`` preview conditions samples a structured latent on, each [N, 4] (batch index
+        0 + xyz): ``previews.coords`` files (coords [N, 3], e.g. a data root's latents), one per condition, or one
+        for all; [] when none is given."""
+        paths = [str(p) for p in self.previews.get("coords") or []]
+        if paths and len(paths) not in (1, count):
+            raise UserError(f"model.previews.coords names {len(paths)} files for {count} preview conditions: give one "
+                            "(used for every condition) or one per condition (previews.cond files, then num_random)")
+        res = self.denoiser.resolution
+        voxels = [checked_coords(options.npz_array(p, "coords", "model.previews.coords"), res, p) for p in paths]
+        return voxels * count if len(voxels) == 1 else voxels
 
+    def preview_images(self) -> torch.Tensor | None:
+        """Voxel pictures (front, side and top projections) of samples, a row per condition and a column per seed,
+        [conds, seeds, 3, H, W]; None without conditions. Sparse-structure samples are drawn through the demo's
+        stand-in SS encoding inverted (``data.trellis.decode_demo_ss``, which the tiny presets and data=trellis_demo
+        use); structured latents are sampled on ``previews.coords`` (none given: None) and drawn in the colours of
+        their features (``voxel_rgb``)."""
+        from lightning_lora.data.trellis import decode_demo_ss, voxel_colour_picture, voxel_picture
+
+        conds = self.preview_conditions()
+        voxels = self.preview_coords(len(conds)) if self.sparse else []
+        if not conds or (self.sparse and not voxels):
+            return None
         device = next(self.denoiser.parameters()).device
         seeds = [int(s) for s in self.previews.get("seeds") or [0]]
+        steps, cfg_strength = int(self.previews.get("steps", 10)), float(self.previews.get("cfg_strength", 3.0))
         rows = []
-        for cond in conds:
+        for i, cond in enumerate(conds):
             row = []
             for seed in seeds:
-                latent = self.sample(cond.to(device), steps=int(self.previews.get("steps", 10)),
-                                     cfg_strength=float(self.previews.get("cfg_strength", 3.0)), seed=seed)
+                if self.sparse:
+                    latent = self.sample(cond.to(device), coords=voxels[i], steps=steps, cfg_strength=cfg_strength,
+                                         seed=seed)
+                    xyz = voxels[i][:, 1:].numpy()
+                    picture = voxel_colour_picture(xyz, self.voxel_rgb(latent.feats.float().cpu().numpy()),
+                                                   self.denoiser.resolution, panel=64)
+                    row.append(torch.from_numpy(picture))
+                    continue
+                latent = self.sample(cond.to(device), steps=steps, cfg_strength=cfg_strength, seed=seed)
                 picture = voxel_picture(decode_demo_ss(latent[0].float().cpu().numpy()), panel=64)
                 row.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).expand(3, -1, -1))
             rows.append(torch.stack(row))
@@ -791,11 +823,7 @@ class FlowMatching3DHead(TaskHead):
         """``--coords`` as [N, 4] (batch index 0 + xyz), checked against the grid and the condition."""
         if not args.coords:
             raise UserError(f"{args.model} samples on given voxels: pass --coords FILE.npz with coords [N, 3]")
-        xyz = torch.from_numpy(options.npz_array(args.coords, "coords", "--coords")).long()
-        if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0 or xyz.min() < 0 or xyz.max() >= res:
-            span = f", range [{int(xyz.min())}, {int(xyz.max())}]" if xyz.numel() else ""
-            raise UserError(f"--coords {args.coords}: coords must be a non-empty [N, 3] inside [0, {res}); got shape "
-                            f"{tuple(xyz.shape)}{span}")
+        coords = checked_coords(options.npz_array(args.coords, "coords", "--coords"), res, f"--coords {args.coords}")
         if cond.shape[0] != 1:
             raise UserError(f"--coords holds one shape; --cond must be one [T, D] token set, got {tuple(cond.shape)}")
-        return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
+        return coords
