@@ -152,7 +152,49 @@ def test_other_local_ranks_wait_for_rank_0s_class_images(tmp_path, monkeypatch) 
     writer.join()
     assert data.missing_class_images() == 0 and not data.generated
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("SLURM_LOCALID", "3")  # torchrun's variable wins where both are set
-    assert prior._local_rank() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # torchrun's variables win where both are set
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    assert prior._node_share() == (0, 1)
     monkeypatch.delenv("LOCAL_RANK")
-    assert prior._local_rank() == 3
+    assert prior._node_share() == (3, 4)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+
+    def sample(self, prompts, seeds, steps, guidance):
+        self.seeds += seeds
+        return torch.full((1, 3, 32, 32), 0.5)
+
+
+def test_the_node_s_processes_draw_their_share_of_the_seeds(tmp_path, monkeypatch) -> None:
+    """torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE: each process draws the seeds k with k mod size == rank, by seed, so
+    one that looks after another has written draws the same seeds; then it waits for the others' images."""
+    import threading
+
+    import lightning_lora.data.prior as prior
+
+    classes = tmp_path / "class"
+    classes.mkdir()
+    Image.new("RGB", (32, 32)).save(classes / "class_00010.png")  # an earlier run's, beyond this run's seeds
+    Image.new("RGB", (32, 32)).save(classes / "class_00002.png")  # rank 0 has already drawn seed 2
+    data = DreamBoothDataModule(train_dir=str(_instance_dir(tmp_path / "inst")), val_fraction=0.0,
+                                class_dir=str(classes), class_prompt="a photo of a dog", num_class_images=6,
+                                class_sample_steps=2, resolution=32, batch_size=2, class_seed=0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(prior, "CLASS_POLL_SECONDS", 0.02)
+
+    def rank_0() -> None:  # the rest of rank 0's share: seeds 0 and 4 (2 is there)
+        for seed in (0, 4):
+            Image.new("RGB", (32, 32)).save(classes / f"class_{seed:05d}.png")
+
+    writer = threading.Timer(0.2, rank_0)
+    writer.start()
+    recorder = _Recorder()
+    data.setup_with_model(recorder)
+    writer.join()
+    # seeds 0-5 less 2 are missing at the look (4 of 6 images lack): 0, 1, 3, 4; rank 1 draws the odd ones
+    assert recorder.seeds == [1, 3] and [p.name for p in data.generated] == ["class_00001.png", "class_00003.png"]
+    assert data.missing_class_images() == 0

@@ -7,10 +7,11 @@ it holds fewer, ``train.run`` asks the data module to make the rest with the bas
 ``class_NNNNN.png``, each written atomically with a progress bar, so a killed run keeps what it made and the next
 run reuses every image already there (as the diffusers script does, generated images are never replaced).
 
-With several processes on a node started together (torchrun, srun: ``LOCAL_RANK`` / ``SLURM_LOCALID`` above 0), only
-the node's local rank 0 makes them; the others wait until the folder holds them all (up to ``CLASS_WAIT_SECONDS``),
-so N processes do not make the same images N times. Lightning's own launcher starts the other ranks only as
-training starts, after rank 0 made them all.
+With several processes on a node started together (torchrun, srun), each makes its share of the missing seeds (seed
+``class_seed + k`` by local rank ``k mod`` the node's process count), then waits until the folder holds them all (up
+to ``CLASS_WAIT_SECONDS``): N processes draw N times faster instead of drawing the same images N times. Without a
+process count, local rank 0 draws them all. Lightning's own launcher starts the other ranks only as training starts,
+after rank 0 drew them all.
 
 Every training batch holds ``batch_size`` instance rows followed by as many class rows (the i-th item pairs
 instance ``i mod n_instance`` with class ``i mod n_class``; an epoch is as long as the larger set) and a boolean
@@ -41,17 +42,20 @@ from lightning_lora.errors import UserError
 from lightning_lora.fileio import atomic_write_bytes
 
 CLASS_IMAGE = "class_{:05d}.png"
-#: how long a process other than its node's local rank 0 waits for the class images, and how often it looks
+#: how long a process waits for the class images the node's other processes make, and how often it looks
 CLASS_WAIT_SECONDS, CLASS_POLL_SECONDS = 3 * 3600.0, 5.0
 
 
-def _local_rank() -> int:
-    """This process's rank on its node as torchrun (``LOCAL_RANK``) or srun (``SLURM_LOCALID``) set it; 0 alone."""
-    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+def _node_share() -> tuple[int, int]:
+    """(this process's rank on its node, the node's process count) as torchrun (``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``) or srun (``SLURM_LOCALID``, ``SLURM_NTASKS_PER_NODE``) set them; (0, 1) alone. A rank
+    without a count gets (rank, 1): local rank 0 then makes every image and the others wait for it."""
+    for rank_name, count_name in (("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
+        rank = os.environ.get(rank_name, "")
+        if rank.isdigit():
+            count = os.environ.get(count_name, "")
+            return int(rank), int(count) if count.isdigit() and int(count) > int(rank) else 1
+    return 0, 1
 
 
 def class_images(folder: Path) -> list[Path]:
@@ -113,40 +117,49 @@ class DreamBoothDataModule(ImageFolderDataModule):
         return max(0, self.num_class_images - len(class_images(self.class_dir)))
 
     def setup_with_model(self, head: Any) -> None:
-        """Make the missing class images with ``head`` (the base model: no adapter exists yet), one seed each; on a
-        process other than its node's local rank 0, wait for that one to make them."""
-        missing = self.missing_class_images()
+        """Make the missing class images with ``head`` (the base model: no adapter exists yet), one seed each. With
+        several processes on the node (``_node_share``), each makes its share of the seeds, then waits for the rest."""
+        present = {p.name for p in class_images(self.class_dir)}  # one look: every process agrees on the seeds
+        missing = max(0, self.num_class_images - len(present))
         if not missing:
             return
-        if _local_rank() > 0:
+        seeds, seed = [], self.class_seed  # the first `missing` seeds whose file is not there
+        while len(seeds) < missing:
+            if CLASS_IMAGE.format(seed) not in present:  # a file of an earlier run stays as it is
+                seeds.append(seed)
+            seed += 1
+        rank, processes = _node_share()
+        # by seed, not by place in the list: a process that looks later, after others wrote, draws the same seeds
+        mine = [s for s in seeds if (s - self.class_seed) % processes == rank] if rank < processes else []
+        if mine:
+            self._draw(head, mine)
+        if self.missing_class_images():
             self._wait_for_class_images()
-            return
+
+    def _draw(self, head: Any, seeds: list[int]) -> None:
         from tqdm.auto import tqdm
 
         self.class_dir.mkdir(parents=True, exist_ok=True)
-        seed, made = self.class_seed, 0
-        with tqdm(total=missing, desc=f"class images ({self.class_prompt})", file=sys.stderr,
+        with tqdm(total=len(seeds), desc=f"class images ({self.class_prompt})", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
-            while made < missing:
+            for seed in seeds:
                 path = self.class_dir / CLASS_IMAGE.format(seed)
-                if not path.exists():  # a file of an earlier run stays as it is
+                if not path.exists():
                     image = head.sample([self.class_prompt], [seed], self.class_sample_steps, self.class_guidance_scale)
                     self.generated.append(atomic_write_bytes(path, _png(image[0])))
-                    made += 1
-                    bar.update(1)
-                seed += 1
+                bar.update(1)
 
     def _wait_for_class_images(self) -> None:
         waited, told = 0.0, False
         while (missing := self.missing_class_images()) > 0:
             if waited >= CLASS_WAIT_SECONDS:
                 raise UserError(f"data.class_dir={self.class_dir} still lacks {missing} of data.num_class_images="
-                                f"{self.num_class_images} class images after {waited:.0f} s waiting for local rank 0 "
-                                "to make them; make them first with one process (trainer.devices=1), or check that "
-                                "rank 0 is running and this folder is the one it writes")
+                                f"{self.num_class_images} class images after {waited:.0f} s waiting for the node's "
+                                "other processes to make them; make them first with one process (trainer.devices=1), "
+                                "or check that they are running and write this folder")
             if not told:
-                print(f"local rank {_local_rank()}: waiting for local rank 0 to make {missing} class images in "
-                      f"{self.class_dir}", file=sys.stderr)
+                print(f"local rank {_node_share()[0]}: waiting for the node's other processes to make {missing} class "
+                      f"images in {self.class_dir}", file=sys.stderr)
                 told = True
             time.sleep(CLASS_POLL_SECONDS)
             waited += CLASS_POLL_SECONDS
