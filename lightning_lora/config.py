@@ -1,5 +1,6 @@
 """Where the Hydra configs live, composing them from Python, and the OmegaConf resolvers they use
-(``${tiny:PATH}``, ``${pkg_model_path:MODULE}``, ``${cadence:TOTAL,COUNT}``, ``${fresh_dir:PATTERN}``)."""
+(``${tiny:PATH}``, ``${pkg_model_path:MODULE}``, ``${pkg_model_name:MODULE,NAME}``, ``${cadence:TOTAL,COUNT}``,
+``${fresh_dir:PATTERN}``)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,18 @@ def package_model_path(module: str) -> str:
     return str(mod.get_model_path())
 
 
+def package_model_name(module: str, name: str, *, _parent_: DictConfig) -> str | None:
+    """``${pkg_model_name:MODULE,NAME}``: ``NAME`` (the Hub id of the model a pip package copies) while the preset's
+    ``pretrained`` is that package's folder, null once ``pretrained`` names another model: the adapters' metadata and
+    the model card then name the model actually trained (its own Hub id or folder), not the preset's."""
+    pretrained = _parent_.get("pretrained")
+    try:
+        same = pretrained is not None and Path(str(pretrained)).resolve() == Path(package_model_path(module)).resolve()
+    except UserError:  # the package is not installed: pretrained cannot be its folder
+        same = False
+    return name if same else None
+
+
 def tiny_base(path: str, *, _parent_: DictConfig) -> str:
     """``${tiny:PATH}``: the tiny stand-in base of the preset this key belongs to, built at ``PATH`` on first use.
 
@@ -81,7 +94,8 @@ def cadence(total: int, count: int) -> int:
 def register_resolvers() -> None:
     from lightning_lora.rundir import fresh_dir, run_name, sweep_name
 
-    for name, resolver in (("pkg_model_path", package_model_path), ("tiny", tiny_base), ("cadence", cadence),
+    for name, resolver in (("pkg_model_path", package_model_path), ("pkg_model_name", package_model_name),
+                           ("tiny", tiny_base), ("cadence", cadence),
                            ("built", built_base), ("run_name", run_name), ("sweep_name", sweep_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

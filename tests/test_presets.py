@@ -244,3 +244,15 @@ def test_slat_presets_normalise_with_trellis_released_values_and_condition_on_im
     assert str(info.value).endswith("data options it takes: data=trellis, data=trellis_demo, data=trellis_patterns "
                                     "(data=trellis as shipped; a data or model setting of this run changes what it "
                                     "yields)")
+
+
+def test_the_minilm_preset_names_the_model_it_trains(tiny_bert) -> None:
+    """``model=minilm`` names the Hub model its pip package copies only while it trains that copy: with
+    ``model.pretrained`` pointing elsewhere the adapters' metadata and the card name the model actually trained."""
+    from hydra.utils import instantiate
+
+    assert compose_train(["model=minilm"]).model.name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert compose_train(["model=minilm", "model.pretrained=BAAI/bge-small-en-v1.5"]).model.name is None
+    other = compose_train(["model=minilm", f"model.pretrained={tiny_bert}"])
+    assert other.model.name is None
+    assert instantiate(other.model).base_model_identity()["name"] == tiny_bert.name  # the folder's, not MiniLM's

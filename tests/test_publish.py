@@ -151,8 +151,7 @@ Validation before and after training:
 from lightning_lora.predict import Predictor
 
 predictor = Predictor.from_pretrained("{tiny_bert}", "{EMBED_REPO}", family="text", doc_max_length=32, \
-doc_prefix='', name='sentence-transformers/all-MiniLM-L6-v2', pooling='mean', query_max_length=16, \
-query_prefix='query: ')
+doc_prefix='', pooling='mean', query_max_length=16, query_prefix='query: ')
 queries = predictor.encode_text(["read a file line by line"], role="query")
 documents = predictor.encode_text(["def read_lines(path): ..."], role="document")
 scores = queries @ documents.T
