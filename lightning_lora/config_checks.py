@@ -500,10 +500,23 @@ def _shards_parameters(strategy: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, FSDPStrategy)
 
 
+def _check_built(cfg: DictConfig) -> None:
+    """Resolve every ``model`` value that names a base built once on purpose (``${built:PATH,COMMAND}``), so a
+    missing demo base is its one line before the data is built, not after."""
+    model = cfg.get("model")
+    if not isinstance(model, DictConfig):
+        return
+    raw = OmegaConf.to_container(model, resolve=False)
+    for key, value in raw.items() if isinstance(raw, dict) else ():
+        if isinstance(value, str) and "${built:" in value:
+            _value(cfg, f"model.{key}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every rule of ``RULES`` over ``cfg``, in order, then the keys that only fail together and the devices; the
     first bad value raises its line."""
     _apply(RULES, lambda key: _value(cfg, key))
+    _check_built(cfg)
     strategy = _value(cfg, "trainer.strategy")
     if _value(cfg, "callbacks.ema.enabled") is True and _shards_parameters(strategy):
         shown = strategy if isinstance(strategy, str) else "fsdp"

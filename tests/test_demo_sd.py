@@ -96,3 +96,4 @@ def test_a_missing_demo_base_names_the_command_that_builds_it(tmp_path, capsys):
     rc = train_main(["experiment=demo_sd", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}"])
     assert_one_error_line(rc, capsys.readouterr().err, "python -m lightning_lora.demos.pretrain sd")
     assert not (tmp_path / "r" / "adapters").exists()
+    assert not (tmp_path / "cache").exists()  # said before the demo data is built

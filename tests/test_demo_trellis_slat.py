@@ -117,6 +117,7 @@ def test_a_missing_demo_base_names_the_command_that_builds_it(tmp_path, capsys):
                      f"hydra.run.dir={tmp_path / 'r'}"])
     assert_one_error_line(rc, capsys.readouterr().err, "python -m lightning_lora.demos.pretrain trellis_slat")
     assert not (tmp_path / "r" / "adapters").exists()
+    assert not (tmp_path / "cache").exists()  # said before the demo data is built
 
 
 @pytest.mark.slow
