@@ -517,6 +517,11 @@ def check_config(cfg: DictConfig) -> None:
     first bad value raises its line."""
     _apply(RULES, lambda key: _value(cfg, key))
     _check_built(cfg)
+    repo = _value(cfg, "callbacks.push.repo_id")
+    if repo not in (None, _ABSENT) and _value(cfg, "adapter.enabled") is False:
+        raise UserError(f"callbacks.push.repo_id={repo} cannot push a run with adapter.enabled=false: its snapshots "
+                        "hold the whole trained submodules, not a LoRA adapter; drop callbacks.push.repo_id or train "
+                        "a LoRA")
     strategy = _value(cfg, "trainer.strategy")
     if _value(cfg, "callbacks.ema.enabled") is True and _shards_parameters(strategy):
         shown = strategy if isinstance(strategy, str) else "fsdp"

@@ -292,6 +292,9 @@ def prepare(run_dir: str | os.PathLike, repo_id: str, snapshot: str = "final") -
     root = check_run_dir(run_dir)
     folder = check_snapshot(root, snapshot)
     config = _config(root)
+    if (config.get("adapter") or {}).get("enabled") is False:
+        raise UserError(f"{root} was trained without LoRA (adapter.enabled=false): its snapshots hold the whole "
+                        "trained submodules, not an adapter; push publishes LoRA adapters")
     model = config.get("model") or {}
     cls = head_class(model, root)
     metrics = _json(root / "metrics.json")

@@ -405,7 +405,8 @@ def test_push_without_revision_uses_main_and_public(embed_run, capsys, monkeypat
     assert hub.calls[0][1]["private"] is False and hub.calls[1][1]["revision"] is None
 
 
-@pytest.mark.parametrize("case", ["no run dir", "not a run", "no snapshot", "bad repo id", "offline"])
+@pytest.mark.parametrize("case", ["no run dir", "not a run", "no snapshot", "bad repo id", "offline",
+                                  "full fine-tune"])
 def test_push_mistakes_are_one_line_before_any_network(case, embed_run, tmp_path, capsys, monkeypatch):
     from helpers import assert_one_error_line
     from huggingface_hub import HfApi
@@ -416,12 +417,23 @@ def test_push_mistakes_are_one_line_before_any_network(case, embed_run, tmp_path
     for name in ("create_repo", "create_branch", "upload_folder"):
         monkeypatch.setattr(HfApi, name, network)
     run_dir, _ = embed_run
+    full = tmp_path / "full_run"  # the same run as if trained with adapter.enabled=false
+    if case == "full fine-tune":
+        import shutil
+
+        from omegaconf import OmegaConf
+
+        shutil.copytree(run_dir, full)
+        config = OmegaConf.load(full / "config.yaml")
+        config.adapter.enabled = False
+        OmegaConf.save(config, full / "config.yaml")
     argv, needle = {
         "no run dir": ([str(tmp_path / "nope"), EMBED_REPO], "no such directory"),
         "not a run": ([str(tmp_path), EMBED_REPO], "is not a run directory"),
         "no snapshot": ([str(run_dir), EMBED_REPO, "--snapshot", "step_0000099"], "has no such snapshot; it has "),
         "bad repo id": ([str(run_dir), "me/bad repo"], "'me/bad repo' is not valid on the Hub"),
         "offline": ([str(run_dir), EMBED_REPO], "offline (HF_HUB_OFFLINE=1)"),
+        "full fine-tune": ([str(full), EMBED_REPO], "was trained without LoRA (adapter.enabled=false)"),
     }[case]
     rc = cli_main(["push", *argv])
     assert_one_error_line(rc, capsys.readouterr().err, needle, case=case)
@@ -455,6 +467,15 @@ def test_push_callback_after_the_run(embed_run, capsys, monkeypatch):
     hub = FakeHub(monkeypatch)
     assert callback.on_run_end(run_dir) == f"https://huggingface.co/{EMBED_REPO}/commit/abc"
     assert hub.calls[0][1]["private"] is True and "README.md" in hub.calls[-1][1]["files"]
+
+
+def test_push_callback_refuses_a_full_fine_tune_before_anything_loads(tmp_path, capsys):
+    from helpers import assert_one_error_line, train_main
+
+    rc = train_main(["callbacks.push.repo_id=me/x", "adapter.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_error_line(rc, capsys.readouterr().err,
+                          "callbacks.push.repo_id=me/x cannot push a run with adapter.enabled=false")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing of the run was written
 
 
 def test_push_callback_repo_id_is_checked_before_anything_loads(tmp_path, capsys):
