@@ -36,7 +36,6 @@ from lightning_lora.callbacks import (
     AdapterCheckpoint,
     AtomicCheckpointIO,
     PreemptionCheckpoint,
-    SamplePreviews,
     quiet_lightning,
 )
 from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
@@ -46,7 +45,6 @@ from lightning_lora.config import CONFIG_NAME, config_dir
 from lightning_lora.config_checks import check_config, check_resume_fits
 from lightning_lora.errors import UserError, find_user_error, user_message
 from lightning_lora.fileio import atomic_write_text, clean_stale_temporaries, path_bytes
-from lightning_lora.heads.base import TaskHead
 from lightning_lora.module import LoRAAdaptationModule, ScheduleSpec
 from lightning_lora.rundir import hold_run_dir
 from lightning_lora.sweep import record_failure
@@ -398,10 +396,10 @@ def trainer_callbacks(cfg: DictConfig) -> list[Any]:
 
 
 def _idle(callback: Any, head_class: type | None) -> bool:
-    """Whether a callback has nothing to do in this run: it says so (``idle``: EMA off, no Hub repository), or it
-    draws previews and the head's class never draws (it keeps ``TaskHead.preview_images``)."""
-    if isinstance(callback, SamplePreviews):
-        return head_class is not None and getattr(head_class, "preview_images", None) is TaskHead.preview_images
+    """Whether a callback has nothing to do in this run, as it says: for this run's head class (``idle_for``:
+    previews of a head that never draws) or whatever the head (``idle``: EMA off, no Hub repository)."""
+    if (idle_for := getattr(callback, "idle_for", None)) is not None:
+        return bool(idle_for(head_class))
     return bool(getattr(callback, "idle", False))
 
 

@@ -56,6 +56,10 @@ class SamplePreviews(Callback):
         self.written: list[Path] = []
         self._last_step = -1
 
+    def idle_for(self, head_class: type | None) -> bool:
+        """Nothing to do in a run of ``head_class``: its heads never draw (``TaskHead.draws_previews``)."""
+        return head_class is not None and not getattr(head_class, "draws_previews", True)
+
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, step: int,
               disable_adapters: bool = False) -> None:
         # A forward under FSDP is a collective (each unit gathers its shards from every rank): then all ranks sample.

@@ -77,6 +77,9 @@ class TaskHead(nn.Module, abc.ABC):
     modelspec_architecture: ClassVar[str] = ""
     #: the Hub's ``library_name`` in a model card of this family's adapters (``peft`` or ``diffusers``)
     hub_library: ClassVar[str] = "peft"
+    #: whether the class overrides ``preview_images`` (set for every subclass; a head that never draws is left
+    #: out of SamplePreviews' work)
+    draws_previews: ClassVar[bool] = False
 
     @abc.abstractmethod
     def adaptable_submodules(self) -> dict[str, nn.Module]:
@@ -116,6 +119,11 @@ class TaskHead(nn.Module, abc.ABC):
     def preview_images(self) -> torch.Tensor | None:
         """Pictures of what the model makes now, [rows, cols, 3, H, W] in [0, 1] (None: nothing to show)."""
         return None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # read by callbacks that cannot import heads (SamplePreviews leaves a run of a head that never draws)
+        cls.draws_previews = cls.preview_images is not TaskHead.preview_images
 
     def adaptation_measure(self) -> dict[str, Any] | None:
         """A figure independent of the loss, read before and after training by ``callbacks.AdaptationReport``
