@@ -199,3 +199,17 @@ class FullDisk(io.RawIOBase):
         if not self.closed:
             os.close(self.fd)
         super().close()
+
+
+def assert_trellis_base_built_once(ensure, built: Path, again: Path, model_class: str) -> None:
+    """A demo base ``ensure(folder, steps=2, log=...)`` wrote ``built`` as a TRELLIS checkpoint pair of
+    ``model_class``; built again into ``again`` it is the same bytes, and a third call reuses it without training."""
+    import json
+
+    assert built.name == "denoiser.safetensors" and built.with_suffix(".json").is_file()
+    assert json.loads(built.with_suffix(".json").read_text())["name"] == model_class
+    second = Path(ensure(again, steps=2, log=lambda line: None))
+    assert second.read_bytes() == built.read_bytes()
+    logged: list[str] = []
+    assert ensure(again, steps=2, log=logged.append) == str(second)
+    assert logged == []  # built: reused, not trained again

@@ -10,12 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_TWO_STEPS, compose_train, run_demo
-from omegaconf import open_dict
+from conftest import DEMO_TWO_STEPS, run_demo
 
 from lightning_lora.demos.lbm_demo import TranslationMeasure, translation_scores
 from lightning_lora.models.lbm_tiny import ensure_tiny_lbm
-from lightning_lora.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,11 +123,7 @@ def test_full_demo_raises_psnr_to_the_taught_translation(tmp_path):
     from lightning_lora.demos.pretrain import main as pretrain
 
     assert pretrain(["lbm"]) == 0
-    cfg = compose_train(["experiment=demo_lbm", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, _ = run(cfg)
-    block = metrics["adaptation"]
+    block, _, _ = run_demo(["experiment=demo_lbm", "~callbacks.progress_bar"], tmp_path / "run")
     assert block["after"] - block["before"] >= 3.0
     assert block["ssim"]["after"] > block["ssim"]["before"]
 

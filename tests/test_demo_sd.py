@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_TWO_STEPS, compose_train, run_demo
-from omegaconf import open_dict
+from conftest import DEMO_TWO_STEPS, run_demo
 
 from lightning_lora.callbacks.adaptation import report, report_line
 from lightning_lora.heads.diffusion import DIFFUSERS_FILE
 from lightning_lora.models.sd_tiny import ensure_tiny_sd
-from lightning_lora.train import run
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +78,7 @@ def test_full_demo_moves_the_judged_style(tmp_path):
     from lightning_lora.demos.pretrain import main as pretrain
 
     assert pretrain(["sd"]) == 0
-    cfg = compose_train(["experiment=demo_sd", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, _ = run(cfg)
-    block = metrics["adaptation"]
+    block, _, _ = run_demo(["experiment=demo_sd", "~callbacks.progress_bar"], tmp_path / "run")
     assert block["before"] <= 0.1 and block["after"] >= 0.8
     assert block["digit_accuracy"]["after"] >= 0.8
     assert np.isfinite(block["digit_accuracy"]["before"])

@@ -5,18 +5,15 @@ the issue's targets) is slow-marked."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_TWO_STEPS, compose_train, run_demo
-from omegaconf import open_dict
+from conftest import DEMO_TWO_STEPS, run_demo
 
 from lightning_lora.data.trellis import SHAPES, _occupancy, write_npz
 from lightning_lora.demos import trellis_shapes as shapes
-from lightning_lora.train import run
 
 
 def test_judge_names_every_class_of_the_demo_shapes_and_no_class_for_noise():
@@ -49,15 +46,11 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 def test_the_base_is_a_trellis_checkpoint_pair_built_once_and_deterministically(tiny_base, tmp_path):
+    from helpers import assert_trellis_base_built_once
+
     from lightning_lora.demos.trellis_base import ensure_trellis_ss_base
 
-    assert tiny_base.name == "denoiser.safetensors" and tiny_base.with_suffix(".json").is_file()
-    assert json.loads(tiny_base.with_suffix(".json").read_text())["name"] == "SparseStructureFlowModel"
-    again = Path(ensure_trellis_ss_base(tmp_path / "again", steps=2, log=lambda line: None))
-    assert again.read_bytes() == tiny_base.read_bytes()
-    logged = []
-    assert ensure_trellis_ss_base(tmp_path / "again", steps=2, log=logged.append) == str(again)
-    assert logged == []  # built: reused, not trained again
+    assert_trellis_base_built_once(ensure_trellis_ss_base, tiny_base, tmp_path / "again", "SparseStructureFlowModel")
 
 
 def test_two_step_demo_writes_the_adaptation_block_and_sample_flow3d_draws_the_same(tiny_base, tmp_path, capsys):
@@ -112,11 +105,7 @@ def test_full_demo_teaches_tori_and_keeps_the_old_classes(tmp_path):
     from lightning_lora.demos.pretrain import main as pretrain
 
     assert pretrain(["trellis_ss"]) == 0
-    cfg = compose_train(["experiment=demo_trellis", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, _ = run(cfg)
-    block = metrics["adaptation"]
+    block, _, _ = run_demo(["experiment=demo_trellis", "~callbacks.progress_bar"], tmp_path / "run")
     assert block["before"] <= 0.1 and block["after"] >= 0.8
     for shape in shapes.BASE_SHAPES:
         assert block[f"{shape}_share"]["after"] >= 0.8

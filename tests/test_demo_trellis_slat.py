@@ -4,17 +4,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import DEMO_TWO_STEPS, compose_train, run_demo
-from omegaconf import open_dict
 
 from lightning_lora.demos import trellis_patterns as tp
-from lightning_lora.train import run
 
 
 def test_judge_names_every_pattern_of_the_demo_objects_and_no_pattern_for_noise():
@@ -62,15 +59,11 @@ def test_a_changed_pattern_definition_writes_a_new_data_folder(tmp_path, monkeyp
 
 
 def test_the_base_is_a_trellis_checkpoint_pair_built_once_and_deterministically(tiny_base, tmp_path):
+    from helpers import assert_trellis_base_built_once
+
     from lightning_lora.demos.trellis_slat_base import ensure_trellis_slat_base
 
-    assert tiny_base.name == "denoiser.safetensors" and tiny_base.with_suffix(".json").is_file()
-    assert json.loads(tiny_base.with_suffix(".json").read_text())["name"] == "ElasticSLatFlowModel"
-    again = Path(ensure_trellis_slat_base(tmp_path / "again", steps=2, log=lambda line: None))
-    assert again.read_bytes() == tiny_base.read_bytes()
-    logged = []
-    assert ensure_trellis_slat_base(tmp_path / "again", steps=2, log=logged.append) == str(again)
-    assert logged == []  # built: reused, not trained again
+    assert_trellis_base_built_once(ensure_trellis_slat_base, tiny_base, tmp_path / "again", "ElasticSLatFlowModel")
 
 
 def test_two_step_demo_writes_the_adaptation_block(tiny_base, tmp_path, capsys):
@@ -127,11 +120,7 @@ def test_full_demo_teaches_stripes_and_keeps_the_old_patterns(tmp_path):
     from lightning_lora.demos.pretrain import main as pretrain
 
     assert pretrain(["trellis_slat"]) == 0
-    cfg = compose_train(["experiment=demo_trellis_slat", "~callbacks.progress_bar"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-    metrics, _ = run(cfg)
-    block = metrics["adaptation"]
+    block, _, _ = run_demo(["experiment=demo_trellis_slat", "~callbacks.progress_bar"], tmp_path / "run")
     assert block["before"] <= 0.1 and block["after"] >= 0.8
     for pattern in tp.BASE_PATTERNS:
         assert block[f"{pattern}_share"]["after"] >= 0.8
