@@ -8,8 +8,9 @@ A bool is never a number here: ``batch_size: true`` is a config mistake, not 1.
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from lightning_lora.errors import UserError
@@ -129,3 +130,23 @@ def boolean(value: Any, key: str, *, hint: str = "") -> bool:
     if not isinstance(value, bool):
         raise _fail(key, value, "true or false" + hint, False)
     return value
+
+
+def dotted_function(path: Any) -> Callable[..., Any] | None:
+    """The callable a dotted path names (``package.module.function``, or a class's method below its module), or
+    None when ``path`` is not such a path or does not import."""
+    if not isinstance(path, str) or "." not in path:
+        return None
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix, then attributes
+        try:
+            found: Any = importlib.import_module(".".join(parts[:split]))
+        except Exception:
+            continue
+        try:
+            for name in parts[split:]:
+                found = getattr(found, name)
+        except AttributeError:
+            return None
+        return found if callable(found) else None
+    return None

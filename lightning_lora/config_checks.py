@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning_lora.checks import (
     boolean,
     choice,
+    dotted_function,
     fraction,
     integer,
     non_negative_int,
@@ -175,16 +176,8 @@ def _roots(value: Any, key: str) -> Any:
 def _function_or(*names: str) -> Check:
     """One of ``names``, or the dotted path of a function that imports (e.g. a preset's own colour rule)."""
     def check(value: Any, key: str) -> Any:
-        if value in names:
+        if value in names or dotted_function(value) is not None:
             return value
-        if isinstance(value, str) and "." in value:
-            from hydra.utils import get_method
-
-            try:
-                if callable(get_method(value)):
-                    return value
-            except Exception:
-                pass
         raise UserError(f"{key}={value!r} must be {' or '.join(names)} or the dotted path of a function that imports")
     return check
 

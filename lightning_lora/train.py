@@ -32,12 +32,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lightning_lora import extras, hub
 from lightning_lora.adapters import AdapterSpec
-from lightning_lora.callbacks import (
-    AdapterCheckpoint,
-    AtomicCheckpointIO,
-    PreemptionCheckpoint,
-    quiet_lightning,
-)
+from lightning_lora.callbacks import AdapterCheckpoint, AtomicCheckpointIO, PreemptionCheckpoint, quiet_lightning
 from lightning_lora.callbacks.adaptation import AdaptationReport, report_line
 from lightning_lora.callbacks.empty_epoch import EmptyEpochGuard
 from lightning_lora.callbacks.trackers import end_runs

@@ -35,7 +35,7 @@ from torch import nn
 
 from lightning_lora import options
 from lightning_lora.adapters import save_adapter_file, save_lora_state_dict
-from lightning_lora.checks import choice, fraction
+from lightning_lora.checks import choice, dotted_function, fraction
 from lightning_lora.errors import UserError
 from lightning_lora.heads.base import HeadCommand, StepOutput, TaskHead, refuse_dora
 
@@ -259,15 +259,8 @@ def _colour_rule(spec: Any) -> Callable[[np.ndarray], np.ndarray]:
         from lightning_lora.data.trellis import feature_colours
 
         return feature_colours
-    if isinstance(spec, str) and "." in spec:
-        from hydra.utils import get_method
-
-        try:
-            rule = get_method(spec)
-        except Exception:
-            rule = None
-        if callable(rule):
-            return rule
+    if (rule := dotted_function(spec)) is not None:
+        return rule
     raise UserError(f"model.previews.colours={spec!r} is unknown; valid: pca (each sample's principal feature "
                     "directions) or the dotted path of a function features [N, C] -> colours [N, 3] in [0, 1]")
 
@@ -575,17 +568,15 @@ class FlowMatching3DHead(TaskHead):
         for i, cond in enumerate(conds):
             row = []
             for seed in seeds:
+                latent = self.sample(cond.to(device), coords=voxels[i] if self.sparse else None, steps=steps,
+                                     cfg_strength=cfg_strength, seed=seed)
                 if self.sparse:
-                    latent = self.sample(cond.to(device), coords=voxels[i], steps=steps, cfg_strength=cfg_strength,
-                                         seed=seed)
-                    xyz = voxels[i][:, 1:].numpy()
-                    picture = voxel_colour_picture(xyz, self.voxel_rgb(latent.feats.float().cpu().numpy()),
-                                                   self.denoiser.resolution, panel=64)
+                    rgb = self.voxel_rgb(latent.feats.float().cpu().numpy())
+                    picture = voxel_colour_picture(voxels[i][:, 1:].numpy(), rgb, self.denoiser.resolution, panel=64)
                     row.append(torch.from_numpy(picture))
-                    continue
-                latent = self.sample(cond.to(device), steps=steps, cfg_strength=cfg_strength, seed=seed)
-                picture = voxel_picture(decode_demo_ss(latent[0].float().cpu().numpy()), panel=64)
-                row.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).expand(3, -1, -1))
+                else:
+                    picture = voxel_picture(decode_demo_ss(latent[0].float().cpu().numpy()), panel=64)
+                    row.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).expand(3, -1, -1))
             rows.append(torch.stack(row))
         return torch.stack(rows)
 
