@@ -120,12 +120,12 @@ def test_data_dreambooth_trains_end_to_end(tmp_path, cache_dir) -> None:
 
 class _MustNotSample:
     def sample(self, *args, **kwargs):
-        raise AssertionError("only local rank 0 makes class images")
+        raise AssertionError("a process that knows no process count and is not local rank 0 draws nothing")
 
 
 def test_other_local_ranks_wait_for_rank_0s_class_images(tmp_path, monkeypatch) -> None:
-    """Under torchrun/srun every process runs setup_with_model: local ranks > 0 make nothing and wait until the
-    folder holds every class image, and say so when they give up."""
+    """Under torchrun/srun every process runs setup_with_model: a local rank > 0 that knows no process count makes
+    nothing and waits until the folder holds every class image, and says so when it gives up."""
     import threading
 
     import lightning_lora.data.prior as prior
