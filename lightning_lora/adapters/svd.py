@@ -18,8 +18,9 @@ bound on the true top-r energy, which Ritz values (lower bounds) cannot give: ``
 the Ritz residuals and a gap, with the norm of the weight outside the Krylov space bounded by Gaussian probes (each
 such bound fails with probability ≤ 1e-12; everything else is deterministic). The probes run only when the bound
 would certify with that norm at zero, and stop as soon as it certifies or their estimate says it cannot. The
-factors come from one last r-wide pass over the weight, whose float64 energy gives the reported error (in float64
-throughout once the error is below 3% of the weight, where float32 rounding would show). Against the subspace
+factors need no further pass over the weight: each product keeps its inner half ΔWᵀ·V, from which WᵀΔW for the
+top-r Ritz vectors W follows, and its float64 energy gives the reported error (products in float64 throughout once
+the error is below 3% of the weight, where float32 rounding would show). Against the subspace
 iteration this replaced, the Krylov space of the same passes is two to three times wider, which is what certifies
 slowly falling spectra (σᵢ ∝ i^-α, α ≥ 0.5) within 1% after 3-4 steps.
 
@@ -82,17 +83,14 @@ def _blocks64(mat: torch.Tensor) -> Iterator[torch.Tensor]:
         yield mat[:, i:i + step].double()
 
 
-def _left_mul64(q: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
-    """qᵀ·mat in float64 (q float64 [m, w], mat float32 [m, n])."""
-    return torch.cat([q.mT @ part for part in _blocks64(mat)], dim=1)
-
-
-def _image64(work: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """ΔW·(ΔWᵀ·v) in float64 (v float64)."""
+def _image64(work: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ΔW·(ΔWᵀ·v), ΔWᵀ·v) in float64 (v float64)."""
     out = torch.zeros(work.shape[0], v.shape[1], dtype=torch.float64, device=v.device)
+    inner = []
     for part in _blocks64(work):
-        out += part @ (part.mT @ v)
-    return out
+        inner.append(part.mT @ v)
+        out += part @ inner[-1]
+    return out, torch.cat(inner)
 
 
 def _eigh_descending(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +182,13 @@ def _optimum_lower_bound(theta: torch.Tensor, gram: torch.Tensor, rank: int, tot
     return best
 
 
-def _factors_of(work: torch.Tensor, basis: torch.Tensor, vecs: torch.Tensor, rank: int, total: float,
-                precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """U, S, Vh of the projection of ΔW onto its top-r Ritz vectors (one r-wide pass over the weight, in float64 when
-    ``precise``), and the error² ‖ΔW‖² − ‖WᵀΔW‖² (W orthonormalised in float64)."""
-    w = torch.linalg.qr(basis.double() @ vecs[:, :rank]).Q
-    b = _left_mul64(w, work) if precise else (w.to(work.dtype).mT @ work).double()
+def _factors_of(basis: torch.Tensor, inner: torch.Tensor, vecs: torch.Tensor, rank: int, total: float,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """U, S, Vh of the projection of ΔW onto its top-r Ritz vectors W, and the error² ‖ΔW‖² − ‖WᵀΔW‖² (W
+    orthonormalised in float64), with no pass over the weight: ``inner`` = ΔWᵀ·V, kept from the Lanczos products.
+    W = V·c·T⁻¹ (c the top-r Ritz coefficients, QR's triangle T), so WᵀΔW = T⁻ᵀ·(ΔWᵀ·V·c)ᵀ."""
+    w, tri = torch.linalg.qr(basis.double() @ vecs[:, :rank])
+    b = torch.linalg.solve_triangular(tri.mT, (inner.double() @ vecs[:, :rank]).mT, upper=False)
     err2 = max(total - float(b.square().sum()), 0.0)
     s2, ub = _eigh_descending(b @ b.mT)  # the r×r SVD of b through its Gram matrix
     s = s2.sqrt()
@@ -215,13 +214,16 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
     gen = torch.Generator().manual_seed(0)
     first = work @ torch.randn(work.shape[1], block + _PROBES, generator=gen).to(work.device)
     start = first[:, block:]  # the probes' first product, in the same pass; Ω's columns are independent draws
-    blocks, images = [torch.linalg.qr(first[:, :block]).Q], []
+    blocks, images, inners = [torch.linalg.qr(first[:, :block]).Q], [], []
     precise = False  # float32 products until the error is so small that their rounding would decide
     margin = _ROUNDING * total
     beyond = math.inf  # ‖R‖₂² only shrinks as the basis grows, so an earlier bound stays valid
 
-    def product(v: torch.Tensor) -> torch.Tensor:  # M·V = ΔW·(ΔWᵀ·V)
-        return _image64(work, v) if precise else work @ (work.mT @ v)
+    def product(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (M·V = ΔW·(ΔWᵀ·V), ΔWᵀ·V)
+        if precise:
+            return _image64(work, v)
+        inner = work.mT @ v
+        return work @ inner, inner
 
     def ritz(basis: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         theta, vecs, gram = _rayleigh_ritz(basis, image)
@@ -231,8 +233,12 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
         bound = _optimum_lower_bound(theta, gram, rank, total, rho) - margin
         return bound if bound > 0 and err2 + margin <= max_ratio ** 2 * bound else None
 
+    def add_product(done: tuple[torch.Tensor, torch.Tensor]) -> None:
+        images.append(done[0])
+        inners.append(done[1])
+
     for _ in range(max_steps):
-        images.append(product(blocks[-1]))
+        add_product(product(blocks[-1]))
         basis, image = torch.cat(blocks, dim=1), torch.cat(images, dim=1)
         if basis.shape[1] < rank:  # a block narrower than the rank: nothing to judge yet
             blocks.append(_next_block(images[-1], basis))
@@ -243,7 +249,8 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
             total = _exact_sq_norm(work)
             margin = _ROUNDING64 * total
             basis = torch.linalg.qr(basis.double()).Q
-            blocks, images = [basis], [product(basis)]
+            blocks, images, inners = [basis], [], []
+            add_product(product(basis))
             theta, vecs, gram, err2 = ritz(basis, images[0])
         bound = err2 if err2 <= _EXACT_SQ * total else certified(theta, gram, err2, beyond)
         if bound is None and certified(theta, gram, err2, 0.0) is not None:  # worth probing the residual
@@ -253,7 +260,7 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
                 if bound is not None or certified(theta, gram, err2, estimate) is None:
                     break  # certified, or even the estimate would not certify: grow the space instead
         if bound is not None:
-            u, s, vh, err2 = _factors_of(work, basis, vecs, rank, total, precise)
+            u, s, vh, err2 = _factors_of(basis, torch.cat(inners, dim=1), vecs, rank, total)
             if err2 <= _EXACT_SQ * total or err2 + margin <= max_ratio ** 2 * bound:
                 if flip:  # work = matᵀ = U·S·Vh, so mat = Vhᵀ·S·Uᵀ
                     u, vh = vh.mT, u.mT
