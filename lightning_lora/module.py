@@ -456,11 +456,11 @@ class LoRAAdaptationModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         out = self.head.validation_step(batch)
-        loss = out.pop("loss", None)
-        if loss is not None:  # weight by the batch's rows when the head returns per-row tensors
+        if "loss" in out and out["loss"].ndim == 0:  # a batch mean: weighted by the batch's rows, when known
+            loss = out.pop("loss")
             rows = next((v.size(0) for v in out.values() if v.ndim), 1)
             self.log("val/loss", loss, sync_dist=True, prog_bar=True, batch_size=rows)
-        self._val_outputs.append({k: v.detach() for k, v in out.items()})
+        self._val_outputs.append({k: v.detach() for k, v in out.items()})  # a per-row loss: averaged at the end
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
@@ -469,7 +469,11 @@ class LoRAAdaptationModule(pl.LightningModule):
         self._val_outputs = []
         if self.trainer.world_size > 1:  # every process computes metrics over the whole validation set
             collected = {k: self.all_gather(v).flatten(0, 1) for k, v in collected.items()}
-        metrics = self.head.validation_metrics(unique_rows(collected))
+        collected = unique_rows(collected)  # a row repeated to fill a batch or even out processes counts once
+        loss = collected.pop("loss", None)
+        metrics = self.head.validation_metrics(collected)
+        if loss is not None:
+            metrics = {"loss": loss.double().mean(), **metrics}
         # Already global (every process saw the gathered set); sync_dist only averages equal values.
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=True, sync_dist=True)
 

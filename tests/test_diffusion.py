@@ -113,6 +113,29 @@ def test_loss_equals_hand_computed_objective(tiny_sd, prediction_type):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_validation_loss_counts_each_image_once(tiny_sd):
+    """Validation gives one loss per image with its index; the module averages them with each image once, so the
+    repeat that fills a single-bucket batch (or evens out processes) does not count twice."""
+    from lightning_lora.adapters import AdapterSpec
+
+    head = DiffusionHead(tiny_sd, resolution=32, snr_gamma=5.0)
+    batch = next(iter(image_batches(n=4, batch_size=4)))
+    batch = {**batch, "index": torch.tensor([5, 6, 7, 7])}  # the last row repeats the third, as a padded bucket
+    batch["pixel_values"][3] = batch["pixel_values"][2]
+    batch["text"][3] = batch["text"][2]
+    out = head.validation_step(batch)
+    assert out["loss"].shape == (4,) and out["index"].tolist() == [5, 6, 7, 7]
+    same_draws = head.diffusion_loss(batch, torch.Generator().manual_seed(1234 + 5))  # the batch mean, as before
+    assert out["loss"].mean().item() == pytest.approx(same_draws.item(), rel=1e-6)
+
+    module = LoRAAdaptationModule(head, AdapterSpec(r=4, alpha=4))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    once = out["loss"][:3].double().mean().item()
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(once, rel=1e-6)
+    assert once != pytest.approx(out["loss"].double().mean().item(), rel=1e-3)
+
+
 def test_latent_and_text_caches_are_exact(tiny_sd):
     batch = next(iter(image_batches(n=4, batch_size=4)))
     plain = DiffusionHead(tiny_sd, resolution=32, cache_latents=False, cache_text_embeddings=False)

@@ -8,10 +8,11 @@ corner and the original size are kept in the batch for SDXL's micro-conditioning
 
 Batches hold one bucket each:
 - map-style data (image folders): ``BucketSampler`` orders indices so that every run of ``batch_size`` belongs to
-  one bucket (a bucket's remainder is filled with its own images again), shuffles those runs with a seed drawn
-  from torch's RNG when a pass starts (as ``RandomSampler``), and gives each process its share of the runs. It is
-  a ``DistributedSampler``, so Lightning keeps it under DDP, and a plain sampler under a ``BatchSampler``, so
-  ``ExactResume`` wraps and skips it like any other (exact resume);
+  one bucket (a bucket's remainder is filled with its own images again; validation counts each image once, by
+  its index), shuffles those runs with a seed drawn from torch's RNG when a pass starts (as ``RandomSampler``),
+  and gives each process its share of the runs. It is a ``DistributedSampler``, so Lightning keeps it under
+  DDP, and a plain sampler under a ``BatchSampler``, so ``ExactResume`` wraps and skips it like any other (exact
+  resume);
 - streams (tar shards): ``BucketGroups`` holds back samples per bucket and lets a bucket's samples through in runs
   of ``batch_size`` as it fills; the DataLoader's batches of that size are then single-bucket. What is left when a
   pass ends goes out padded with the bucket's own samples.

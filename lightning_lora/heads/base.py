@@ -102,7 +102,10 @@ class TaskHead(nn.Module, abc.ABC):
         """Loss of one training batch."""
 
     def validation_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Per-batch tensors to collect over the whole validation set (``loss`` is logged directly)."""
+        """Per-batch tensors to collect over the whole validation set. ``loss`` is either the batch's mean (logged
+        as it comes, weighted by the batch's rows) or one value per row, averaged over the set's rows when the pass
+        ends: each row once by its ``index`` when the batch has one (a row repeated to fill a single-bucket batch
+        or to even out processes would count twice otherwise)."""
         return {"loss": self.training_step(batch).loss}
 
     def validation_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -384,7 +384,9 @@ class DiffusionHead(LatentHead):
         """The UNet's text conditioning for a batch: encoder hidden states and any further UNet arguments."""
         return self.encode_text(batch["text"]), {}
 
-    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                       per_row: bool = False) -> torch.Tensor:
+        """The batch's loss (``per_row``: each row's, min-SNR weighted when on; not with prior-preservation rows)."""
         pixels, captions = batch["pixel_values"], batch["text"]
         if len(captions) != pixels.shape[0]:
             raise UserError(f"batch has {pixels.shape[0]} images but {len(captions)} captions")
@@ -412,7 +414,7 @@ class DiffusionHead(LatentHead):
             weights = torch.ones_like(per_sample)
         prior = batch.get("prior_mask")
         if prior is None or not bool(prior.any()):
-            return (per_sample * weights).mean()
+            return per_sample * weights if per_row else (per_sample * weights).mean()
         # DreamBooth prior preservation (data=dreambooth), as train_dreambooth_lora.py: the instance rows' loss
         # (min-SNR weighted when on) + prior_loss_weight x the class rows' plain MSE
         prior = prior.to(per_sample.device)
@@ -422,9 +424,15 @@ class DiffusionHead(LatentHead):
         return StepOutput(self.diffusion_loss(batch), batch_size=batch["pixel_values"].shape[0])
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        # Fixed timesteps and noise per batch: the validation loss is comparable across evaluations.
+        # Fixed timesteps and noise per batch: the validation loss is comparable across evaluations. Per row (each
+        # image once, by index), unless prior-preservation rows make the loss a weighted sum of two means.
         seed = 1234 + int(batch["index"][0]) if "index" in batch else 1234
-        return {"loss": self.diffusion_loss(batch, torch.Generator().manual_seed(seed))}
+        prior = batch.get("prior_mask")
+        per_row = prior is None or not bool(prior.any())
+        out = {"loss": self.diffusion_loss(batch, torch.Generator().manual_seed(seed), per_row=per_row)}
+        if per_row and "index" in batch:
+            out["index"] = torch.as_tensor(batch["index"])
+        return out
 
     # ------------------------------------------------------------------ sampling
     def pipeline(self):
