@@ -458,7 +458,7 @@ class LoRAAdaptationModule(pl.LightningModule):
         out = self.head.validation_step(batch)
         if "loss" in out and out["loss"].ndim == 0:  # a batch mean: weighted by the batch's rows, when known
             loss = out.pop("loss")
-            rows = next((v.size(0) for v in out.values() if v.ndim), 1)
+            rows = self.head.batch_rows(batch) or next((v.size(0) for v in out.values() if v.ndim), 1)
             self.log("val/loss", loss, sync_dist=True, prog_bar=True, batch_size=rows)
         self._val_outputs.append({k: v.detach() for k, v in out.items()})  # a per-row loss: averaged at the end
 

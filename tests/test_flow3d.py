@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_train
+from helpers import random_coords
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -46,6 +47,30 @@ def test_condition_noise_then_cfg_drop() -> None:
     kept = out[~dropped] - 1
     assert abs(float(kept.std()) - 0.3) < 0.01  # noise was added before the drop, with the fixed std
     assert torch.equal(head.condition(cond, train=False), cond)  # no noise or drop at inference
+
+
+def test_validation_loss_weights_each_batch_by_its_objects() -> None:
+    """A short last batch weighs by its objects in val/loss, not as much as a full one (batches of 2 and 1)."""
+    import lightning.pytorch as pl
+
+    from lightning_lora.adapters import AdapterSpec
+    from lightning_lora.data.trellis import collate_trellis
+    from lightning_lora.module import LoRAAdaptationModule
+
+    head = _tiny()
+    g = torch.Generator().manual_seed(0)
+    items = [{"cond": torch.randn(8, 64, generator=g), "coords": random_coords(1, 32, 20 + 5 * i, seed=i)[:, 1:],
+              "feats": torch.randn(20 + 5 * i, 8, generator=g)} for i in range(3)]
+    batches = [collate_trellis(items[:2]), collate_trellis(items[2:])]
+    head.eval()
+    with torch.no_grad():
+        losses = [float(head.validation_step(b)["loss"]) for b in batches]
+    module = LoRAAdaptationModule(head, AdapterSpec(r=4, alpha=4))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    by_objects = (2 * losses[0] + losses[1]) / 3
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(by_objects, rel=1e-5)
+    assert by_objects != pytest.approx(sum(losses) / 2, rel=1e-3)
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path) -> None:

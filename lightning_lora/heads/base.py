@@ -108,6 +108,11 @@ class TaskHead(nn.Module, abc.ABC):
         or to even out processes would count twice otherwise)."""
         return {"loss": self.training_step(batch).loss}
 
+    def batch_rows(self, batch: Any) -> int | None:
+        """How many samples ``batch`` holds: the weight of a batch-mean validation loss in the pass's average (None:
+        the length of the per-row tensors ``validation_step`` returns beside it, else 1)."""
+        return None
+
     def validation_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics over everything ``validation_step`` returned, concatenated along dim 0 (all processes)."""
         return {}

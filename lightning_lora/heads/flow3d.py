@@ -475,9 +475,11 @@ class FlowMatching3DHead(TaskHead):
             pred = self.denoiser(SparseTensor(coords, x_t, batch_size=n), 1000 * t, cond).feats
         return F.mse_loss(pred.float(), target.float())
 
+    def batch_rows(self, batch: dict[str, torch.Tensor]) -> int:
+        return (batch["cond"] if "cond" in batch else batch["cond_image"]).shape[0]
+
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        rows = (batch["cond"] if "cond" in batch else batch["cond_image"]).shape[0]
-        return StepOutput(self.flow_loss(batch), batch_size=rows)
+        return StepOutput(self.flow_loss(batch), batch_size=self.batch_rows(batch))
 
     def validation_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Fixed t, noise and no condition dropout: the validation loss is comparable across evaluations.
