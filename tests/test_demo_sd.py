@@ -32,6 +32,26 @@ def test_judge_is_right_on_held_out_digits_in_both_styles():
     assert list(styles) == ["plain", "plain"]
 
 
+def test_a_changed_style_or_caption_writes_a_new_data_folder(tmp_path, monkeypatch):
+    """The styled digits folder is reused only while the drawing and the captions are the same: its name carries
+    their digest, not only style, count and size."""
+    from lightning_lora.demos import sd_demo
+
+    def folder() -> Path:
+        return sd_demo.write_styled_digits(tmp_path, "red", 3, 16)
+
+    first = folder()
+    assert folder() == first and first.name.startswith("red_n3_s16_") and len(list(first.glob("*.png"))) == 3
+    original = sd_demo.styled_caption
+    monkeypatch.setattr(sd_demo, "styled_caption", lambda label, style: original(label, style) + ", in ink")
+    second = folder()
+    assert second != first and "in ink" in (second / "metadata.jsonl").read_text()
+    monkeypatch.setattr(sd_demo, "styled_caption", original)
+    drawn = sd_demo.draw_styled
+    monkeypatch.setattr(sd_demo, "draw_styled", lambda *a: drawn(*a).rotate(90))
+    assert folder() not in (first, second)
+
+
 def test_report_pairs_before_and_after():
     before = {"metric": "m", "value": 0.1, "digit_accuracy": 0.9, "images": None, "note": "x"}
     after = {"metric": "m", "value": 0.8, "digit_accuracy": 0.85, "only_after": 1.0}

@@ -14,24 +14,36 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from lightning_lora.checks import choice, optional_positive_int, positive_int
 from lightning_lora.data.digits import ReadThroughDataModule
 from lightning_lora.data.images import CAPTIONED_IMAGES, METADATA_FILE, ImageFolderDataModule
+from lightning_lora.demos.digest import arrays_digest
 from lightning_lora.demos.digit_styles import STYLES, draw_styled, styled_caption
 from lightning_lora.fileio import atomic_directory
 
 
+def styled_digits_digest(digits: Any, style: str, image_size: int) -> str:
+    """The digest (``arrays_digest``) of the first digit as ``style`` draws it and of every digit's caption: a
+    changed drawing or caption writes a new folder instead of reusing the old one."""
+    captions = "\n".join(styled_caption(label, style) for label in range(10)).encode()
+    drawn = np.asarray(draw_styled(digits.images[0], image_size, style))
+    return arrays_digest([drawn, np.frombuffer(captions, dtype=np.uint8)])
+
+
 def write_styled_digits(root: str | Path, style: str, num_images: int | None, image_size: int) -> Path:
-    """``root/<style>_n<N>_s<size>/NNNN.png`` + ``metadata.jsonl`` (styled caption, label); written once."""
+    """``root/<style>_n<N>_s<size>_<digest>/NNNN.png`` + ``metadata.jsonl`` (styled caption, label); written once."""
     from sklearn.datasets import load_digits
 
     choice(style, "data.style", STYLES)
     optional_positive_int(num_images, "data.num_images", got=True)
     positive_int(image_size, "data.image_size", got=True)
-    folder = Path(root).expanduser().resolve() / f"{style}_n{num_images or 'all'}_s{image_size}_c2"  # c2: captions
+    digits = load_digits()
+    digest = styled_digits_digest(digits, style, image_size)
+    folder = Path(root).expanduser().resolve() / f"{style}_n{num_images or 'all'}_s{image_size}_{digest}"
     if (folder / METADATA_FILE).is_file():
         return folder
-    digits = load_digits()
     count = len(digits.images) if num_images is None else min(num_images, len(digits.images))
     with atomic_directory(folder) as tmp:
         lines = []

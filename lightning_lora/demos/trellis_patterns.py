@@ -31,7 +31,7 @@ from lightning_lora.data.trellis import (
     voxel_colour_picture,
     write_npz,
 )
-from lightning_lora.demos.trellis_shapes import arrays_digest
+from lightning_lora.demos.digest import arrays_digest
 from lightning_lora.fileio import atomic_directory, atomic_write_text
 
 RESOLUTION = 16  # the structured-latent grid (TRELLIS's is 64; small enough for minutes on a CPU)

@@ -16,7 +16,7 @@ which class a sampled latent shows by voxel IoU against templates of every class
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from lightning_lora.data.trellis import (
     demo_ss_projection,
     write_npz,
 )
+from lightning_lora.demos.digest import arrays_digest
 from lightning_lora.fileio import atomic_directory, atomic_write_text
 
 RESOLUTION = 16  # the sparse-structure grid, as TRELLIS's
@@ -86,17 +87,6 @@ def shape_objects(shape: str, count: int, seed: int) -> tuple[np.ndarray, np.nda
     sizes = _rng(shape, seed).uniform(*SIZE_RANGE, size=count)
     latents = np.stack([encode_occupancy(_occupancy(shape, float(s), np.zeros(3), RESOLUTION)) for s in sizes])
     return latents, shape_conditions(shape, count, seed), sizes
-
-
-def arrays_digest(arrays: Iterable[np.ndarray]) -> str:
-    """8 hex digits of the arrays' dtypes, shapes and bytes. A demo data folder's name carries the digest of a few
-    objects its definitions make, so a changed definition writes a new folder instead of reusing the old one."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:8]
 
 
 def shapes_digest(shapes: Sequence[str], seed: int) -> str:
