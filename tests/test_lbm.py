@@ -184,6 +184,31 @@ def test_loss_equals_hand_computed_objective(tiny_lbm):
     assert logs["latent_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_validation_loss_is_per_pair_and_each_pair_counts_once(tiny_lbm):
+    """Validation gives each pair's loss (latent + pixel term) with its index, whose mean is the batch's loss with
+    the same draws; the module averages them with each pair once (a repeated pair does not count twice)."""
+    import lightning.pytorch as pl
+
+    from lightning_lora.module import LoRAAdaptationModule
+
+    head = BridgeHead(tiny_lbm, resolution=32, pixel_loss_type="l2", pixel_loss_weight=0.5, pixel_loss_max_size=16)
+    batch = pairs(4)
+    batch["index"] = torch.tensor([3, 4, 5, 5])  # the last pair repeats the third, as DDP's padding does
+    batch["source"][3], batch["target"][3] = batch["source"][2], batch["target"][2]
+    with torch.no_grad():
+        out = head.validation_step(batch)
+        same_draws, _ = head.bridge_loss(batch, torch.Generator().manual_seed(1234 + 3))
+    assert out["loss"].shape == (4,) and out["index"].tolist() == [3, 4, 5, 5]
+    assert out["loss"].mean().item() == pytest.approx(same_draws.item(), rel=1e-5)
+
+    module = LoRAAdaptationModule(head, {"r": 2, "alpha": 2})
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    once = out["loss"][:3].double().mean().item()
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(once, rel=1e-5)
+    assert once != pytest.approx(out["loss"].double().mean().item(), rel=1e-4)
+
+
 def test_sampler_is_the_flow_match_euler_scheduler(tiny_lbm):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -347,10 +347,10 @@ class BridgeHead(LatentHead):
             source = F.interpolate(source, size=target.shape[-2:], mode="bilinear", align_corners=False)
         return source, target
 
-    def bridge_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
+    def bridge_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, per_row: bool = False,
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, per-term logs) of one batch; RNG draws in this order: target latents, source latents,
-        timesteps, bridge noise (then the pixel-loss crop)."""
+        """(loss, per-term logs) of one batch (``per_row``: each pair's loss, whose mean is the batch's); RNG draws
+        in this order: target latents, source latents, timesteps, bridge noise (then the pixel-loss crop)."""
         source, target = self._pairs(batch)
         z = self.encode_images(target, generator)
         z_source = self.encode_images(source, generator)
@@ -366,18 +366,18 @@ class BridgeHead(LatentHead):
         diff = pred * m - goal * m
         per_sample = (diff.pow(2) if self.latent_loss_type == "l2" else diff.abs()).flatten(1).mean(1)
         latent = per_sample.mean()
-        loss = self.latent_loss_weight * latent
+        loss = self.latent_loss_weight * (per_sample if per_row else latent)
         logs = {"latent_loss": latent.detach()}
         if self.pixel_loss_weight > 0:
-            pixel = self.pixel_loss(xt - sigma * pred, target, batch.get("mask"), generator)
-            loss = loss + self.pixel_loss_weight * pixel
-            logs["pixel_loss"] = pixel.detach()
+            pixel = self.pixel_loss(xt - sigma * pred, target, batch.get("mask"), generator)  # per pair
+            loss = loss + self.pixel_loss_weight * (pixel if per_row else pixel.mean())
+            logs["pixel_loss"] = pixel.mean().detach()
         return loss, logs
 
     def pixel_loss(self, denoised: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """LPIPS/L2/L1 between the decoded denoised latent and the target image, on one random crop of at most
-        ``pixel_loss_max_size`` pixels (the same crop for the whole batch, as LBM)."""
+        """LPIPS/L2/L1 per pair between the decoded denoised latent and the target image, on one random crop of at
+        most ``pixel_loss_max_size`` pixels (the same crop for the whole batch, as LBM)."""
         f = self.vae_factor
         size = max(1, self.pixel_loss_max_size // f)
         h, w = denoised.shape[-2:]
@@ -389,9 +389,9 @@ class BridgeHead(LatentHead):
         goal = target[pixels].to(decoded)
         valid = torch.ones_like(goal) if mask is None else mask[pixels].to(decoded).expand_as(goal)
         if self.pixel_loss_type == "lpips":
-            return self.lpips(decoded * valid, goal * valid).mean()
+            return self.lpips(decoded * valid, goal * valid).flatten(1).mean(1)
         diff = decoded * valid - goal * valid
-        return (diff.pow(2) if self.pixel_loss_type == "l2" else diff.abs()).mean()
+        return (diff.pow(2) if self.pixel_loss_type == "l2" else diff.abs()).flatten(1).mean(1)
 
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
         if len(self._preview_pairs) < int(self.previews.get("num_samples", 0)):
@@ -403,7 +403,7 @@ class BridgeHead(LatentHead):
         """The loss with fixed draws per batch, and each pair's one-step translation error in latent space."""
         self._keep_previews(batch)
         seed = 1234 + int(batch["index"][0]) if "index" in batch else 1234
-        loss, _ = self.bridge_loss(batch, torch.Generator().manual_seed(seed))
+        loss, _ = self.bridge_loss(batch, torch.Generator().manual_seed(seed), per_row=True)  # each pair once
         source, target = self._pairs(batch)
         g = torch.Generator().manual_seed(seed + 1)
         z, z_source = self.encode_images(target, g), self.encode_images(source, g)
