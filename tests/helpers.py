@@ -16,6 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 
+# ---------------------------------------------------------------------------- validation
+def validated_loss(module, batches: list) -> float:
+    """``val/loss`` of one Lightning validation pass of ``module`` over these ready-made batches."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, DataLoader(batches, batch_size=None))
+    return trainer.callback_metrics["val/loss"].item()
+
+
 # ---------------------------------------------------------------------------- run directories
 def adapter_file_shapes(run_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """Every adapter file a run wrote (snapshots and the family's own formats): relative path -> key -> shape."""

@@ -56,6 +56,11 @@ def test_prior_preservation_loss_is_diffusers_dreambooth(head) -> None:
     expected = dreambooth_step(head, batch, torch.Generator().manual_seed(5), 0.7)
     assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
     assert ours.item() != pytest.approx(plain.item(), rel=1e-3)  # the weight changes the loss (0.7, not 1)
+    with torch.no_grad():  # validation keeps that one weighted value (no per-row loss, no index)
+        val = head.validation_step(batch)
+    assert set(val) == {"loss"} and val["loss"].ndim == 0
+    assert val["loss"].item() == pytest.approx(head.diffusion_loss(batch, torch.Generator().manual_seed(1234)).item(),
+                                               rel=1e-6)
 
 
 def _instance_dir(root: Path, n: int = 3) -> Path:

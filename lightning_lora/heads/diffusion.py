@@ -386,7 +386,8 @@ class DiffusionHead(LatentHead):
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                        per_row: bool = False) -> torch.Tensor:
-        """The batch's loss (``per_row``: each row's, min-SNR weighted when on; not with prior-preservation rows)."""
+        """The batch's loss (``per_row``: each row's, min-SNR weighted when on; a batch with prior-preservation rows
+        still gives one value, the weighted sum of its two means)."""
         pixels, captions = batch["pixel_values"], batch["text"]
         if len(captions) != pixels.shape[0]:
             raise UserError(f"batch has {pixels.shape[0]} images but {len(captions)} captions")
@@ -427,10 +428,8 @@ class DiffusionHead(LatentHead):
         # Fixed timesteps and noise per batch: the validation loss is comparable across evaluations. Per row (each
         # image once, by index), unless prior-preservation rows make the loss a weighted sum of two means.
         seed = 1234 + int(batch["index"][0]) if "index" in batch else 1234
-        prior = batch.get("prior_mask")
-        per_row = prior is None or not bool(prior.any())
-        out = {"loss": self.diffusion_loss(batch, torch.Generator().manual_seed(seed), per_row=per_row)}
-        if per_row and "index" in batch:
+        out = {"loss": self.diffusion_loss(batch, torch.Generator().manual_seed(seed), per_row=True)}
+        if out["loss"].ndim and "index" in batch:
             out["index"] = torch.as_tensor(batch["index"])
         return out
 
