@@ -4,11 +4,12 @@ Pairs (no diffusers needed; tensors are made lazily, one weight at a time, from 
 ``sd15-powerlaw`` and ``sdxl-powerlaw``, the 282 / 794 conv/linear weights of the SD 1.5 / SDXL UNet with full-rank
 deltas whose singular values fall as a power law σᵢ ∝ i^-α (``--exponents``), so each module's optimum is known
 exactly; ``sd15-lowrank``, the earlier pair (rank-64 delta plus noise). Each method runs in its own child process
-(its peak RSS is its own); times are CPU seconds per module with one thread (``--threads 1``), so other
-processes on a shared machine do not inflate them, making the tensors excluded. Speed-ups are on the modules both
-methods ran (``--full-stride`` runs the full SVD on a subset). The markdown section (date, machine, versions, the
-exact command, the table) replaces the previous one between ``<!-- extract_bench:start -->`` and
-``<!-- extract_bench:end -->`` in ``bench/results.md``.
+(its peak RSS is its own: the process's, and the peak while extracting, with making the synthetic tensors left
+out by resetting the kernel's high-water mark after each is made); times are CPU seconds per module with one
+thread (``--threads 1``), so other processes on a shared machine do not inflate them, making the tensors excluded.
+Speed-ups are on the modules both methods ran (``--full-stride`` runs the full SVD on a subset). The markdown
+section (date, machine, versions, the exact command, the table) replaces the previous one between
+``<!-- extract_bench:start -->`` and ``<!-- extract_bench:end -->`` in ``bench/results.md``.
 
     python bench/extract_bench.py --threads 1                      # SD 1.5 power-law pair, α = 0.5, 0.75, 1.0
     python bench/extract_bench.py --threads 1 --pairs sd15-powerlaw sdxl-powerlaw --full-exponents 0.75 \
@@ -205,6 +206,37 @@ def make_pair(pair: str, exponent: float | None, limit: int, stride: int = 1) ->
 
 
 # ---------------------------------------------------------------------------- one method (child process)
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB since the last ``reset_peak_rss`` (VmHWM), else its whole peak (getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_WHOLE_PEAK = [0.0]  # the process's peak over every reset (a reset lowers getrusage's maxrss too)
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (VmHWM) to its current RSS (Linux ≥ 4.0), keeping the old peak in
+    ``whole_peak_rss_mb``; False where that cannot be done."""
+    _WHOLE_PEAK[0] = max(_WHOLE_PEAK[0], peak_rss_mb())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def whole_peak_rss_mb() -> float:
+    return max(_WHOLE_PEAK[0], peak_rss_mb())
+
+
 def run_child(args: argparse.Namespace) -> None:
     from lightning_lora.adapters import svd
     from lightning_lora.adapters.extract import extract_lora
@@ -237,12 +269,16 @@ def run_child(args: argparse.Namespace) -> None:
 
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     making = [0.0]  # seconds spent making the synthetic tensors, subtracted per module
+    # the peak RSS while extracting: the high-water mark is reset after each tensor is made (making one takes
+    # several copies of it, which a real checkpoint's read does not) and read when its module is done
+    watermark = [reset_peak_rss(), 0.0]
 
     def timed_get(get):
         def wrapped(key: str) -> torch.Tensor:
             t = clock()
             out = get(key)
             making[0] += clock() - t
+            reset_peak_rss()
             return out
         return wrapped
 
@@ -253,6 +289,7 @@ def run_child(args: argparse.Namespace) -> None:
             t, made = clock(), making[0]
             yield name
             times[name] = clock() - t - (making[0] - made)
+            watermark[1] = max(watermark[1], peak_rss_mb())
 
     t0 = time.perf_counter()
     result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=method,
@@ -261,10 +298,11 @@ def run_child(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = whole_peak_rss_mb()  # the process's, making included
     known = isinstance(tuned, PowerLaw)
     print(json.dumps({
         "method": args.child, "ratio": args.ratio, "seconds": seconds, "peak_rss_mb": peak,
+        "extracting_rss_mb": watermark[1] if watermark[0] else None,
         "times": times,
         "errors": {r.name: r.rel_error for r in result.results},
         "optimum": {r.name: (tuned.optimum(f"{r.name}.weight", r.rank) if known else r.optimum)
@@ -286,6 +324,11 @@ def child(args: argparse.Namespace, method: str, pair: str, exponent: float | No
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def rss_cell(run: dict) -> str:
+    extracting = run.get("extracting_rss_mb")
+    return f"{run['peak_rss_mb']:.0f} / " + (f"{extracting:.0f}" if extracting is not None else "-")
+
+
 def row(pair: str, exponent: float | None, label: str, run: dict, full: dict | None) -> str:
     ref = run["optimum"]
     if not run["optimum_known"] and full is not None:
@@ -300,7 +343,7 @@ def row(pair: str, exponent: float | None, label: str, run: dict, full: dict | N
         if len(common) < len(run["times"]):
             speed += f" ({len(common)} modules)"
     return (f"| {pair} | {exponent if exponent is not None else '-'} | {label} | {len(run['errors'])} | "
-            f"{seconds:.1f} | {speed or '-'} | {run['peak_rss_mb']:.0f} | "
+            f"{seconds:.1f} | {speed or '-'} | {rss_cell(run)} | "
             f"{sum(ratios) / max(len(ratios), 1):.5f}{est} | {max(ratios, default=float('nan')):.5f}{est} | "
             f"{run['fallbacks']} |")
 
@@ -363,7 +406,7 @@ def main() -> None:
                 read = child(args, "read", pair, exponent, args.limit, 1.01, stride)
                 lines.append(f"| {pair} | {exponent} | reading the pair and making the deltas only | "
                              f"{len(read['errors'])} | {sum(read['times'].values()):.1f} | - | "
-                             f"{read['peak_rss_mb']:.0f} | - | - | - |")
+                             f"{rss_cell(read)} | - | - | - |")
                 print(lines[-1], flush=True)
             if "full" in args.methods and own_full:
                 full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01,
@@ -416,10 +459,13 @@ def main() -> None:
         + ("Seconds: CPU seconds of the extraction (one thread, so other processes on the machine do not count), "
            if args.clock == "cpu" else "Seconds: elapsed seconds of the extraction, ")
         + "making the tensors excluded. "
+        "Peak RSS MB: the child process's whole peak / its peak while extracting (from the kernel's high-water mark, "
+        "reset after each synthetic tensor is made: making one takes several copies of it, which reading a "
+        "checkpoint does not). "
         "err/opt: each module's relative error over its Eckart–Young optimum (est.: over the method's own bound).",
         "",
-        "| pair | exponent | method | modules | seconds | speed-up vs full | peak RSS MB | mean err/opt "
-        "| worst err/opt | full-SVD fallbacks |",
+        "| pair | exponent | method | modules | seconds | speed-up vs full | peak RSS MB (process / extracting) "
+        "| mean err/opt | worst err/opt | full-SVD fallbacks |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     text = "\n".join(header + lines) + "\n"

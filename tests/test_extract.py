@@ -394,3 +394,37 @@ def test_extract_lora_from_python_names_mismatched_pairs_before_reading_weights(
     with pytest.raises(UserError, match=r"^base and tuned have different keys: 1 only in base, e.g. b.weight"):
         extract_lora(base, {"a.weight": torch.ones(4, 6)}, rank=2)
     assert set(extract_lora(base, {k: v + 1 for k, v in base.items()}, rank=2).factors) == {"a", "b"}
+
+
+def test_extraction_holds_one_read_weight_at_a_time() -> None:
+    """Each read of a checkpoint is a copy out of the file: the delta is made from the tuned weight, then the base
+    one, so the extraction's peak is the delta buffer plus one weight, not two (and no earlier read is kept)."""
+    import weakref
+
+    handed: list[weakref.ref] = []
+    alive_at_read: list[int] = []
+
+    class Reads:  # a checkpoint that hands out a fresh copy per read, as safetensors' get_tensor does
+        def __init__(self, tensors: dict[str, torch.Tensor]):
+            self.tensors = tensors
+
+        def keys(self) -> list[str]:
+            return list(self.tensors)
+
+        def __iter__(self):
+            return iter(self.tensors)
+
+        def shape(self, key: str) -> tuple[int, ...]:
+            return tuple(self.tensors[key].shape)
+
+        def get(self, key: str) -> torch.Tensor:
+            alive_at_read.append(sum(ref() is not None for ref in handed))
+            out = self.tensors[key].clone()
+            handed.append(weakref.ref(out))
+            return out
+
+    base = {"a.weight": torch.randn(8, 6), "b.weight": torch.randn(5, 5)}
+    tuned = {k: v + low_rank(tuple(v.shape), 2, seed=i) for i, (k, v) in enumerate(base.items())}
+    result = extract_lora(Reads(base), Reads(tuned), rank=2)
+    assert len(alive_at_read) == 4 and max(alive_at_read) == 0
+    assert set(result.factors) == {"a", "b"} and max(r.rel_error for r in result.results) < 1e-5

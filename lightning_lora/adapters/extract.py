@@ -167,7 +167,8 @@ def band_counts(errors: Iterable[float]) -> dict[str, int]:
 
 class _Deltas:
     """tuned − base per weight key, in float32, into one reused buffer (a fresh 100 MB tensor per weight costs more
-    in page faults than the subtraction), with its max |·| from one pass.
+    in page faults than the subtraction), with its max |·| from one pass; the two weights are read one after the
+    other.
 
     A NaN/Inf in either checkpoint (or an overflowing difference) makes the difference non-finite, so one
     ``aminmax`` finds it; only then are the checkpoints searched, to name the one that holds it. The returned delta
@@ -179,23 +180,27 @@ class _Deltas:
         self.buffer = torch.empty(0)
 
     def __call__(self, key: str) -> tuple[torch.Tensor, float]:
-        tuned, base = self.tuned.get(key), self.base.get(key)  # read once each: a copy out of the file
-        if self.buffer.numel() < tuned.numel():
-            self.buffer = torch.empty(tuned.numel(), dtype=torch.float32)
-        delta = self.buffer[: tuned.numel()].view(tuned.shape)
-        delta.copy_(tuned).sub_(base)  # in float32 whatever the checkpoints' dtype
-        if not delta.numel():
+        shape = self.tuned.shape(key)
+        numel = math.prod(shape)
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel, dtype=torch.float32)
+        delta = self.buffer[:numel].view(shape)
+        # one checkpoint's copy alive at a time (each read is a copy out of the file): on the largest weight the
+        # extraction's peak is then the buffer plus one weight, not two
+        delta.copy_(self.tuned.get(key))  # in float32 whatever the checkpoints' dtype
+        delta.sub_(self.base.get(key))
+        if not numel:
             return delta, 0.0
         low, high = (float(v) for v in torch.aminmax(delta))
         if not (math.isfinite(low) and math.isfinite(high)):
-            self._name_the_non_finite(key, {"base": base, "tuned": tuned}, delta)
+            self._name_the_non_finite(key, delta)
         return delta, max(-low, high)
 
-    def _name_the_non_finite(self, key: str, tensors: dict[str, torch.Tensor], delta: torch.Tensor) -> None:
+    def _name_the_non_finite(self, key: str, delta: torch.Tensor) -> None:
         for label, source in (("base", self.base), ("tuned", self.tuned)):
             path = getattr(source, "path", None)
             where = f"the {label} checkpoint" + (f" {path}" if path is not None else "")
-            require_finite([(key, tensors[label])], f"{where}: weight", hint="; a LoRA cannot be made from it")
+            require_finite([(key, source.get(key))], f"{where}: weight", hint="; a LoRA cannot be made from it")
         require_finite([(key, delta)], "tuned - base overflows float32 for weight")
 
 
