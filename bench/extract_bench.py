@@ -4,8 +4,8 @@ Pairs (no diffusers needed; tensors are made lazily, one weight at a time, from 
 ``sd15-powerlaw`` and ``sdxl-powerlaw``, the 282 / 794 conv/linear weights of the SD 1.5 / SDXL UNet with full-rank
 deltas whose singular values fall as a power law σᵢ ∝ i^-α (``--exponents``), so each module's optimum is known
 exactly; ``sd15-lowrank``, the earlier pair (rank-64 delta plus noise). Each method runs in its own child process
-(its peak RSS is its own: the process's, and the peak while extracting, with making the synthetic tensors left
-out by resetting the kernel's high-water mark after each is made); times are CPU seconds per module with one
+(``--memory``: a second run measures its peak RSS while extracting, resetting the kernel's high-water mark after
+each synthetic tensor is made, which takes several copies of it); times are CPU seconds per module with one
 thread (``--threads 1``), so other processes on a shared machine do not inflate them, making the tensors excluded.
 Speed-ups are on the modules both methods ran (``--full-stride`` runs the full SVD on a subset). The markdown
 section (date, machine, versions, the exact command, the table) replaces the previous one between
@@ -20,6 +20,8 @@ section (date, machine, versions, the exact command, the table) replaces the pre
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime as dt
 import json
 import math
@@ -218,23 +220,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-_WHOLE_PEAK = [0.0]  # the process's peak over every reset (a reset lowers getrusage's maxrss too)
-
-
 def reset_peak_rss() -> bool:
-    """Set this process's peak RSS (VmHWM) to its current RSS (Linux ≥ 4.0), keeping the old peak in
-    ``whole_peak_rss_mb``; False where that cannot be done."""
-    _WHOLE_PEAK[0] = max(_WHOLE_PEAK[0], peak_rss_mb())
+    """Give free heap memory back to the kernel (glibc's malloc_trim), then set this process's peak RSS (VmHWM) to
+    its current RSS (Linux ≥ 4.0); False where the peak cannot be reset. After it the RSS is live memory, not what
+    making the last synthetic tensor left free, so a peak read later is the extraction's own."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
-
-
-def whole_peak_rss_mb() -> float:
-    return max(_WHOLE_PEAK[0], peak_rss_mb())
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -269,16 +266,18 @@ def run_child(args: argparse.Namespace) -> None:
 
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     making = [0.0]  # seconds spent making the synthetic tensors, subtracted per module
-    # the peak RSS while extracting: the high-water mark is reset after each tensor is made (making one takes
-    # several copies of it, which a real checkpoint's read does not) and read when its module is done
-    watermark = [reset_peak_rss(), 0.0]
+    # --memory: the peak RSS while extracting, reset after each tensor is made (making one takes several copies of
+    # it, which reading a checkpoint does not) and read when its module is done. Its own run: the reset gives free
+    # memory back to the kernel, so the method's next allocations fault their pages in again (~8% slower)
+    watermark = [args.memory and reset_peak_rss(), 0.0]
 
     def timed_get(get):
         def wrapped(key: str) -> torch.Tensor:
             t = clock()
             out = get(key)
+            if watermark[0]:
+                reset_peak_rss()
             making[0] += clock() - t
-            reset_peak_rss()
             return out
         return wrapped
 
@@ -289,7 +288,8 @@ def run_child(args: argparse.Namespace) -> None:
             t, made = clock(), making[0]
             yield name
             times[name] = clock() - t - (making[0] - made)
-            watermark[1] = max(watermark[1], peak_rss_mb())
+            if watermark[0]:
+                watermark[1] = max(watermark[1], peak_rss_mb())
 
     t0 = time.perf_counter()
     result = extract_lora(base, tuned, rank=args.rank, conv_rank=args.rank, min_diff=0.0, method=method,
@@ -298,7 +298,7 @@ def run_child(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = whole_peak_rss_mb()  # the process's, making included
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's, making included
     known = isinstance(tuned, PowerLaw)
     print(json.dumps({
         "method": args.child, "ratio": args.ratio, "seconds": seconds, "peak_rss_mb": peak,
@@ -312,10 +312,22 @@ def run_child(args: argparse.Namespace) -> None:
 
 
 def child(args: argparse.Namespace, method: str, pair: str, exponent: float | None, limit: int, ratio: float,
-          stride: int = 1) -> dict:
+          stride: int = 1, memory: bool = False) -> dict:
+    """One method's run in a child process; ``memory`` (with ``--memory`` on): its peak RSS while extracting too,
+    from a second run (the run that measures it is slower), or from the same run for ``read``, which times nothing."""
+    measure = memory and args.memory
+    run = _child_run(args, method, pair, exponent, limit, ratio, stride, measure and method == "read")
+    if measure and method != "read":
+        run["extracting_rss_mb"] = _child_run(args, method, pair, exponent, limit, ratio, stride,
+                                              True)["extracting_rss_mb"]
+    return run
+
+
+def _child_run(args: argparse.Namespace, method: str, pair: str, exponent: float | None, limit: int,
+               ratio: float, stride: int, memory: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--pair", pair, "--rank", str(args.rank), "--limit",
            str(limit), "--device", args.device, "--threads", str(args.threads), "--clock", args.clock,
-           "--ratio", str(ratio), "--stride", str(stride)]
+           "--ratio", str(ratio), "--stride", str(stride)] + (["--memory"] if memory else [])
     if exponent is not None:
         cmd += ["--exponent", str(exponent)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -326,7 +338,7 @@ def child(args: argparse.Namespace, method: str, pair: str, exponent: float | No
 
 def rss_cell(run: dict) -> str:
     extracting = run.get("extracting_rss_mb")
-    return f"{run['peak_rss_mb']:.0f} / " + (f"{extracting:.0f}" if extracting is not None else "-")
+    return f"{extracting:.0f}" if extracting is not None else "-"
 
 
 def row(pair: str, exponent: float | None, label: str, run: dict, full: dict | None) -> str:
@@ -382,6 +394,9 @@ def main() -> None:
                         "what two threads give, on a quiet machine)")
     p.add_argument("--results", default=str(HERE / "results.md"))
     p.add_argument("--no-write", action="store_true", help="print the section without writing results.md")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="each method's peak RSS while extracting, from a run of its own (not for main's full SVD or "
+                        "the --frontier ratios)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--pair", default="sd15-powerlaw", help=argparse.SUPPRESS)
     p.add_argument("--exponent", type=float, default=None, help=argparse.SUPPRESS)
@@ -403,14 +418,14 @@ def main() -> None:
                 mains[pair] = old
                 print(lines[-1], flush=True)
             if "read" in args.methods and own_full:  # the peak RSS of reading alone, beside the others'
-                read = child(args, "read", pair, exponent, args.limit, 1.01, stride)
+                read = child(args, "read", pair, exponent, args.limit, 1.01, stride, memory=True)
                 lines.append(f"| {pair} | {exponent} | reading the pair and making the deltas only | "
                              f"{len(read['errors'])} | {sum(read['times'].values()):.1f} | - | "
                              f"{rss_cell(read)} | - | - | - |")
                 print(lines[-1], flush=True)
             if "full" in args.methods and own_full:
                 full = child(args, "full", pair, exponent, args.full_limit or args.limit, 1.01,
-                             stride * args.full_stride)
+                             stride * args.full_stride, memory=True)
                 full["exponent"] = exponent
                 lines.append(row(pair, exponent, "full SVD", full, full))
                 if "full-main" in args.methods and pair == "sd15-powerlaw":
@@ -426,7 +441,8 @@ def main() -> None:
             if "randomized" in args.methods:
                 frontier = args.frontier if pair == "sd15-powerlaw" and exponent == exponents[0] else []
                 for ratio in args.ratios + frontier:
-                    run = child(args, "randomized", pair, exponent, args.limit, ratio, stride)
+                    run = child(args, "randomized", pair, exponent, args.limit, ratio, stride,
+                                memory=ratio in args.ratios)
                     label = f"randomized, max ratio {ratio:g}"
                     if full is not None and full["exponent"] != exponent:
                         label += f" (vs the full SVD timed at exponent {full['exponent']})"
@@ -459,12 +475,12 @@ def main() -> None:
         + ("Seconds: CPU seconds of the extraction (one thread, so other processes on the machine do not count), "
            if args.clock == "cpu" else "Seconds: elapsed seconds of the extraction, ")
         + "making the tensors excluded. "
-        "Peak RSS MB: the child process's whole peak / its peak while extracting (from the kernel's high-water mark, "
-        "reset after each synthetic tensor is made: making one takes several copies of it, which reading a "
-        "checkpoint does not). "
+        "Peak RSS MB while extracting: from the kernel's high-water mark in a run of its own, reset after each "
+        "synthetic tensor is made, with free heap memory given back first (making a tensor takes several copies of "
+        "it, which reading a checkpoint does not; that reset slows the method, so the times come from another run). "
         "err/opt: each module's relative error over its Eckart–Young optimum (est.: over the method's own bound).",
         "",
-        "| pair | exponent | method | modules | seconds | speed-up vs full | peak RSS MB (process / extracting) "
+        "| pair | exponent | method | modules | seconds | speed-up vs full | peak RSS MB while extracting "
         "| mean err/opt | worst err/opt | full-SVD fallbacks |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -316,14 +316,14 @@ def test_max_error_ratio_is_checked(value):
 def test_residual_norm_bounds_are_upper_bounds_that_tighten():
     """Every probabilistic bound on ‖(I − VVᵀ)ΔW‖₂² holds, the power steps tighten it, and it ends within 2× of the
     truth, on slowly and quickly falling spectra."""
-    from lightning_lora.adapters.svd import _residual_norm_bounds
+    from lightning_lora.adapters.svd import _ResidualProbes
 
     for exponent in (0.25, 0.5, 1.0):
         delta = _power_law(200, 300, exponent, seed=3)
         g = torch.Generator().manual_seed(1)
         basis = torch.linalg.qr(delta @ torch.randn(300, 40, generator=g)).Q
         truth = float(torch.linalg.matrix_norm((delta - basis @ (basis.mT @ delta)).double(), ord=2)) ** 2
-        steps = list(_residual_norm_bounds(delta, basis, delta @ torch.randn(300, 32, generator=g)))
+        steps = list(_ResidualProbes(delta @ torch.randn(300, 32, generator=g)).bounds(delta, basis))
         bounds = [upper for upper, _ in steps]
         assert len(steps) == 4 and all(upper >= truth for upper in bounds)
         assert bounds == sorted(bounds, reverse=True) and bounds[-1] <= 2 * truth
@@ -428,3 +428,60 @@ def test_extraction_holds_one_read_weight_at_a_time() -> None:
     result = extract_lora(Reads(base), Reads(tuned), rank=2)
     assert len(alive_at_read) == 4 and max(alive_at_read) == 0
     assert set(result.factors) == {"a", "b"} and max(r.rel_error for r in result.results) < 1e-5
+
+
+def test_incremental_rayleigh_ritz_equals_the_direct_one():
+    """Growing VᵀP, PᵀP and VᵀV block by block gives the Ritz values and the residuals' Gram matrix that the direct
+    (P − V·T) computation gives, on a float32 basis (orthonormal only to rounding), and ``reset`` starts afresh."""
+    from lightning_lora.adapters.svd import _next_block, _RayleighRitz
+
+    delta = _power_law(200, 300, 0.5, seed=5)
+    g = torch.Generator().manual_seed(2)
+    blocks = [torch.linalg.qr(delta @ torch.randn(300, 16, generator=g)).Q]
+    images: list[torch.Tensor] = []
+    rr = _RayleighRitz()
+    for _ in range(4):
+        images.append(delta @ (delta.mT @ blocks[-1]))
+        basis, image = torch.cat(blocks, dim=1), torch.cat(images, dim=1)
+        theta, vecs, gram = rr(basis, image)
+        v, p = basis.double(), image.double()
+        t = (v.mT @ p + p.mT @ v) / 2
+        direct_theta, direct_vecs = torch.linalg.eigh(t)
+        resid = (p - v @ t) @ direct_vecs.flip(1)
+        scale = float(direct_theta[-1]) ** 2
+        assert torch.allclose(theta, direct_theta.flip(0).clamp_min(0), rtol=0, atol=1e-12 * scale ** 0.5)
+        overlap = (vecs.mT @ direct_vecs.flip(1)).abs()  # the same Ritz vectors, up to sign
+        assert torch.allclose(overlap, torch.eye(overlap.shape[0], dtype=overlap.dtype), atol=1e-6)
+        # the Gram matrix in each one's own eigenvector signs: compare |entries| and the diagonal
+        assert torch.allclose(gram.abs(), (resid.mT @ resid).abs(), rtol=0, atol=1e-11 * scale)
+        assert float(gram.diagonal().min()) > 0
+        blocks.append(_next_block(images[-1], basis))
+    rr.reset()
+    first = rr(blocks[0], delta @ (delta.mT @ blocks[0]))
+    assert first[0].shape == (16,)
+
+
+def test_residual_probes_carry_their_power_steps_to_a_wider_basis():
+    """Probes that took two steps on a narrower basis go on on a wider one: the projected iterate gives a bound with no
+    new pass, every bound stays above the wider basis' true ‖R‖₂², and one more step is tighter than a fresh start's
+    first step (so the steps on the narrower basis were not lost)."""
+    import itertools
+
+    from lightning_lora.adapters.svd import _ResidualProbes
+
+    for exponent in (0.25, 0.5, 1.0):
+        delta = _power_law(300, 600, exponent, seed=3)
+        g = torch.Generator().manual_seed(1)
+        basis = torch.linalg.qr(delta @ torch.randn(600, 40, generator=g)).Q
+        for _ in range(2):
+            basis = torch.linalg.qr(torch.cat([basis, delta @ (delta.mT @ basis[:, -40:])], 1)).Q
+        narrow, wide = basis[:, :80], basis
+        truth = float(torch.linalg.matrix_norm((delta - wide @ (wide.mT @ delta)).double(), ord=2)) ** 2
+        start = delta @ torch.randn(600, 32, generator=g)
+        probes = _ResidualProbes(start)
+        assert len(list(itertools.islice(probes.bounds(delta, narrow), 2))) == 2 and probes.steps == 2
+        carried = list(probes.bounds(delta, wide))
+        fresh = list(_ResidualProbes(start).bounds(delta, wide))
+        assert len(carried) == 5 and probes.steps == 6  # the free bound, then four steps
+        assert all(upper >= truth for upper, _ in carried + fresh)
+        assert carried[1][0] < fresh[0][0] and carried[-1][0] <= 2 * truth

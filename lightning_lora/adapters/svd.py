@@ -113,49 +113,107 @@ def _next_block(image: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _rayleigh_ritz(basis: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ritz values θ (descending) and vectors (coefficients in ``basis``) of M = ΔW·ΔWᵀ on an orthonormal basis V,
-    and the Gram matrix of the Ritz residuals M·w − θ·w, all from ``image`` = M·V (float64, no pass over ΔW)."""
-    v, p = basis.double(), image.double()
-    t = v.mT @ p
-    t = (t + t.mT) / 2
-    theta, vecs = _eigh_descending(t)
-    resid = (p - v @ t) @ vecs
-    return theta, vecs, resid.mT @ resid
+class _RayleighRitz:
+    """Ritz values θ (descending) and vectors (coefficients in the basis) of M = ΔW·ΔWᵀ on an orthonormal basis V,
+    and the Gram matrix of the Ritz residuals M·w − θ·w, from the images P = M·V (float64, no pass over ΔW).
 
-
-def _residual_norm_bounds(work: torch.Tensor, basis: torch.Tensor, start: torch.Tensor,
-                          ) -> Iterator[tuple[float, float]]:
-    """After each power step j = 1 … ``_PROBE_POWER``: an upper bound on ‖R‖₂², R = (I − VVᵀ)·ΔW, that holds with
-    probability ≥ 1 − ``_FAIL``, and a plain estimate of it (for deciding whether more steps can pay).
-
-    ``start`` is ΔW·Ω for Gaussian probes Ω [n, p] drawn independently of V. With X = (RRᵀ)^j·R and v its top right
-    singular vector, ‖XΩ‖₂ ≥ σ₁(X)·‖vᵀΩ‖ and ‖vᵀΩ‖² is χ² with p degrees of freedom, below the quantile
-    ``_chi2_lower(p, _FAIL)`` with probability at most ``_FAIL``; σ₁(R)² = σ₁(X)^(2/(2j+1)). The estimate divides by
-    the χ²'s mean p instead.
+    The basis grows by blocks, so VᵀP, PᵀP and VᵀV are kept and only the new block's rows and columns are made
+    (n·k·b per step instead of n·k²). With T = sym(VᵀP), the residuals' Gram matrix (P − VT)ᵀ(P − VT) is
+    PᵀP − PᵀV·T − T·VᵀP + T·VᵀV·T: every term k×k, VᵀV kept as it is (a float32 basis is orthonormal only to
+    rounding). ``reset`` before a basis that does not extend the last one.
     """
-    def project(x: torch.Tensor) -> torch.Tensor:
-        return x - basis @ (basis.mT @ x)
 
-    x, log_scale, probes = project(start), 0.0, start.shape[1]
-    quantile = _chi2_lower(probes, _FAIL)
-    for j in range(1, _PROBE_POWER + 1):
-        norm = float(x.norm())
-        if norm == 0.0:
-            yield 0.0, 0.0
-            return
-        x, log_scale = x / norm, log_scale + math.log(norm)  # keep float32 in range; the map is linear
-        x = project(work @ (work.mT @ x))
-        x64 = x.double()
-        top = float(torch.linalg.eigvalsh(x64.mT @ x64)[-1])  # ‖XΩ‖₂², up to the scale kept in log_scale
-        if top <= 0.0:
-            yield 0.0, 0.0
-            return
-        bound, estimate = (math.exp((math.log(top / d) + 2 * log_scale) / (2 * j + 1)) for d in (quantile, probes))
-        yield bound * (1 + 1e-4), estimate  # (1 + 1e-4): float32 rounding of the products
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.vtp = self.ptp = self.vtv = torch.zeros(0, 0, dtype=torch.float64)
+
+    def __call__(self, basis: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        v, p, old = basis.double(), image.double(), self.vtp.shape[0]
+        self.vtp, self.ptp, self.vtv = (self._grown(cache, a, b, old) for cache, a, b in
+                                        ((self.vtp, v, p), (self.ptp, p, p), (self.vtv, v, v)))
+        t = (self.vtp + self.vtp.mT) / 2
+        theta, vecs = _eigh_descending(t)
+        gram = self.ptp - self.vtp.mT @ t - t @ self.vtp + t @ self.vtv @ t
+        gram = vecs.mT @ ((gram + gram.mT) / 2) @ vecs
+        return theta, vecs, gram
+
+    @staticmethod
+    def _grown(cache: torch.Tensor, a: torch.Tensor, b: torch.Tensor, old: int) -> torch.Tensor:
+        """aᵀb, from its top-left ``old``×``old`` block ``cache`` and the new columns of a and b."""
+        out = torch.empty(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+        out[:old, :old] = cache
+        out[:, old:] = a.mT @ b[:, old:]
+        out[old:, :old] = a[:, old:].mT @ b[:, :old]
+        return out
 
 
-def _optimum_lower_bound(theta: torch.Tensor, gram: torch.Tensor, rank: int, total: float, beyond: float) -> float:
+class _ResidualProbes:
+    """Gaussian probes of ‖R‖₂², R = (I − VVᵀ)·ΔW, whose power steps carry on as the basis V grows.
+
+    ``start`` is ΔW·Ω for Gaussian probes Ω [n, p] drawn independently of every basis. After n power steps, some on
+    earlier (narrower) bases, the iterate is X·Ω: with one basis X = (RRᵀ)ⁿ·R; when the basis grows from V to
+    V' ⊇ V, the iterate is first projected on the new complement (a bound with no pass), then each step is
+    R'R'ᵀ·X, R' = (I − V'V'ᵀ)·ΔW. For u the top left singular vector of R' (so (I − VVᵀ)·u = u),
+    ‖uᵀX‖ ≥ σ₁(R')^(2n+1), by induction over the bases: the moments uᵀAᵏu of a PSD A are log-convex in k, and
+    uᵀ·RRᵀ·u ≥ uᵀ·R'R'ᵀ·u = σ₁(R')² for every earlier R. And ‖XΩ‖₂ ≥ σ₁(X)·‖vᵀΩ‖ with v X's top right singular
+    vector; ‖vᵀΩ‖² is χ² with p degrees of freedom, below ``_chi2_lower(p, prob)`` with probability at most
+    ``prob``. So each bound is an upper bound on σ₁(R')², given with a plain estimate (dividing by the χ²'s mean p
+    instead) for deciding whether more steps can pay.
+
+    Carrying on spends no pass on restarting; the price is that X depends on how many steps the earlier bases
+    took (0 … ``_PROBE_POWER`` each, chosen by the probes' own estimates). So a chain over s bases uses
+    ``prob`` = ``_FAIL`` / (``_PROBE_POWER`` + 1)^(s−1): summed over every chain the run could take, each (basis,
+    bound) position fails with probability at most ``_FAIL``, as when every basis starts afresh.
+    """
+
+    def __init__(self, start: torch.Tensor):
+        self.start, self.x, self.log_scale, self.steps, self.bases = start, None, 0.0, 0, 0
+
+    def bounds(self, work: torch.Tensor, basis: torch.Tensor) -> Iterator[tuple[float, float]]:
+        """(bound, estimate) of ‖R‖₂² on ``basis``'s complement: first from the earlier steps' iterate projected on
+        it (no pass; when there are earlier steps), then after each of up to ``_PROBE_POWER`` more power steps."""
+        def project(x: torch.Tensor) -> torch.Tensor:
+            return x - basis @ (basis.mT @ x)
+
+        self.bases += 1
+        probes = self.start.shape[1]
+        quantile = _chi2_lower(probes, _FAIL / (_PROBE_POWER + 1) ** (self.bases - 1))
+
+        def bound_and_estimate() -> tuple[float, float] | None:
+            x64 = self.x.double()
+            top = float(torch.linalg.eigvalsh(x64.mT @ x64)[-1])  # ‖XΩ‖₂², up to the scale kept in log_scale
+            if top <= 0.0:  # XΩ = 0, so X = 0 (Ω has full rank almost surely), and so is ‖R‖ from now on
+                return None
+            power = 2 * self.steps + 1
+            bound, estimate = (math.exp((math.log(top / d) + 2 * self.log_scale) / power) for d in (quantile, probes))
+            return bound * (1 + 1e-4), estimate  # (1 + 1e-4): float32 rounding of the products
+
+        if self.x is None:
+            self.x = project(self.start)
+        elif self.steps:  # the earlier steps' iterate, projected on the new complement: a bound with no pass
+            self.x = project(self.x)
+            done = bound_and_estimate()
+            yield done or (0.0, 0.0)
+            if done is None:
+                return
+        for _ in range(_PROBE_POWER):
+            norm = float(self.x.norm())
+            if norm == 0.0:
+                yield 0.0, 0.0
+                return
+            self.x, self.log_scale = self.x / norm, self.log_scale + math.log(norm)  # keep float32 in range
+            self.x = project(work @ (work.mT @ self.x))
+            self.steps += 1
+            done = bound_and_estimate()
+            yield done or (0.0, 0.0)
+            if done is None:
+                return
+
+
+def _optimum_lower_bound(theta: torch.Tensor, gram: torch.Tensor, rank: int, total: float, beyond: float,
+                         crosses: dict[int, float] | None = None) -> float:
     """A lower bound on the Eckart–Young error² ‖ΔW‖² − Σ_{i≤r} σᵢ² (the σᵢ unknown) from a Rayleigh–Ritz step.
 
     With M = ΔW·ΔWᵀ, W the top-k Ritz vectors (values θ), E = Wᵀ·M·(I − WWᵀ) and δ ≥ λ_max of M compressed to
@@ -164,17 +222,23 @@ def _optimum_lower_bound(theta: torch.Tensor, gram: torch.Tensor, rank: int, tot
     eigenvalue sum of that k×k matrix; EEᵀ is the Gram matrix of W's Ritz residuals. The complement is the other
     Ritz vectors (values ≤ θ_{k+1}, their residuals C') plus the basis' complement (‖R‖₂² ≤ ``beyond``), so δ is the
     top eigenvalue of [[θ_{k+1}, ‖C'‖], [‖C'‖, beyond]] (or θ_{k+1} + beyond, whichever is smaller). Several k in
-    [r, width] are tried and the best bound kept; −inf when none leaves a gap.
+    [r, width] are tried and the best bound kept; −inf when none leaves a gap. ``crosses`` keeps the ‖C'‖² of
+    each k across calls on the same Rayleigh–Ritz step (they do not depend on ``beyond``).
     """
-    width = theta.numel()
+    width, floor = theta.numel(), float(theta[rank - 1])
+    crosses = {} if crosses is None else crosses
     best = -math.inf
     for k in sorted({rank, (3 * rank + width) // 4, (rank + width) // 2, width - (width - rank) // 4, width}):
+        top = float(theta[k]) if k < width else 0.0
+        if floor <= max(top, beyond):  # δ is at least both: no gap, whatever ‖C'‖
+            continue
         if k < width:
-            top, cross = float(theta[k]), float(torch.linalg.eigvalsh(gram[k:, k:])[-1])
-            delta = min(top + beyond, (top + beyond) / 2 + math.sqrt(((top - beyond) / 2) ** 2 + max(cross, 0.0)))
+            if k not in crosses:
+                crosses[k] = max(float(torch.linalg.eigvalsh(gram[k:, k:])[-1]), 0.0)
+            delta = min(top + beyond, (top + beyond) / 2 + math.sqrt(((top - beyond) / 2) ** 2 + crosses[k]))
         else:
             delta = beyond
-        eta = float(theta[rank - 1]) - delta
+        eta = floor - delta
         if eta <= 0:
             continue
         bound = torch.diag(theta[:k]) + gram[:k, :k] / eta
@@ -204,8 +268,9 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
     Block Lanczos on M = ΔW·ΔWᵀ (the smaller side), fully re-orthogonalised: the start block is ΔW·Ω, each step one
     product ΔW·(ΔWᵀ·V) of ``block`` (default max(rank, 16)) columns, and after each step a Rayleigh–Ritz step gives the
     Ritz values, hence the exact error of the rank-r truncation, and the Ritz residuals that the bound needs, with no
-    extra pass. The residual-norm probes run only once the bound would certify with a zero residual norm, and a
-    probe bound stays valid as the space grows. The draws are seeded: a module gives the same factors on every run.
+    extra pass. The residual-norm probes run only once the bound would certify with a zero residual norm; a probe
+    bound stays valid as the space grows, and the probes' power steps carry on from one width to the next. The
+    draws are seeded: a module gives the same factors on every run.
     """
     flip = mat.shape[0] > mat.shape[1]  # work on the smaller side's column space: smaller bases, same passes
     work = mat.mT if flip else mat
@@ -213,11 +278,13 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
     block = max(rank, 16) if block is None else block
     gen = torch.Generator().manual_seed(0)
     first = work @ torch.randn(work.shape[1], block + _PROBES, generator=gen).to(work.device)
-    start = first[:, block:]  # the probes' first product, in the same pass; Ω's columns are independent draws
+    probes = _ResidualProbes(first[:, block:])  # their first product, in the same pass; Ω's columns are independent
     blocks, images, inners = [torch.linalg.qr(first[:, :block]).Q], [], []
     precise = False  # float32 products until the error is so small that their rounding would decide
     margin = _ROUNDING * total
     beyond = math.inf  # ‖R‖₂² only shrinks as the basis grows, so an earlier bound stays valid
+    crosses: dict[int, float] = {}  # the bound's ‖C'‖² per k, for the current Rayleigh–Ritz step
+    rayleigh_ritz = _RayleighRitz()
 
     def product(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (M·V = ΔW·(ΔWᵀ·V), ΔWᵀ·V)
         if precise:
@@ -226,11 +293,12 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
         return work @ inner, inner
 
     def ritz(basis: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        theta, vecs, gram = _rayleigh_ritz(basis, image)
+        theta, vecs, gram = rayleigh_ritz(basis, image)
+        crosses.clear()  # a new Rayleigh–Ritz step
         return theta, vecs, gram, max(total - float(theta[:rank].sum()), 0.0)  # the truncation's error²
 
     def certified(theta: torch.Tensor, gram: torch.Tensor, err2: float, rho: float) -> float | None:
-        bound = _optimum_lower_bound(theta, gram, rank, total, rho) - margin
+        bound = _optimum_lower_bound(theta, gram, rank, total, rho, crosses) - margin
         return bound if bound > 0 and err2 + margin <= max_ratio ** 2 * bound else None
 
     def add_product(done: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -250,11 +318,12 @@ def _randomized(mat: torch.Tensor, rank: int, total: float, max_ratio: float, bl
             margin = _ROUNDING64 * total
             basis = torch.linalg.qr(basis.double()).Q
             blocks, images, inners = [basis], [], []
+            rayleigh_ritz.reset()
             add_product(product(basis))
             theta, vecs, gram, err2 = ritz(basis, images[0])
         bound = err2 if err2 <= _EXACT_SQ * total else certified(theta, gram, err2, beyond)
         if bound is None and certified(theta, gram, err2, 0.0) is not None:  # worth probing the residual
-            for upper, estimate in _residual_norm_bounds(work, basis.to(work.dtype), start):
+            for upper, estimate in probes.bounds(work, basis.to(work.dtype)):
                 beyond = min(beyond, upper)
                 bound = certified(theta, gram, err2, beyond)
                 if bound is not None or certified(theta, gram, err2, estimate) is None:
