@@ -4,9 +4,10 @@ Pairs (no diffusers needed; tensors are made lazily, one weight at a time, from 
 ``sd15-powerlaw`` and ``sdxl-powerlaw``, the 282 / 794 conv/linear weights of the SD 1.5 / SDXL UNet with full-rank
 deltas whose singular values fall as a power law σᵢ ∝ i^-α (``--exponents``), so each module's optimum is known
 exactly; ``sd15-lowrank``, the earlier pair (rank-64 delta plus noise). Each method runs in its own child process
-(``--memory``: a second run measures its peak RSS while extracting, resetting the kernel's high-water mark after
-each synthetic tensor is made, which takes several copies of it); times are CPU seconds per module with one
-thread (``--threads 1``), so other processes on a shared machine do not inflate them, making the tensors excluded.
+(``--memory``, on by default: a second run measures its peak RSS while extracting, resetting the kernel's
+high-water mark after each synthetic tensor is made, which takes several copies of it); times are CPU seconds per
+module with one thread (``--threads 1``), so other processes on a shared machine do not inflate them, making the
+tensors excluded.
 Speed-ups are on the modules both methods ran (``--full-stride`` runs the full SVD on a subset). The markdown
 section (date, machine, versions, the exact command, the table) replaces the previous one between
 ``<!-- extract_bench:start -->`` and ``<!-- extract_bench:end -->`` in ``bench/results.md``.
@@ -269,7 +270,7 @@ def run_child(args: argparse.Namespace) -> None:
     # --memory: the peak RSS while extracting, reset after each tensor is made (making one takes several copies of
     # it, which reading a checkpoint does not) and read when its module is done. Its own run: the reset gives free
     # memory back to the kernel, so the method's next allocations fault their pages in again (~8% slower)
-    watermark = [args.memory and reset_peak_rss(), 0.0]
+    watermark = [args.child_memory and reset_peak_rss(), 0.0]
 
     def timed_get(get):
         def wrapped(key: str) -> torch.Tensor:
@@ -327,7 +328,7 @@ def _child_run(args: argparse.Namespace, method: str, pair: str, exponent: float
                ratio: float, stride: int, memory: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--pair", pair, "--rank", str(args.rank), "--limit",
            str(limit), "--device", args.device, "--threads", str(args.threads), "--clock", args.clock,
-           "--ratio", str(ratio), "--stride", str(stride)] + (["--memory"] if memory else [])
+           "--ratio", str(ratio), "--stride", str(stride)] + (["--child-memory"] if memory else [])
     if exponent is not None:
         cmd += ["--exponent", str(exponent)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -398,6 +399,7 @@ def main() -> None:
                    help="each method's peak RSS while extracting, from a run of its own (not for main's full SVD or "
                         "the --frontier ratios)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pair", default="sd15-powerlaw", help=argparse.SUPPRESS)
     p.add_argument("--exponent", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, default=1.01, help=argparse.SUPPRESS)
