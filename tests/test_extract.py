@@ -401,22 +401,12 @@ def test_extraction_holds_one_read_weight_at_a_time() -> None:
     one, so the extraction's peak is the delta buffer plus one weight, not two (and no earlier read is kept)."""
     import weakref
 
+    from lightning_lora.adapters.extract import _MappingSource
+
     handed: list[weakref.ref] = []
     alive_at_read: list[int] = []
 
-    class Reads:  # a checkpoint that hands out a fresh copy per read, as safetensors' get_tensor does
-        def __init__(self, tensors: dict[str, torch.Tensor]):
-            self.tensors = tensors
-
-        def keys(self) -> list[str]:
-            return list(self.tensors)
-
-        def __iter__(self):
-            return iter(self.tensors)
-
-        def shape(self, key: str) -> tuple[int, ...]:
-            return tuple(self.tensors[key].shape)
-
+    class Reads(_MappingSource):  # a checkpoint that hands out a fresh copy per read, as safetensors' get_tensor does
         def get(self, key: str) -> torch.Tensor:
             alive_at_read.append(sum(ref() is not None for ref in handed))
             out = self.tensors[key].clone()
