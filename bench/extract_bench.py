@@ -299,10 +299,9 @@ def run_child(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's, making included
     known = isinstance(tuned, PowerLaw)
     print(json.dumps({
-        "method": args.child, "ratio": args.ratio, "seconds": seconds, "peak_rss_mb": peak,
+        "method": args.child, "ratio": args.ratio, "seconds": seconds,
         "extracting_rss_mb": watermark[1] if watermark[0] else None,
         "times": times,
         "errors": {r.name: r.rel_error for r in result.results},
